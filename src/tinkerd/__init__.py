@@ -1,0 +1,3 @@
+"""tinkerd: a self-hostable fine-tuning server that speaks the Tinker API."""
+
+__version__ = "0.1.0"

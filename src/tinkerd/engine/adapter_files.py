@@ -1,0 +1,68 @@
+"""Adapter folders on disk in the standard PEFT layout (adapter_config.json + adapter_model.safetensors).
+
+Written to a temporary folder and renamed into place, so a crash never leaves half an adapter.
+Knows nothing about where checkpoints live or who owns them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from tinkerd.engine.interface import AdapterSpec
+
+CONFIG_FILE = "adapter_config.json"
+WEIGHTS_FILE = "adapter_model.safetensors"
+
+
+def write_peft_adapter(
+    directory: Path, state: dict[str, torch.Tensor], spec: AdapterSpec, base_model: str, target_names: list[str]
+) -> None:
+    config = {
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "base_model_name_or_path": base_model,
+        "r": spec.rank,
+        "lora_alpha": spec.alpha,
+        "lora_dropout": 0.0,
+        "bias": "none",
+        "fan_in_fan_out": False,
+        "target_modules": sorted({name.rsplit(".", 1)[-1] for name in target_names}),
+        "tinkerd": {"seed": spec.seed, "train_attn": spec.train_attn, "train_mlp": spec.train_mlp,
+                    "train_unembed": spec.train_unembed},
+    }
+    directory = Path(directory)
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=directory.parent))
+    try:
+        save_file({k: v.float().contiguous() for k, v in state.items()}, str(tmp / WEIGHTS_FILE))
+        (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2))
+        for f in tmp.iterdir():
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
+        if directory.exists():
+            shutil.rmtree(directory)
+        os.replace(tmp, directory)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def read_peft_adapter(directory: Path) -> tuple[AdapterSpec, dict[str, torch.Tensor]]:
+    directory = Path(directory)
+    config = json.loads((directory / CONFIG_FILE).read_text())
+    extra = config.get("tinkerd", {})
+    spec = AdapterSpec(
+        rank=int(config["r"]),
+        alpha=float(config.get("lora_alpha", 32)),
+        seed=extra.get("seed"),
+        train_attn=extra.get("train_attn", True),
+        train_mlp=extra.get("train_mlp", True),
+        train_unembed=extra.get("train_unembed", True),
+    )
+    return spec, load_file(str(directory / WEIGHTS_FILE))

@@ -1,0 +1,76 @@
+"""The seams between the front end and an engine: `Trainer`, `Sampler` and the values they trade.
+
+Torch-free on purpose: the server imports this module, and a Ray or vLLM engine implements the
+same protocols in another process. Ordering and futures are the front end's job; an engine runs
+the operations it is handed, in the order it is handed them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+from tinkerd.protocol.types import (
+    AdamParams,
+    ForwardBackwardCall,
+    ForwardBackwardResult,
+    SampleResult,
+    SamplingParams,
+)
+
+
+@dataclass(frozen=True)
+class AdapterSpec:
+    """A LoRA adapter's shape. alpha is fixed at 32 like the hosted service; scale = alpha / rank."""
+
+    rank: int = 32
+    seed: int | None = None
+    train_attn: bool = True
+    train_mlp: bool = True
+    train_unembed: bool = True
+    alpha: float = 32.0
+
+
+@dataclass(frozen=True)
+class AdapterRef:
+    """Immutable handle to adapter weights a sampler can use.
+
+    `uri` is `mem://<key>` for an in-memory snapshot or a directory holding adapter files;
+    None means the base model without adapter.
+    """
+
+    uri: str | None
+    base_model: str
+
+
+@dataclass(frozen=True)
+class BaseModelInfo:
+    name: str
+    tokenizer_id: str
+    arch: str
+    max_context_length: int
+    max_lora_rank: int
+
+
+class Trainer(Protocol):
+    def base_models(self) -> list[BaseModelInfo]: ...
+
+    def create_adapter(self, model_id: str, base_model: str, spec: AdapterSpec) -> None: ...
+
+    def drop_adapter(self, model_id: str) -> None: ...
+
+    def forward_backward(self, call: ForwardBackwardCall) -> ForwardBackwardResult: ...
+
+    def optim_step(self, model_id: str, params: AdamParams) -> dict[str, float]: ...
+
+    def snapshot_for_sampler(self, model_id: str) -> AdapterRef: ...
+
+    def save_sampler_weights(self, model_id: str, directory: Path) -> None: ...
+
+
+class Sampler(Protocol):
+    def sample(
+        self, adapter: AdapterRef, prompt: list[int], num_samples: int, params: SamplingParams,
+        prompt_logprobs: bool,
+    ) -> SampleResult: ...

@@ -1,0 +1,194 @@
+"""Multi-adapter LoRA on a frozen base model.
+
+Every target `nn.Linear` is wrapped in a `LoRALinear` that holds any number of adapters, each
+with its own rank. An `AdapterRouter`, shared by all wrappers of one model, says which adapter
+each batch row uses for the current pass, so one forward can serve several tenants (rows with
+no adapter see the plain base model). Adapter weights are fp32 masters; they are cast to the
+activation dtype (bf16 on CPU) inside the forward, and gradients flow back to the fp32 copies.
+
+`LoRAAdapters` creates, seeds, exports and loads adapters. Knows nothing of optimizers or losses.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import secrets
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from tinkerd.engine.interface import AdapterSpec
+
+ATTN, MLP, UNEMBED = "attn", "mlp", "unembed"
+
+
+class AdapterRouter:
+    """Per-pass routing: a list of (adapter key, row indices or None for every row)."""
+
+    def __init__(self) -> None:
+        self.groups: list[tuple[str, torch.Tensor | None]] = []
+
+    @contextlib.contextmanager
+    def route(self, keys_per_row: list[str | None]):
+        """Route batch row i through adapter `keys_per_row[i]` (None = base model) inside the block."""
+        distinct = list(dict.fromkeys(keys_per_row))
+        if len(distinct) == 1:
+            groups = [] if distinct[0] is None else [(distinct[0], None)]
+        else:
+            groups = [
+                (key, torch.tensor([i for i, k in enumerate(keys_per_row) if k == key]))
+                for key in distinct
+                if key is not None
+            ]
+        previous, self.groups = self.groups, groups
+        try:
+            yield
+        finally:
+            self.groups = previous
+
+
+@dataclass
+class LoRAWeights:
+    A: torch.Tensor  # (in, r) fp32
+    B: torch.Tensor  # (r, out) fp32
+    scale: float
+
+
+class LoRALinear(nn.Module):
+    """A frozen linear plus a routed sum of low-rank deltas: y = xW^T + scale * (x A) B."""
+
+    def __init__(self, base: nn.Linear, router: AdapterRouter, kind: str) -> None:
+        super().__init__()
+        self.base = base
+        self.router = router
+        self.kind = kind
+        self.adapters: dict[str, LoRAWeights] = {}  # not registered: never part of the base's parameters
+
+    @property
+    def in_features(self) -> int:
+        return self.base.in_features
+
+    @property
+    def out_features(self) -> int:
+        return self.base.out_features
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.base.weight
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.base(x)
+        for key, rows in self.router.groups:
+            w = self.adapters.get(key)
+            if w is None:
+                continue
+            A, B = w.A.to(x.dtype), w.B.to(x.dtype)
+            if rows is None:
+                y = y + (x @ A) @ B * w.scale
+            else:
+                delta = (x.index_select(0, rows) @ A) @ B * w.scale
+                y = y.index_add(0, rows, delta.to(y.dtype))
+        return y
+
+
+def classify_linear(name: str) -> str | None:
+    """Which LoRA target family a linear layer belongs to, from its module path."""
+    leaf = name.rsplit(".", 1)[-1]
+    if leaf in ("lm_head", "embed_out", "output"):
+        return UNEMBED
+    if "attn" in name or "attention" in name:
+        return ATTN
+    if "mlp" in name or "feed_forward" in name or "ffn" in name:
+        return MLP
+    return None
+
+
+class LoRAAdapters:
+    """Owns the `LoRALinear` wrappers of one model and the adapters inside them."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.router = AdapterRouter()
+        self.modules: dict[str, LoRALinear] = {}
+        self.specs: dict[str, AdapterSpec] = {}
+        targets = [
+            (name, module, classify_linear(name))
+            for name, module in model.named_modules()
+            if isinstance(module, nn.Linear)
+        ]
+        for name, module, kind in targets:
+            if kind is None:
+                continue
+            parent_name, _, attr = name.rpartition(".")
+            parent = model.get_submodule(parent_name) if parent_name else model
+            wrapper = LoRALinear(module, self.router, kind)
+            setattr(parent, attr, wrapper)
+            self.modules[name] = wrapper
+
+    def target_names(self, spec: AdapterSpec) -> list[str]:
+        wanted = {ATTN: spec.train_attn, MLP: spec.train_mlp, UNEMBED: spec.train_unembed}
+        return [name for name, m in self.modules.items() if wanted[m.kind]]
+
+    def add(self, key: str, spec: AdapterSpec, trainable: bool = True) -> list[torch.Tensor]:
+        """Create adapter `key`: A ~ U(+-1/sqrt(in)) from `spec.seed`, B = 0 (so it starts as the base)."""
+        if key in self.specs:
+            raise ValueError(f"adapter {key!r} already exists")
+        seed = spec.seed if spec.seed is not None else secrets.randbits(63)
+        generator = torch.Generator().manual_seed(seed)
+        params = []
+        for name in self.target_names(spec):
+            module = self.modules[name]
+            bound = 1.0 / math.sqrt(module.in_features)
+            A = (torch.rand(module.in_features, spec.rank, generator=generator) * 2 - 1) * bound
+            B = torch.zeros(spec.rank, module.out_features)
+            A.requires_grad_(trainable)
+            B.requires_grad_(trainable)
+            module.adapters[key] = LoRAWeights(A, B, spec.alpha / spec.rank)
+            params += [A, B]
+        self.specs[key] = spec
+        return params
+
+    def remove(self, key: str) -> None:
+        for module in self.modules.values():
+            module.adapters.pop(key, None)
+        self.specs.pop(key, None)
+
+    def parameters(self, key: str) -> list[torch.Tensor]:
+        out = []
+        for module in self.modules.values():
+            w = module.adapters.get(key)
+            if w is not None:
+                out += [w.A, w.B]
+        return out
+
+    def clone(self, source: str, key: str) -> None:
+        """Freeze a copy of adapter `source` under `key` (a sampler snapshot)."""
+        for module in self.modules.values():
+            w = module.adapters.get(source)
+            if w is not None:
+                module.adapters[key] = LoRAWeights(w.A.detach().clone(), w.B.detach().clone(), w.scale)
+        self.specs[key] = self.specs[source]
+
+    def export(self, key: str) -> dict[str, torch.Tensor]:
+        """The adapter as PEFT-named tensors: lora_A (r, in) and lora_B (out, r)."""
+        state = {}
+        for name, module in self.modules.items():
+            w = module.adapters.get(key)
+            if w is not None:
+                state[f"base_model.model.{name}.lora_A.weight"] = w.A.detach().T.contiguous()
+                state[f"base_model.model.{name}.lora_B.weight"] = w.B.detach().T.contiguous()
+        return state
+
+    def load(self, key: str, spec: AdapterSpec, state: dict[str, torch.Tensor], trainable: bool = False) -> None:
+        """Install PEFT-named tensors (as written by `export`) as adapter `key`."""
+        self.remove(key)
+        for name, module in self.modules.items():
+            a = state.get(f"base_model.model.{name}.lora_A.weight")
+            b = state.get(f"base_model.model.{name}.lora_B.weight")
+            if a is None or b is None:
+                continue
+            A = a.T.contiguous().float().requires_grad_(trainable)
+            B = b.T.contiguous().float().requires_grad_(trainable)
+            module.adapters[key] = LoRAWeights(A, B, spec.alpha / spec.rank)
+        self.specs[key] = spec

@@ -1,0 +1,100 @@
+"""Plain, torch-free values that cross from the wire into the engine and back.
+
+Arrays are numpy; the engine turns them into tensors. Validation that needs no model (shapes,
+dtypes, ranges) happens here, and errors name the offending field.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+
+class BadRequest(ValueError):
+    """A client mistake; the message names the field. Reported as a 4xx or a `user` error."""
+
+
+@dataclass
+class Datum:
+    """One training example: input tokens and per-position loss inputs (position i predicts target i)."""
+
+    tokens: np.ndarray  # (T,) int64
+    loss_inputs: dict[str, np.ndarray]  # e.g. target_tokens (T,) or (T, K); weights same shape
+
+
+@dataclass
+class ForwardBackwardCall:
+    model_id: str
+    seq_id: int
+    loss_fn: str
+    loss_config: dict[str, float | str]
+    forward_only: bool
+    data: list[Datum]
+
+
+@dataclass
+class ForwardBackwardResult:
+    outputs: list[dict[str, np.ndarray]]  # one dict per datum, always with "logprobs"
+    metrics: dict[str, float]  # keys are "name:reduction"
+
+
+@dataclass(frozen=True)
+class AdamParams:
+    learning_rate: float = 1e-4
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-12
+    weight_decay: float = 0.0
+    grad_clip_norm: float = 0.0
+
+    def __post_init__(self) -> None:
+        if not self.learning_rate >= 0:
+            raise BadRequest(f"adam_params.learning_rate must be >= 0, got {self.learning_rate}")
+        for name in ("beta1", "beta2"):
+            value = getattr(self, name)
+            if not 0.0 <= value < 1.0:
+                raise BadRequest(f"adam_params.{name} must be in [0, 1), got {value}")
+        if not self.eps > 0:
+            raise BadRequest(f"adam_params.eps must be > 0, got {self.eps}")
+        if not self.weight_decay >= 0:
+            raise BadRequest(f"adam_params.weight_decay must be >= 0, got {self.weight_decay}")
+        if not self.grad_clip_norm >= 0:
+            raise BadRequest(f"adam_params.grad_clip_norm must be >= 0 (0 = off), got {self.grad_clip_norm}")
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How to continue a prompt. `stop_*` None means "stop at end-of-sequence"; empty means never."""
+
+    max_tokens: int = 16
+    temperature: float = 1.0
+    top_k: int = -1
+    top_p: float = 1.0
+    seed: int | None = None
+    stop_strings: tuple[str, ...] | None = None
+    stop_tokens: tuple[int, ...] | None = None
+
+    def __post_init__(self) -> None:
+        if self.max_tokens < 1:
+            raise BadRequest(f"sampling_params.max_tokens must be >= 1, got {self.max_tokens}")
+        if not self.temperature >= 0:
+            raise BadRequest(f"sampling_params.temperature must be >= 0, got {self.temperature}")
+        if self.top_k == 0 or self.top_k < -1:
+            raise BadRequest(f"sampling_params.top_k must be -1 (off) or >= 1, got {self.top_k}")
+        if not 0.0 < self.top_p <= 1.0:
+            raise BadRequest(f"sampling_params.top_p must be in (0, 1], got {self.top_p}")
+
+
+@dataclass
+class SampledSequence:
+    tokens: list[int]
+    logprobs: list[float]
+    stop_reason: str  # "stop" or "length"
+
+
+@dataclass
+class SampleResult:
+    sequences: list[SampledSequence]
+    prompt_logprobs: list[float] | None = None  # NaN at position 0
+    extra: dict = field(default_factory=dict)

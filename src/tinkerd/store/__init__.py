@@ -1,0 +1,1 @@
+"""Persistence of sessions, models, futures and checkpoint metadata. No torch, no HTTP."""

@@ -1,0 +1,32 @@
+"""Shared fixtures: a tiny random Llama (2 layers) for engine unit tests; no files, no network."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TINKER_TELEMETRY", "0")
+
+
+def make_tiny_runtime(name: str = "tiny", seed: int = 0, dtype=None):
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from tinkerd.engine.runtime import ModelRuntime
+
+    config = LlamaConfig(
+        vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=True, eos_token_id=1,
+    )
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(config)
+    if dtype is not None:
+        model = model.to(dtype)
+    return ModelRuntime(name, model)
+
+
+@pytest.fixture
+def tiny_runtime():
+    return make_tiny_runtime()
