@@ -21,7 +21,7 @@ def engine():
 
 def test_same_seed_same_tokens_and_samples_differ(engine):
     _, sampler = engine
-    params = SamplingParams(max_tokens=12, seed=42, stop_tokens=())
+    params = SamplingParams(max_tokens=12, seed=42, stop_at_eos=False)
     a = sampler.sample(BASE, [3, 4, 5], 4, params)
     b = sampler.sample(BASE, [3, 4, 5], 4, params)
     assert [s.tokens for s in a.sequences] == [s.tokens for s in b.sequences]
@@ -37,7 +37,7 @@ def test_sample_logprobs_match_trainer_forward(engine):
             module.adapters["m"].B.data.normal_(std=0.1)
     ref = trainer.snapshot_for_sampler("m")
     prompt = [3, 4, 5]
-    seq = sampler.sample(ref, prompt, 1, SamplingParams(max_tokens=8, seed=1, stop_tokens=())).sequences[0]
+    seq = sampler.sample(ref, prompt, 1, SamplingParams(max_tokens=8, seed=1, stop_at_eos=False)).sequences[0]
     full = np.array(prompt + seq.tokens, dtype=np.int64)
     weights = np.zeros(len(full) - 1, dtype=np.float32)
     out = trainer.forward_backward(ForwardBackwardCall("m", 1, "cross_entropy", {}, True, [
@@ -47,10 +47,10 @@ def test_sample_logprobs_match_trainer_forward(engine):
 
 def test_greedy_stops_at_stop_token_and_includes_it(engine):
     _, sampler = engine
-    greedy = sampler.sample(BASE, [7, 8], 1, SamplingParams(max_tokens=10, temperature=0, stop_tokens=())).sequences[0]
+    greedy = sampler.sample(BASE, [7, 8], 1, SamplingParams(max_tokens=10, temperature=0, stop_at_eos=False)).sequences[0]
     stop_at = greedy.tokens[3]
     first = greedy.tokens.index(stop_at)
-    stopped = sampler.sample(BASE, [7, 8], 1, SamplingParams(max_tokens=10, temperature=0, stop_tokens=(stop_at,)))
+    stopped = sampler.sample(BASE, [7, 8], 1, SamplingParams(max_tokens=10, temperature=0, stop_tokens=(stop_at,), stop_at_eos=False))
     seq = stopped.sequences[0]
     assert seq.tokens == greedy.tokens[: first + 1] and seq.stop_reason == "stop"
 

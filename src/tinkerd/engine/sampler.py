@@ -67,8 +67,8 @@ class LocalSampler:
                 f"prompt ({len(prompt)} tokens) + sampling_params.max_tokens ({params.max_tokens}) exceeds the "
                 f"model's context of {runtime.max_context}"
             )
-        stop_tokens = set(runtime.eos_token_ids if params.stop_tokens is None else params.stop_tokens)
-        stop_strings = params.stop_strings or ()
+        stop_tokens = set(params.stop_tokens) | (set(runtime.eos_token_ids) if params.stop_at_eos else set())
+        stop_strings = params.stop_strings
         if stop_strings and runtime.tokenizer is None:
             raise BadRequest("sampling_params.stop: stop strings need a tokenizer, and this model has none")
         base_seed = params.seed if params.seed is not None else secrets.randbits(62)

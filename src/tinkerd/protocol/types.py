@@ -65,15 +65,17 @@ class AdamParams:
 
 @dataclass(frozen=True)
 class SamplingParams:
-    """How to continue a prompt. `stop_*` None means "stop at end-of-sequence"; empty means never."""
+    """How to continue a prompt. Sampling stops at any stop string or stop token, and at the model's
+    end-of-sequence tokens unless `stop_at_eos` is False (the wire's `stop: []`)."""
 
     max_tokens: int = 16
     temperature: float = 1.0
     top_k: int = -1
     top_p: float = 1.0
     seed: int | None = None
-    stop_strings: tuple[str, ...] | None = None
-    stop_tokens: tuple[int, ...] | None = None
+    stop_strings: tuple[str, ...] = ()
+    stop_tokens: tuple[int, ...] = ()
+    stop_at_eos: bool = True
 
     def __post_init__(self) -> None:
         if self.max_tokens < 1:

@@ -1,0 +1,99 @@
+"""JSON request bodies of the Tinker API, as pydantic models.
+
+Unknown fields are ignored (newer SDKs may add some); wrong types are rejected with a 422 that
+names the field. Only what tinkerd reads is declared.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field
+
+
+class Body(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+
+class CreateSessionRequest(Body):
+    tags: list[str] = []
+    user_metadata: dict[str, Any] | None = None
+    sdk_version: str | None = None
+    project_id: str | None = None
+    display_name: str | None = None
+
+
+class SessionRequest(Body):
+    session_id: str
+
+
+class LoraConfig(Body):
+    rank: int = 32
+    seed: int | None = None
+    train_unembed: bool = True
+    train_mlp: bool = True
+    train_attn: bool = True
+
+
+class CreateModelRequest(Body):
+    session_id: str
+    model_seq_id: int
+    base_model: str
+    lora_config: LoraConfig | None = None
+    user_metadata: dict[str, Any] | None = None
+
+
+class ModelRequest(Body):
+    model_id: str
+
+
+class AdamParamsBody(Body):
+    learning_rate: float = 1e-4
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-12
+    weight_decay: float = 0.0
+    grad_clip_norm: float = 0.0
+    type: str | None = None
+
+
+class OptimStepRequest(Body):
+    model_id: str
+    seq_id: int | None = None
+    adam_params: AdamParamsBody = Field(
+        default_factory=AdamParamsBody, validation_alias=AliasChoices("adam_params", "optim_params", "optimizer_params")
+    )
+
+
+class SaveWeightsForSamplerRequest(Body):
+    model_id: str
+    path: str | None = None
+    sampling_session_seq_id: int | None = None
+    kind: str = "snapshot"
+    seq_id: int | None = None
+    ttl_seconds: int | None = None
+    user_metadata: dict[str, Any] | None = None
+
+
+class CreateSamplingSessionRequest(Body):
+    session_id: str
+    sampling_session_seq_id: int
+    base_model: str | None = None
+    model_path: str | None = None
+
+
+class SampleRequest(Body):
+    prompt: dict[str, Any]
+    sampling_params: dict[str, Any] | None = None
+    num_samples: int = 1
+    sampling_session_id: str | None = None
+    base_model: str | None = None
+    model_path: str | None = None
+    prompt_logprobs: bool | None = None
+    topk_prompt_logprobs: int = 0
+    seq_id: int | None = None
+
+
+class RetrieveFutureRequest(Body):
+    request_id: str
+    allow_metadata_only: bool = False

@@ -1,0 +1,86 @@
+"""Sampling on the wire: decode the JSON `asample` request, encode the protobuf `SampleResponse`."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from tinkerd.protocol.types import BadRequest, SampleResult, SamplingParams
+from tinkerd.protocol.wire_pb import pb
+
+
+def prompt_tokens(prompt: dict) -> list[int]:
+    if not isinstance(prompt, dict) or not isinstance(prompt.get("chunks"), list):
+        raise BadRequest("prompt: expected a ModelInput object with a 'chunks' list")
+    tokens: list[int] = []
+    for j, chunk in enumerate(prompt["chunks"]):
+        if not isinstance(chunk, dict) or chunk.get("type", "encoded_text") != "encoded_text":
+            raise BadRequest(f"prompt.chunks[{j}]: only encoded_text chunks are supported by this server")
+        raw = chunk.get("tokens")
+        if not isinstance(raw, list) or not all(isinstance(t, int) and not isinstance(t, bool) for t in raw):
+            raise BadRequest(f"prompt.chunks[{j}].tokens: expected a list of integers")
+        tokens += raw
+    return tokens
+
+
+def sampling_params(obj: dict | None) -> SamplingParams:
+    obj = obj or {}
+    stop = obj.get("stop")
+    stop_strings: tuple[str, ...] = ()
+    stop_tokens: tuple[int, ...] = ()
+    if isinstance(stop, str):
+        stop_strings = (stop,)
+    elif isinstance(stop, list) and all(isinstance(s, str) for s in stop):
+        stop_strings = tuple(stop)
+    elif isinstance(stop, list) and all(isinstance(s, int) and not isinstance(s, bool) for s in stop):
+        stop_tokens = tuple(stop)
+    elif stop is not None:
+        raise BadRequest("sampling_params.stop: expected null, a string, a list of strings or a list of token ids")
+    try:
+        return SamplingParams(
+            max_tokens=int(obj["max_tokens"]) if obj.get("max_tokens") is not None else 16,
+            temperature=float(obj.get("temperature", 1.0)),
+            top_k=int(obj.get("top_k", -1)),
+            top_p=float(obj.get("top_p", 1.0)),
+            seed=int(obj["seed"]) if obj.get("seed") is not None else None,
+            stop_strings=stop_strings,
+            stop_tokens=stop_tokens,
+            stop_at_eos=stop != [],
+        )
+    except (TypeError, ValueError) as exc:
+        if isinstance(exc, BadRequest):
+            raise
+        raise BadRequest(f"sampling_params: {exc}") from exc
+
+
+def encode_sample_pb(result: SampleResult) -> bytes:
+    msg = pb.SampleResponse()
+    for seq in result.sequences:
+        out = msg.sequences.add()
+        out.stop_reason = pb.STOP_REASON_STOP if seq.stop_reason == "stop" else pb.STOP_REASON_LENGTH
+        out.tokens = np.asarray(seq.tokens, dtype="<i4").tobytes()
+        out.logprobs = np.asarray(seq.logprobs, dtype="<f4").tobytes()
+    if result.prompt_logprobs is not None:
+        msg.prompt_logprobs = np.asarray(result.prompt_logprobs, dtype="<f4").tobytes()
+    return msg.SerializeToString()
+
+
+def sample_to_json(result: SampleResult) -> dict:
+    """The JSON form older SDKs read (NaN becomes null)."""
+    prompt = None
+    if result.prompt_logprobs is not None:
+        prompt = [None if lp != lp else lp for lp in result.prompt_logprobs]
+    return {
+        "type": "sample",
+        "sequences": [{"tokens": s.tokens, "logprobs": s.logprobs, "stop_reason": s.stop_reason}
+                      for s in result.sequences],
+        "prompt_logprobs": prompt,
+    }
+
+
+def parse_tinker_path(path: str, field: str = "model_path") -> tuple[str, str, str]:
+    """Split `tinker://{model_id}/{kind}/{name}` into its three parts."""
+    prefix = "tinker://"
+    parts = path[len(prefix):].split("/", 2) if path.startswith(prefix) else []
+    if len(parts) != 3 or not all(parts):
+        raise BadRequest(f"{field}: expected 'tinker://<model_id>/<weights|sampler_weights>/<name>', got {path!r}")
+    return parts[0], parts[1], parts[2]

@@ -1,0 +1,57 @@
+"""Builds the FastAPI application from a Store and an engine (`Trainer` + `Sampler`).
+
+Logs one line per request with its duration. At start-up, futures that were still pending when
+the previous process stopped are failed with a clear error instead of hanging their pollers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+
+from fastapi import FastAPI, Request
+
+from tinkerd.engine.interface import Sampler, Trainer
+from tinkerd.server.errors import install_error_handlers
+from tinkerd.server.futures import FutureBoard
+from tinkerd.server.routes import futures, sampling, service, training
+from tinkerd.server.scheduler import Scheduler
+from tinkerd.server.state import ServerConfig, ServerState
+from tinkerd.store.sqlite import SQLiteStore
+
+log = logging.getLogger("tinkerd.http")
+
+
+def create_app(config: ServerConfig, trainer: Trainer, sampler: Sampler, store: SQLiteStore | None = None) -> FastAPI:
+    store = store or SQLiteStore(config.data_dir / "tinkerd.sqlite3")
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI):
+        stale = store.fail_unfinished_futures("the server restarted while this request was in flight; resubmit it")
+        if stale:
+            log.warning("failed %d requests left in flight by the previous server process", stale)
+        board = FutureBoard(store)
+        board.bind_loop(asyncio.get_running_loop())
+        scheduler = Scheduler(board)
+        scheduler.start()
+        app.state.tinkerd = ServerState(config, store, trainer, sampler, board, scheduler,
+                                        {m.name: m for m in trainer.base_models()})
+        yield
+        await scheduler.stop()
+
+    app = FastAPI(title="tinkerd", lifespan=lifespan)
+    install_error_handlers(app)
+    for module in (service, training, sampling, futures):
+        app.include_router(module.router)
+
+    @app.middleware("http")
+    async def log_requests(request: Request, call_next):
+        started = time.perf_counter()
+        response = await call_next(request)
+        log.info("%s %s %d %.1f ms", request.method, request.url.path, response.status_code,
+                 (time.perf_counter() - started) * 1e3)
+        return response
+
+    return app

@@ -1,0 +1,21 @@
+"""API keys: `X-API-Key` must be one of the configured keys, or any `tml-` key when none are set.
+
+The caller's identity is a hash of the key, so keys are never stored.
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+from fastapi import Header, HTTPException, Request
+
+
+async def caller(request: Request, x_api_key: str | None = Header(default=None)) -> str:
+    keys = request.app.state.tinkerd.config.api_keys
+    if not x_api_key:
+        raise HTTPException(401, "missing X-API-Key header")
+    if keys and x_api_key not in keys:
+        raise HTTPException(401, "invalid API key")
+    if not keys and not x_api_key.startswith("tml-"):
+        raise HTTPException(401, "API keys start with 'tml-'")
+    return hashlib.sha256(x_api_key.encode()).hexdigest()[:24]

@@ -1,0 +1,26 @@
+"""`retrieve_future`: long-poll a request's result (protobuf when the client accepts it)."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import JSONResponse, Response
+
+from tinkerd.protocol.requests import RetrieveFutureRequest
+from tinkerd.server.auth import caller
+
+router = APIRouter(prefix="/api/v1")
+PROTOBUF = "application/x-protobuf"
+
+
+@router.post("/retrieve_future")
+async def retrieve_future(body: RetrieveFutureRequest, request: Request, owner: str = Depends(caller)):
+    st = request.app.state.tinkerd
+    st.owned(st.store.future(body.request_id), owner, "request_id", body.request_id)
+    row = await st.board.wait(body.request_id, st.config.long_poll_seconds)
+    if row is None:
+        return {"type": "try_again", "request_id": body.request_id, "queue_state": "active"}
+    if row["state"] == "error":
+        return {"error": row["error"], "category": row["category"]}
+    if row["result_pb"] is not None and (PROTOBUF in request.headers.get("accept", "") or row["result_json"] is None):
+        return Response(content=row["result_pb"], media_type=PROTOBUF)
+    return JSONResponse(row["result_json"])

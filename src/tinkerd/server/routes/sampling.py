@@ -1,0 +1,77 @@
+"""Sampling routes: create_sampling_session, samplers/{id} and asample (a future with sequence ids)."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import JSONResponse
+
+from tinkerd.engine.interface import AdapterRef
+from tinkerd.protocol.requests import CreateSamplingSessionRequest, SampleRequest
+from tinkerd.protocol.sample import encode_sample_pb, parse_tinker_path, prompt_tokens, sample_to_json, sampling_params
+from tinkerd.protocol.types import BadRequest
+from tinkerd.server.auth import caller
+from tinkerd.server.scheduler import Job, Outcome
+from tinkerd.server.state import ServerState
+
+router = APIRouter(prefix="/api/v1")
+MAX_SAMPLES_PER_REQUEST = 128
+
+
+def adapter_for_path(st: ServerState, owner: str, model_path: str) -> AdapterRef:
+    _, kind, _ = parse_tinker_path(model_path)
+    if kind not in ("sampler_weights", "weights"):
+        raise BadRequest(f"model_path: cannot sample from a {kind!r} checkpoint")
+    checkpoint = st.owned(st.store.checkpoint(model_path), owner, "checkpoint", model_path)
+    return AdapterRef(uri=checkpoint["directory"], base_model=checkpoint["base_model"])
+
+
+@router.post("/create_sampling_session")
+async def create_sampling_session(body: CreateSamplingSessionRequest, request: Request, owner: str = Depends(caller)):
+    st: ServerState = request.app.state.tinkerd
+    st.session(body.session_id, owner)
+    if body.model_path:
+        ref = adapter_for_path(st, owner, body.model_path)
+    elif body.base_model:
+        ref = AdapterRef(uri=None, base_model=st.base_model(body.base_model).name)
+    else:
+        raise BadRequest("create_sampling_session needs base_model or model_path")
+    sampler_id = f"{body.session_id}:sample:{body.sampling_session_seq_id}"
+    st.store.add_sampling_session(sampler_id, body.session_id, owner, ref.base_model, body.model_path, ref.uri)
+    return {"type": "create_sampling_session", "sampling_session_id": sampler_id}
+
+
+@router.get("/samplers/{sampler_id}")
+async def get_sampler(sampler_id: str, request: Request, owner: str = Depends(caller)):
+    st: ServerState = request.app.state.tinkerd
+    row = st.owned(st.store.sampling_session(sampler_id), owner, "sampler", sampler_id)
+    return {"sampler_id": row["id"], "base_model": row["base_model"], "model_path": row["model_path"]}
+
+
+@router.post("/asample")
+async def asample(body: SampleRequest, request: Request, owner: str = Depends(caller)):
+    st: ServerState = request.app.state.tinkerd
+    if st.scheduler.pending_samples >= st.config.max_pending_samples:
+        return JSONResponse({"detail": "sampling queue is full; retry shortly"}, status_code=429)
+    if body.sampling_session_id:
+        row = st.owned(st.store.sampling_session(body.sampling_session_id), owner, "sampling_session_id",
+                       body.sampling_session_id)
+        ref = AdapterRef(uri=row["adapter_uri"], base_model=row["base_model"])
+    elif body.model_path:
+        ref = adapter_for_path(st, owner, body.model_path)
+    elif body.base_model:
+        ref = AdapterRef(uri=None, base_model=st.base_model(body.base_model).name)
+    else:
+        raise BadRequest("asample needs sampling_session_id, model_path or base_model")
+    if not 1 <= body.num_samples <= MAX_SAMPLES_PER_REQUEST:
+        raise BadRequest(f"num_samples must be in [1, {MAX_SAMPLES_PER_REQUEST}], got {body.num_samples}")
+    if body.topk_prompt_logprobs:
+        raise BadRequest("topk_prompt_logprobs is not supported by this server yet")
+    tokens, params = prompt_tokens(body.prompt), sampling_params(body.sampling_params)
+
+    def run() -> Outcome:
+        result = st.sampler.sample(ref, tokens, body.num_samples, params, bool(body.prompt_logprobs))
+        return Outcome(json=sample_to_json(result), pb=encode_sample_pb(result))
+
+    future_id = st.board.create(owner, "sample")
+    st.scheduler.submit(Job(future_id, "sample", run))
+    return {"request_id": future_id, "sample_sequence_ids": [f"{future_id}:{i}" for i in range(body.num_samples)]}

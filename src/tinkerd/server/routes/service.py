@@ -1,0 +1,70 @@
+"""Bootstrap and session routes: client config, sessions, heartbeat, telemetry, health, capabilities."""
+
+from __future__ import annotations
+
+import uuid
+
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import JSONResponse
+
+from tinkerd.protocol.requests import CreateSessionRequest, SessionRequest
+from tinkerd.server.auth import caller
+
+router = APIRouter(prefix="/api/v1")
+
+
+def state(request: Request):
+    return request.app.state.tinkerd
+
+
+@router.get("/healthz")
+async def healthz():
+    return {"status": "ok"}
+
+
+@router.post("/client/config")
+async def client_config(request: Request, owner: str = Depends(caller)):
+    # Plain API keys; forward_backward bodies uncompressed (loopback and LAN do not need zstd).
+    return {"pjwt_auth_enabled": False, "proto_compress_fwdbwd": False}
+
+
+@router.post("/client/dynamic_config")
+async def dynamic_config(request: Request, owner: str = Depends(caller)):
+    return {"refresh_interval_sec": 300, "sample_cancel_enabled": False}
+
+
+@router.get("/get_server_capabilities")
+async def capabilities(request: Request, owner: str = Depends(caller)):
+    models = [
+        {"model_name": m.name, "max_context_length": m.max_context_length, "trainable": True, "sampleable": True}
+        for m in state(request).base_models.values()
+    ]
+    return {"supported_models": models}
+
+
+@router.post("/create_session")
+async def create_session(body: CreateSessionRequest, request: Request, owner: str = Depends(caller)):
+    session_id = f"s-{uuid.uuid4().hex[:16]}"
+    state(request).store.add_session(session_id, owner, body.sdk_version, body.tags, body.user_metadata or {})
+    return {"type": "create_session", "session_id": session_id}
+
+
+@router.post("/session_heartbeat")
+async def heartbeat(body: SessionRequest, request: Request, owner: str = Depends(caller)):
+    session = state(request).session(body.session_id, owner)
+    if session["finished"]:
+        return JSONResponse({"detail": "session finished"}, status_code=410)
+    state(request).store.touch_session(body.session_id)
+    return {}
+
+
+@router.post("/sessions/{session_id}/finish")
+async def finish_session(session_id: str, request: Request, owner: str = Depends(caller)):
+    state(request).session(session_id, owner)
+    state(request).store.finish_session(session_id)
+    return {}
+
+
+@router.post("/telemetry")
+async def telemetry(request: Request, owner: str = Depends(caller)):
+    return {"status": "accepted"}

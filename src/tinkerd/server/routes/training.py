@@ -1,0 +1,162 @@
+"""Training routes: create_model, get_info, forward_backward (and the old JSON forward),
+optim_step and save_weights_for_sampler. Training operations are futures run in seq_id order."""
+
+from __future__ import annotations
+
+import re
+from typing import Callable
+
+from fastapi import APIRouter, Depends, Request
+
+from tinkerd.engine.interface import AdapterSpec
+from tinkerd.protocol.forward_backward import (
+    decode_forward_backward_json,
+    decode_forward_backward_pb,
+    decompress_body,
+    encode_forward_backward_pb,
+    forward_backward_to_json,
+)
+from tinkerd.protocol.requests import CreateModelRequest, LoraConfig, ModelRequest, OptimStepRequest, SaveWeightsForSamplerRequest
+from tinkerd.protocol.types import AdamParams, BadRequest, ForwardBackwardCall
+from tinkerd.server.auth import caller
+from tinkerd.server.scheduler import Job, Outcome
+from tinkerd.server.state import NotFound, ServerState
+
+router = APIRouter(prefix="/api/v1")
+CHECKPOINT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+
+
+def submit_training(st: ServerState, owner: str, model_id: str, seq_id: int | None, kind: str,
+                    run: Callable[[], Outcome]) -> dict:
+    """Queue a training op in its model's seq_id order; a retried seq_id gets its existing future."""
+    st.model(model_id, owner)
+    if model_id not in st.scheduler.models:
+        raise NotFound(f"model_id {model_id!r} is not loaded (the server restarted); load it from a checkpoint")
+    if seq_id:
+        existing = st.store.future_for_seq(model_id, seq_id)
+        if existing is not None:
+            return {"request_id": existing["id"], "model_id": model_id}
+    future_id = st.board.create(owner, kind, model_id, seq_id or None)
+    st.scheduler.submit_ordered(model_id, seq_id, Job(future_id, kind, run))
+    return {"request_id": future_id, "model_id": model_id}
+
+
+@router.post("/create_model")
+async def create_model(body: CreateModelRequest, request: Request, owner: str = Depends(caller)):
+    st: ServerState = request.app.state.tinkerd
+    session = st.session(body.session_id, owner)
+    st.base_model(body.base_model)
+    model_id = f"{session['id']}:train:{body.model_seq_id}"
+    existing = st.store.future_for_seq(model_id, 0)
+    if existing is not None:
+        return {"request_id": existing["id"], "model_id": model_id}
+    lora = body.lora_config or LoraConfig()
+    spec = AdapterSpec(rank=lora.rank, seed=lora.seed, train_attn=lora.train_attn, train_mlp=lora.train_mlp,
+                       train_unembed=lora.train_unembed)
+
+    def run() -> Outcome:
+        st.trainer.create_adapter(model_id, body.base_model, spec)
+        st.store.add_model(model_id, session["id"], owner, body.base_model, lora.model_dump(), body.user_metadata)
+        return Outcome(json={"model_id": model_id, "type": "create_model"})
+
+    future_id = st.board.create(owner, "create_model", model_id, 0)
+    st.scheduler.open_model(model_id)
+    st.scheduler.submit(Job(future_id, "create_model", run))
+    return {"request_id": future_id, "model_id": model_id}
+
+
+@router.post("/get_info")
+async def get_info(body: ModelRequest, request: Request, owner: str = Depends(caller)):
+    st: ServerState = request.app.state.tinkerd
+    model = st.model(body.model_id, owner)
+    info = st.base_model(model["base_model"])
+    return {
+        "type": "get_info",
+        "model_id": model["id"],
+        "model_data": {"arch": info.arch, "model_name": info.name, "tokenizer_id": info.tokenizer_id},
+        "is_lora": True,
+        "lora_rank": model["lora_config"]["rank"],
+        "model_name": info.name,
+    }
+
+
+def _queue_forward_backward(st: ServerState, owner: str, call: ForwardBackwardCall) -> dict:
+    def run() -> Outcome:
+        result = st.trainer.forward_backward(call)
+        return Outcome(json=forward_backward_to_json(result), pb=encode_forward_backward_pb(result))
+
+    kind = "forward" if call.forward_only else "forward_backward"
+    return submit_training(st, owner, call.model_id, call.seq_id, kind, run)
+
+
+async def _read_body(request: Request, st: ServerState) -> bytes:
+    body = await request.body()
+    if len(body) > st.config.max_body_bytes:
+        raise BadRequest(f"body: {len(body)} bytes exceeds the server's limit of {st.config.max_body_bytes}")
+    return decompress_body(body, request.headers.get("content-encoding"))
+
+
+@router.post("/forward_backward")
+async def forward_backward(request: Request, owner: str = Depends(caller)):
+    st: ServerState = request.app.state.tinkerd
+    body = await _read_body(request, st)
+    if "json" in request.headers.get("content-type", ""):
+        call = decode_forward_backward_json(_json(body))
+    else:
+        call = decode_forward_backward_pb(body)
+    return _queue_forward_backward(st, owner, call)
+
+
+@router.post("/forward")
+async def forward(request: Request, owner: str = Depends(caller)):
+    """Forward-only passes as older SDKs (< 0.22.3) send them: JSON to /forward."""
+    st: ServerState = request.app.state.tinkerd
+    return _queue_forward_backward(st, owner, decode_forward_backward_json(_json(await _read_body(request, st)), True))
+
+
+def _json(body: bytes) -> dict:
+    import json
+
+    try:
+        return json.loads(body)
+    except ValueError as exc:
+        raise BadRequest(f"body: invalid JSON: {exc}") from exc
+
+
+@router.post("/optim_step")
+async def optim_step(body: OptimStepRequest, request: Request, owner: str = Depends(caller)):
+    st: ServerState = request.app.state.tinkerd
+    params = AdamParams(**body.adam_params.model_dump(exclude={"type"}))
+
+    def run() -> Outcome:
+        return Outcome(json={"type": "optim_step", "metrics": st.trainer.optim_step(body.model_id, params)})
+
+    return submit_training(st, owner, body.model_id, body.seq_id, "optim_step", run)
+
+
+@router.post("/save_weights_for_sampler")
+async def save_weights_for_sampler(body: SaveWeightsForSamplerRequest, request: Request, owner: str = Depends(caller)):
+    st: ServerState = request.app.state.tinkerd
+    model = st.model(body.model_id, owner)
+    if body.path:
+        if not CHECKPOINT_NAME.match(body.path):
+            raise BadRequest(f"path: {body.path!r} is not a valid checkpoint name (letters, digits, '.', '_', '-')")
+        tinker_path = f"tinker://{body.model_id}/sampler_weights/{body.path}"
+        directory = st.checkpoint_dir(body.model_id, "sampler_weights", body.path)
+
+        def run() -> Outcome:
+            st.trainer.save_sampler_weights(body.model_id, directory)
+            st.store.add_checkpoint(tinker_path, body.model_id, owner, "sampler_weights", body.path, str(directory),
+                                    model["base_model"])
+            return Outcome(json={"path": tinker_path, "type": "save_weights_for_sampler"})
+    else:
+        if body.sampling_session_seq_id is None:
+            raise BadRequest("save_weights_for_sampler needs either path or sampling_session_seq_id")
+        sampler_id = f"{model['session_id']}:sample:{body.sampling_session_seq_id}"
+
+        def run() -> Outcome:
+            ref = st.trainer.snapshot_for_sampler(body.model_id)
+            st.store.add_sampling_session(sampler_id, model["session_id"], owner, ref.base_model, None, ref.uri)
+            return Outcome(json={"sampling_session_id": sampler_id, "type": "save_weights_for_sampler"})
+
+    return submit_training(st, owner, body.model_id, body.seq_id, "save_weights_for_sampler", run)

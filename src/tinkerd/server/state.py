@@ -1,0 +1,59 @@
+"""What every route needs: configuration, Store, futures, scheduler and the engine handles.
+
+Also the ownership rule: a caller sees only rows its API key created; anything else is
+"not found" (404), so ids of other users do not leak.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from tinkerd.engine.interface import BaseModelInfo, Sampler, Trainer
+from tinkerd.server.futures import FutureBoard
+from tinkerd.server.scheduler import Scheduler
+from tinkerd.store.sqlite import SQLiteStore
+
+
+class NotFound(LookupError):
+    """An id that does not exist for this caller (reported as 404 with a JSON body)."""
+
+
+@dataclass
+class ServerConfig:
+    data_dir: Path
+    api_keys: frozenset[str] = frozenset()
+    long_poll_seconds: float = 25.0
+    max_pending_samples: int = 256
+    max_body_bytes: int = 256 * 1024 * 1024
+
+
+@dataclass
+class ServerState:
+    config: ServerConfig
+    store: SQLiteStore
+    trainer: Trainer
+    sampler: Sampler
+    board: FutureBoard
+    scheduler: Scheduler
+    base_models: dict[str, BaseModelInfo] = field(default_factory=dict)
+
+    def owned(self, row: dict | None, owner: str, what: str, ident: str) -> dict:
+        if row is None or row["owner"] != owner:
+            raise NotFound(f"{what} {ident!r} not found")
+        return row
+
+    def session(self, session_id: str, owner: str) -> dict:
+        return self.owned(self.store.session(session_id), owner, "session", session_id)
+
+    def model(self, model_id: str, owner: str) -> dict:
+        return self.owned(self.store.model(model_id), owner, "model_id", model_id)
+
+    def base_model(self, name: str) -> BaseModelInfo:
+        info = self.base_models.get(name)
+        if info is None:
+            raise NotFound(f"base_model {name!r} is not served here; served: {sorted(self.base_models)}")
+        return info
+
+    def checkpoint_dir(self, model_id: str, kind: str, name: str) -> Path:
+        return self.config.data_dir / "checkpoints" / model_id.replace(":", "_") / kind / name
