@@ -31,8 +31,10 @@ serve: setup
 demo: setup
 	@mkdir -p .tinkerd
 	@set -euo pipefail; \
+	if curl -sf http://127.0.0.1:$(DEMO_PORT)/api/v1/healthz >/dev/null; then \
+		echo "port $(DEMO_PORT) is already serving; stop that server or run: make demo DEMO_PORT=<free port>"; exit 1; fi; \
 	$(VENV)/bin/tinkerd serve --port $(DEMO_PORT) > .tinkerd/demo-server.log 2>&1 & pid=$$!; \
-	trap 'kill $$pid 2>/dev/null; wait $$pid 2>/dev/null || true' EXIT; \
+	trap 'kill $$pid 2>/dev/null || true; wait $$pid 2>/dev/null || true' EXIT; \
 	echo "starting tinkerd on port $(DEMO_PORT) (first start converts the embedded model, ~20 s; log: .tinkerd/demo-server.log)"; \
 	until curl -sf http://127.0.0.1:$(DEMO_PORT)/api/v1/healthz >/dev/null; do \
 		kill -0 $$pid 2>/dev/null || { tail -20 .tinkerd/demo-server.log; exit 1; }; sleep 1; done; \
