@@ -87,13 +87,14 @@ class LocalTrainer:
         loss = get_loss(call.loss_fn)
         if not call.data:
             raise BadRequest("data: at least one datum is required")
-        batch = collate(call.data, loss.required_inputs, adapter.runtime)
+        config = loss.resolve_config(call.loss_fn, call.loss_config)
+        batch = collate(call.data, loss.required_inputs, loss.optional_inputs, adapter.runtime)
         runtime = adapter.runtime
         with torch.set_grad_enabled(not call.forward_only):
             logits = runtime.logits(batch.tokens, batch.mask, [call.model_id] * len(call.data))  # (B, T, V)
             lp = logits.gather(-1, batch.targets) - logits.logsumexp(-1, keepdim=True)  # (B, T, K)
             del logits
-            loss_value, metrics = loss.fn(lp, batch.inputs, call.loss_config)
+            loss_value, metrics = loss.fn(lp, batch.inputs, config)
             if not call.forward_only:
                 loss_value.backward()
         lp_np = lp.detach().numpy()
@@ -134,7 +135,7 @@ class LocalTrainer:
                            lora.target_names(adapter.spec))
 
 
-def collate(data: list[Datum], required: tuple[str, ...], runtime: ModelRuntime) -> Batch:
+def collate(data: list[Datum], required: tuple[str, ...], optional: tuple[str, ...], runtime: ModelRuntime) -> Batch:
     """Validate the datums against the model and pad them into one batch (errors name the field)."""
     vocab, max_len = runtime.vocab_size, runtime.max_context
     lengths, ks = [], []
@@ -155,24 +156,33 @@ def collate(data: list[Datum], required: tuple[str, ...], runtime: ModelRuntime)
                 f"or ({T}, K) to match model_input"
             )
         check_token_range(target, vocab, f"data[{i}].loss_fn_inputs.target_tokens")
-        for name in required:
-            if name != "target_tokens" and datum.loss_inputs[name].shape != target.shape:
+        for name in (*required, *optional):
+            value = datum.loss_inputs.get(name)
+            if name == "target_tokens" or value is None:
+                continue
+            if value.shape != target.shape:
                 raise BadRequest(
-                    f"data[{i}].loss_fn_inputs.{name} has shape {tuple(datum.loss_inputs[name].shape)}; "
+                    f"data[{i}].loss_fn_inputs.{name} has shape {tuple(value.shape)}; "
                     f"expected {tuple(target.shape)} like target_tokens"
                 )
+            if not np.isfinite(value).all():
+                raise BadRequest(f"data[{i}].loss_fn_inputs.{name} contains NaN or infinite values")
         lengths.append(T)
         ks.append(1 if target.ndim == 1 else target.shape[1])
     B, T, K = len(data), max(lengths), max(ks)
     tokens = torch.zeros(B, T, dtype=torch.long)
     mask = torch.zeros(B, T, dtype=torch.long)
     targets = torch.zeros(B, T, K, dtype=torch.long)
-    float_names = [n for n in required if n != "target_tokens"]
-    inputs = {n: torch.zeros(B, T, K, dtype=torch.float32) for n in float_names}
+    float_names = [n for n in (*required, *optional) if n != "target_tokens" and n in data[0].loss_inputs]
+    for i, datum in enumerate(data):
+        if sorted(n for n in optional if n in datum.loss_inputs) != sorted(n for n in optional if n in float_names):
+            raise BadRequest(f"data[{i}].loss_fn_inputs: every datum must carry the same optional inputs as data[0]")
+    inputs = {n: torch.zeros(B, T, K, dtype=torch.float32) for n in (*float_names, "mask")}
     for i, datum in enumerate(data):
         t, k = lengths[i], ks[i]
         tokens[i, :t] = torch.from_numpy(np.asarray(datum.tokens, dtype=np.int64))
         mask[i, :t] = 1
+        inputs["mask"][i, :t, :k] = 1.0
         targets[i, :t, :k] = torch.from_numpy(datum.loss_inputs["target_tokens"].astype(np.int64).reshape(t, k))
         for n in float_names:
             inputs[n][i, :t, :k] = torch.from_numpy(datum.loss_inputs[n].astype(np.float32).reshape(t, k))
