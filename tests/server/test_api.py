@@ -21,9 +21,9 @@ class RecordingTrainer(LocalTrainer):
         super().__init__(runtimes)
         self.calls = []
 
-    def forward_backward(self, call):
-        self.calls.append(("forward_backward", call.seq_id))
-        return super().forward_backward(call)
+    def forward_backward_many(self, calls):
+        self.calls += [("forward_backward", call.seq_id) for call in calls]
+        return super().forward_backward_many(calls)
 
     def optim_step(self, model_id, params):
         self.calls.append(("optim_step", params.learning_rate))

@@ -1,7 +1,9 @@
 """Adapter folders on disk in the standard PEFT layout (adapter_config.json + adapter_model.safetensors).
 
-Written to a temporary folder and renamed into place, so a crash never leaves half an adapter.
-Knows nothing about where checkpoints live or who owns them.
+A training-state checkpoint adds `optimizer.safetensors` (AdamW moments and step per parameter)
+and `tinkerd_state.json`. Everything is written to a temporary folder, fsynced and renamed into
+place, so a crash never leaves half a checkpoint. Knows nothing about where checkpoints live or
+who owns them.
 """
 
 from __future__ import annotations
@@ -19,10 +21,13 @@ from tinkerd.engine.interface import AdapterSpec
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
+OPTIMIZER_FILE = "optimizer.safetensors"
+STATE_FILE = "tinkerd_state.json"
 
 
 def write_peft_adapter(
-    directory: Path, state: dict[str, torch.Tensor], spec: AdapterSpec, base_model: str, target_names: list[str]
+    directory: Path, state: dict[str, torch.Tensor], spec: AdapterSpec, base_model: str, target_names: list[str],
+    optimizer: dict[str, torch.Tensor] | None = None, meta: dict | None = None,
 ) -> None:
     config = {
         "peft_type": "LORA",
@@ -43,6 +48,10 @@ def write_peft_adapter(
     try:
         save_file({k: v.float().contiguous() for k, v in state.items()}, str(tmp / WEIGHTS_FILE))
         (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2))
+        if optimizer is not None:
+            save_file({k: v.contiguous() for k, v in optimizer.items()}, str(tmp / OPTIMIZER_FILE))
+        if meta is not None:
+            (tmp / STATE_FILE).write_text(json.dumps(meta, indent=2))
         for f in tmp.iterdir():
             with open(f, "rb") as fh:
                 os.fsync(fh.fileno())
@@ -66,3 +75,11 @@ def read_peft_adapter(directory: Path) -> tuple[AdapterSpec, dict[str, torch.Ten
         train_unembed=extra.get("train_unembed", True),
     )
     return spec, load_file(str(directory / WEIGHTS_FILE))
+
+
+def read_training_extras(directory: Path) -> tuple[dict[str, torch.Tensor] | None, dict]:
+    """The optimizer tensors (None if the checkpoint has none) and tinkerd's metadata of a checkpoint."""
+    directory = Path(directory)
+    optimizer = load_file(str(directory / OPTIMIZER_FILE)) if (directory / OPTIMIZER_FILE).is_file() else None
+    meta = json.loads((directory / STATE_FILE).read_text()) if (directory / STATE_FILE).is_file() else {}
+    return optimizer, meta

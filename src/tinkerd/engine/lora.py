@@ -155,11 +155,14 @@ class LoRAAdapters:
         self.specs.pop(key, None)
 
     def parameters(self, key: str) -> list[torch.Tensor]:
+        return [p for _, p in self.named_parameters(key)]
+
+    def named_parameters(self, key: str) -> list[tuple[str, torch.Tensor]]:
         out = []
-        for module in self.modules.values():
+        for name, module in self.modules.items():
             w = module.adapters.get(key)
             if w is not None:
-                out += [w.A, w.B]
+                out += [(f"{name}.lora_A", w.A), (f"{name}.lora_B", w.B)]
         return out
 
     def clone(self, source: str, key: str) -> None:

@@ -17,7 +17,7 @@ import torch
 from tinkerd.engine.adapter_files import read_peft_adapter
 from tinkerd.engine.interface import AdapterRef
 from tinkerd.engine.runtime import ModelRuntime
-from tinkerd.engine.trainer import check_token_range
+from tinkerd.engine.batching import check_token_range
 from tinkerd.protocol.types import BadRequest, SampledSequence, SampleResult, SamplingParams
 
 import numpy as np

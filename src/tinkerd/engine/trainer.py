@@ -1,30 +1,35 @@
-"""The in-process `Trainer`: LoRA forward/backward with the built-in losses, and AdamW steps.
+"""The in-process `Trainer`: LoRA forward/backward with the built-in losses, AdamW steps, state files.
 
-Gradients accumulate in each adapter's fp32 master weights across `forward_backward` calls until
-`optim_step` consumes them. Requests are validated before anything is mutated, so a bad request
-fails alone and leaves the adapter as it was. Runs whatever it is handed, in that order: per-model
+Forward/backward requests that are ready together, from any tenants on the same base model, run
+as one set of micro-batches: rows carry their adapter, each request's loss is computed on its own
+rows, and since adapters are disjoint parameters every adapter receives exactly its own gradient.
+Gradients accumulate in the fp32 master weights until `optim_step`. Requests are validated before
+anything runs, so a bad request fails alone. Runs whatever it is handed, in that order: per-model
 `seq_id` ordering is the front end's job.
 """
 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from collections import defaultdict
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from tinkerd.engine.adapter_files import write_peft_adapter
+from tinkerd.engine.adapter_files import read_peft_adapter, read_training_extras, write_peft_adapter
+from tinkerd.engine.batching import Row, collate, merge_metrics, plan_micro_batches, token_budget, validate_datums
 from tinkerd.engine.interface import AdapterRef, AdapterSpec, BaseModelInfo
-from tinkerd.engine.losses import get_loss
+from tinkerd.engine.losses import Loss, get_loss
 from tinkerd.engine.runtime import ModelRuntime
-from tinkerd.protocol.types import AdamParams, BadRequest, Datum, ForwardBackwardCall, ForwardBackwardResult
+from tinkerd.protocol.types import AdamParams, BadRequest, ForwardBackwardCall, ForwardBackwardResult
 
 log = logging.getLogger(__name__)
 
 MAX_LORA_RANK = 128
 SNAPSHOTS_KEPT_PER_MODEL = 8
+ADAM_STATE_KEYS = ("exp_avg", "exp_avg_sq", "step")
 
 
 @dataclass
@@ -32,23 +37,27 @@ class TrainedAdapter:
     runtime: ModelRuntime
     spec: AdapterSpec
     optimizer: torch.optim.AdamW
-    snapshots: list[str]
-    version: int = 0
+    snapshots: list[str] = field(default_factory=list)
+    version: int = 0  # optimizer steps taken
 
 
 @dataclass
-class Batch:
-    tokens: torch.Tensor  # (B, T) int64, right-padded
-    mask: torch.Tensor  # (B, T) 1 = real token
-    targets: torch.Tensor  # (B, T, K) int64
-    inputs: dict[str, torch.Tensor]  # each (B, T, K) float32, zero in padding
-    target_shapes: list[tuple[int, ...]]  # each datum's original target shape
+class PreparedCall:
+    call: ForwardBackwardCall
+    adapter: TrainedAdapter
+    loss: Loss
+    config: dict
+    input_names: set[str]
+    loss_sum: float = 0.0
+    metric_parts: list = field(default_factory=list)
+    logprobs: dict[int, np.ndarray] = field(default_factory=dict)
 
 
 class LocalTrainer:
-    def __init__(self, runtimes: dict[str, ModelRuntime]) -> None:
+    def __init__(self, runtimes: dict[str, ModelRuntime], token_budget_override: int | None = None) -> None:
         self.runtimes = runtimes
         self.adapters: dict[str, TrainedAdapter] = {}
+        self.token_budget_override = token_budget_override
 
     def base_models(self) -> list[BaseModelInfo]:
         return [
@@ -56,19 +65,19 @@ class LocalTrainer:
             for name, rt in self.runtimes.items()
         ]
 
-    def create_adapter(self, model_id: str, base_model: str, spec: AdapterSpec) -> None:
+    def _runtime(self, base_model: str) -> ModelRuntime:
         runtime = self.runtimes.get(base_model)
         if runtime is None:
             raise BadRequest(f"base_model {base_model!r} is not served here; served: {sorted(self.runtimes)}")
-        if not 1 <= spec.rank <= MAX_LORA_RANK:
-            raise BadRequest(f"lora_config.rank must be in [1, {MAX_LORA_RANK}], got {spec.rank}")
-        if not (spec.train_attn or spec.train_mlp or spec.train_unembed):
-            raise BadRequest("lora_config: at least one of train_attn, train_mlp, train_unembed must be true")
+        return runtime
+
+    def create_adapter(self, model_id: str, base_model: str, spec: AdapterSpec) -> None:
+        runtime = self._runtime(base_model)
+        check_spec(spec)
         if model_id in self.adapters:
             return  # idempotent
         params = runtime.lora.add(model_id, spec, trainable=True)
-        optimizer = torch.optim.AdamW(params, lr=0.0, foreach=True)
-        self.adapters[model_id] = TrainedAdapter(runtime, spec, optimizer, [])
+        self.adapters[model_id] = TrainedAdapter(runtime, spec, torch.optim.AdamW(params, lr=0.0, foreach=True))
 
     def drop_adapter(self, model_id: str) -> None:
         adapter = self.adapters.pop(model_id, None)
@@ -82,40 +91,97 @@ class LocalTrainer:
             raise BadRequest(f"model_id {model_id!r} is not loaded in this engine")
         return adapter
 
+    # forward / backward
+
     def forward_backward(self, call: ForwardBackwardCall) -> ForwardBackwardResult:
+        result = self.forward_backward_many([call])[0]
+        if isinstance(result, Exception):
+            raise result
+        return result
+
+    def forward_backward_many(self, calls: list[ForwardBackwardCall]) -> list[ForwardBackwardResult | BadRequest]:
+        """Run several requests (any tenants) together; a bad request gets its error, the rest still run."""
+        results: list[ForwardBackwardResult | BadRequest | None] = [None] * len(calls)
+        prepared: dict[int, PreparedCall] = {}
+        for i, call in enumerate(calls):
+            try:
+                prepared[i] = self._prepare(call)
+            except BadRequest as exc:
+                results[i] = exc
+        by_runtime: dict[int, list[int]] = defaultdict(list)
+        for i, p in prepared.items():
+            by_runtime[id(p.adapter.runtime)].append(i)
+        for indices in by_runtime.values():
+            runtime = prepared[indices[0]].adapter.runtime
+            for with_grad in (True, False):
+                rows = [Row(i, j, prepared[i].call.model_id, d) for i in indices
+                        if prepared[i].call.forward_only != with_grad for j, d in enumerate(prepared[i].call.data)]
+                for chunk in plan_micro_batches(rows, self._budget(runtime)):
+                    self._run_micro_batch(runtime, chunk, prepared, with_grad)
+        for i, p in prepared.items():
+            outputs = [{"logprobs": p.logprobs[j]} for j in range(len(p.call.data))]
+            results[i] = ForwardBackwardResult(outputs, {"loss:sum": p.loss_sum, **merge_metrics(p.metric_parts)})
+        return results  # type: ignore[return-value]
+
+    def _prepare(self, call: ForwardBackwardCall) -> PreparedCall:
         adapter = self._adapter(call.model_id)
         loss = get_loss(call.loss_fn)
-        if not call.data:
-            raise BadRequest("data: at least one datum is required")
         config = loss.resolve_config(call.loss_fn, call.loss_config)
-        batch = collate(call.data, loss.required_inputs, loss.optional_inputs, adapter.runtime)
         runtime = adapter.runtime
-        with torch.set_grad_enabled(not call.forward_only):
-            logits = runtime.logits(batch.tokens, batch.mask, [call.model_id] * len(call.data))  # (B, T, V)
+        validate_datums(call.data, loss.required_inputs, loss.optional_inputs, runtime.vocab_size, runtime.max_context)
+        names = {n for n in (*loss.required_inputs, *loss.optional_inputs) if n != "target_tokens"}
+        return PreparedCall(call, adapter, loss, config, {n for n in names if n in call.data[0].loss_inputs})
+
+    def _budget(self, runtime: ModelRuntime) -> int:
+        if self.token_budget_override is not None:
+            return self.token_budget_override
+        return token_budget(runtime.config, runtime.device, runtime.dtype.itemsize)
+
+    def _run_micro_batch(self, runtime: ModelRuntime, rows: list[Row], prepared: dict[int, PreparedCall],
+                         with_grad: bool) -> None:
+        names = set().union(*(prepared[r.call].input_names for r in rows))
+        batch = collate(rows, names, runtime.device)
+        with torch.set_grad_enabled(with_grad):
+            logits = runtime.logits(batch.tokens, batch.mask, [r.adapter for r in rows])  # (B, T, V)
             lp = logits.gather(-1, batch.targets) - logits.logsumexp(-1, keepdim=True)  # (B, T, K)
             del logits
-            loss_value, metrics = loss.fn(lp, batch.inputs, config)
-            if not call.forward_only:
-                loss_value.backward()
-        lp_np = lp.detach().numpy()
-        outputs = []
-        for i, shape in enumerate(batch.target_shapes):
-            T, K = shape[0], shape[1] if len(shape) == 2 else 1
-            outputs.append({"logprobs": lp_np[i, :T, :K].reshape(shape).astype(np.float32)})
-        return ForwardBackwardResult(outputs, {"loss:sum": float(loss_value.detach()), **metrics})
+            total = None
+            for call_index in dict.fromkeys(r.call for r in rows):
+                p = prepared[call_index]
+                picked = torch.tensor([k for k, r in enumerate(rows) if r.call == call_index])
+                inputs = {n: batch.inputs[n].index_select(0, picked) for n in (*p.input_names, "mask")}
+                loss_value, metrics = p.loss.fn(lp.index_select(0, picked), inputs, p.config)
+                p.loss_sum += float(loss_value.detach())
+                p.metric_parts.append((metrics, float(inputs["mask"].sum())))
+                total = loss_value if total is None else total + loss_value
+            if with_grad and total is not None and total.requires_grad:
+                total.backward()
+        lp_np = lp.detach().float().numpy()
+        for k, row in enumerate(rows):
+            shape = row.datum.loss_inputs["target_tokens"].shape
+            width = shape[1] if len(shape) == 2 else 1
+            prepared[row.call].logprobs[row.index] = lp_np[k, : shape[0], :width].reshape(shape).astype(np.float32)
+
+    # optimizer
 
     def optim_step(self, model_id: str, params: AdamParams) -> dict[str, float]:
         adapter = self._adapter(model_id)
         weights = adapter.runtime.lora.parameters(model_id)
         max_norm = params.grad_clip_norm if params.grad_clip_norm > 0 else float("inf")
-        grad_norm = torch.nn.utils.clip_grad_norm_(weights, max_norm)
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(weights, max_norm))
+        if not np.isfinite(grad_norm):
+            adapter.optimizer.zero_grad(set_to_none=True)
+            raise BadRequest("the accumulated gradients contain NaN or infinity; step skipped, gradients cleared, "
+                             "weights unchanged")
         for group in adapter.optimizer.param_groups:
             group.update(lr=params.learning_rate, betas=(params.beta1, params.beta2), eps=params.eps,
                          weight_decay=params.weight_decay)
         adapter.optimizer.step()
         adapter.optimizer.zero_grad(set_to_none=True)
         adapter.version += 1
-        return {"grad_norm:mean": float(grad_norm), "learning_rate:mean": params.learning_rate}
+        return {"grad_norm:mean": grad_norm, "learning_rate:mean": params.learning_rate}
+
+    # weights for samplers, checkpoints
 
     def snapshot_for_sampler(self, model_id: str) -> AdapterRef:
         """Freeze the adapter as it is now, in memory, for sampling (no file, no base-model reload)."""
@@ -134,64 +200,48 @@ class LocalTrainer:
         write_peft_adapter(directory, lora.export(model_id), adapter.spec, adapter.runtime.name,
                            lora.target_names(adapter.spec))
 
+    def save_state(self, model_id: str, directory: Path) -> None:
+        """Adapter (PEFT layout) plus AdamW moments and step, for an exact resume."""
+        adapter = self._adapter(model_id)
+        lora = adapter.runtime.lora
+        optimizer = {}
+        for name, param in lora.named_parameters(model_id):
+            state = adapter.optimizer.state.get(param, {})
+            for key in ADAM_STATE_KEYS:
+                if key in state:
+                    optimizer[f"{name}.{key}"] = torch.as_tensor(state[key]).detach().float().reshape(-1).clone() \
+                        if key == "step" else state[key].detach().clone()
+        write_peft_adapter(directory, lora.export(model_id), adapter.spec, adapter.runtime.name,
+                           lora.target_names(adapter.spec), optimizer=optimizer,
+                           meta={"version": adapter.version, "base_model": adapter.runtime.name})
 
-def collate(data: list[Datum], required: tuple[str, ...], optional: tuple[str, ...], runtime: ModelRuntime) -> Batch:
-    """Validate the datums against the model and pad them into one batch (errors name the field)."""
-    vocab, max_len = runtime.vocab_size, runtime.max_context
-    lengths, ks = [], []
-    for i, datum in enumerate(data):
-        T = len(datum.tokens)
-        if T == 0:
-            raise BadRequest(f"data[{i}].model_input is empty")
-        if T > max_len:
-            raise BadRequest(f"data[{i}].model_input has {T} tokens; the model's context is {max_len}")
-        check_token_range(datum.tokens, vocab, f"data[{i}].model_input")
-        for name in required:
-            if name not in datum.loss_inputs:
-                raise BadRequest(f"data[{i}].loss_fn_inputs.{name} is required by this loss")
-        target = datum.loss_inputs["target_tokens"]
-        if target.ndim not in (1, 2) or target.shape[0] != T:
-            raise BadRequest(
-                f"data[{i}].loss_fn_inputs.target_tokens has shape {tuple(target.shape)}; expected ({T},) "
-                f"or ({T}, K) to match model_input"
-            )
-        check_token_range(target, vocab, f"data[{i}].loss_fn_inputs.target_tokens")
-        for name in (*required, *optional):
-            value = datum.loss_inputs.get(name)
-            if name == "target_tokens" or value is None:
-                continue
-            if value.shape != target.shape:
-                raise BadRequest(
-                    f"data[{i}].loss_fn_inputs.{name} has shape {tuple(value.shape)}; "
-                    f"expected {tuple(target.shape)} like target_tokens"
-                )
-            if not np.isfinite(value).all():
-                raise BadRequest(f"data[{i}].loss_fn_inputs.{name} contains NaN or infinite values")
-        lengths.append(T)
-        ks.append(1 if target.ndim == 1 else target.shape[1])
-    B, T, K = len(data), max(lengths), max(ks)
-    tokens = torch.zeros(B, T, dtype=torch.long)
-    mask = torch.zeros(B, T, dtype=torch.long)
-    targets = torch.zeros(B, T, K, dtype=torch.long)
-    float_names = [n for n in (*required, *optional) if n != "target_tokens" and n in data[0].loss_inputs]
-    for i, datum in enumerate(data):
-        if sorted(n for n in optional if n in datum.loss_inputs) != sorted(n for n in optional if n in float_names):
-            raise BadRequest(f"data[{i}].loss_fn_inputs: every datum must carry the same optional inputs as data[0]")
-    inputs = {n: torch.zeros(B, T, K, dtype=torch.float32) for n in (*float_names, "mask")}
-    for i, datum in enumerate(data):
-        t, k = lengths[i], ks[i]
-        tokens[i, :t] = torch.from_numpy(np.asarray(datum.tokens, dtype=np.int64))
-        mask[i, :t] = 1
-        inputs["mask"][i, :t, :k] = 1.0
-        targets[i, :t, :k] = torch.from_numpy(datum.loss_inputs["target_tokens"].astype(np.int64).reshape(t, k))
-        for n in float_names:
-            inputs[n][i, :t, :k] = torch.from_numpy(datum.loss_inputs[n].astype(np.float32).reshape(t, k))
-    return Batch(tokens.to(runtime.device), mask.to(runtime.device), targets.to(runtime.device),
-                 {n: v.to(runtime.device) for n, v in inputs.items()},
-                 [tuple(d.loss_inputs["target_tokens"].shape) for d in data])
+    def load_state(self, model_id: str, base_model: str | None, directory: Path, with_optimizer: bool) -> AdapterSpec:
+        """Create (or overwrite) adapter `model_id` from a checkpoint folder; pending gradients are dropped."""
+        spec, state = read_peft_adapter(directory)
+        check_spec(spec)
+        optimizer_state, meta = read_training_extras(directory)
+        if with_optimizer and optimizer_state is None:
+            raise BadRequest("path: this checkpoint has no optimizer state (sampler weights cannot resume training "
+                             "with the optimizer; load it without optimizer)")
+        runtime = self._runtime(base_model or meta.get("base_model") or "")
+        self.drop_adapter(model_id)
+        runtime.lora.load(model_id, spec, state, trainable=True)
+        named = runtime.lora.named_parameters(model_id)
+        optimizer = torch.optim.AdamW([p for _, p in named], lr=0.0, foreach=True)
+        if with_optimizer:
+            for name, param in named:
+                if f"{name}.exp_avg" in optimizer_state:
+                    optimizer.state[param] = {
+                        "step": optimizer_state[f"{name}.step"].reshape(()).clone(),
+                        "exp_avg": optimizer_state[f"{name}.exp_avg"].clone(),
+                        "exp_avg_sq": optimizer_state[f"{name}.exp_avg_sq"].clone(),
+                    }
+        self.adapters[model_id] = TrainedAdapter(runtime, spec, optimizer, version=int(meta.get("version", 0)))
+        return spec
 
 
-def check_token_range(tokens: np.ndarray, vocab: int, field: str) -> None:
-    if tokens.size and (tokens.min() < 0 or tokens.max() >= vocab):
-        bad = int(tokens.min()) if tokens.min() < 0 else int(tokens.max())
-        raise BadRequest(f"{field}: token id {bad} is outside the vocabulary [0, {vocab})")
+def check_spec(spec: AdapterSpec) -> None:
+    if not 1 <= spec.rank <= MAX_LORA_RANK:
+        raise BadRequest(f"lora_config.rank must be in [1, {MAX_LORA_RANK}], got {spec.rank}")
+    if not (spec.train_attn or spec.train_mlp or spec.train_unembed):
+        raise BadRequest("lora_config: at least one of train_attn, train_mlp, train_unembed must be true")

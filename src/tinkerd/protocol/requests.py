@@ -97,3 +97,25 @@ class SampleRequest(Body):
 class RetrieveFutureRequest(Body):
     request_id: str
     allow_metadata_only: bool = False
+
+
+class SaveWeightsRequest(Body):
+    model_id: str
+    path: str | None = None
+    seq_id: int | None = None
+    ttl_seconds: int | None = None
+    overwrite: bool = False
+    user_metadata: dict[str, Any] | None = None
+
+
+class LoadWeightsRequest(Body):
+    """Either on an existing model (model_id + seq_id) or creating one (session_id + model_seq_id)."""
+
+    path: str
+    optimizer: bool = False
+    model_id: str | None = None
+    seq_id: int | None = None
+    session_id: str | None = None
+    model_seq_id: int | None = None
+    base_model: str | None = None
+    user_metadata: dict[str, Any] | None = None

@@ -16,7 +16,7 @@ from fastapi import FastAPI, Request
 from tinkerd.engine.interface import Sampler, Trainer
 from tinkerd.server.errors import install_error_handlers
 from tinkerd.server.futures import FutureBoard
-from tinkerd.server.routes import futures, sampling, service, training
+from tinkerd.server.routes import checkpoints, futures, sampling, service, training
 from tinkerd.server.scheduler import Scheduler
 from tinkerd.server.state import ServerConfig, ServerState
 from tinkerd.store.sqlite import SQLiteStore
@@ -34,7 +34,7 @@ def create_app(config: ServerConfig, trainer: Trainer, sampler: Sampler, store: 
             log.warning("failed %d requests left in flight by the previous server process", stale)
         board = FutureBoard(store)
         board.bind_loop(asyncio.get_running_loop())
-        scheduler = Scheduler(board)
+        scheduler = Scheduler(board, trainer.forward_backward_many)
         scheduler.start()
         app.state.tinkerd = ServerState(config, store, trainer, sampler, board, scheduler,
                                         {m.name: m for m in trainer.base_models()})
@@ -43,7 +43,7 @@ def create_app(config: ServerConfig, trainer: Trainer, sampler: Sampler, store: 
 
     app = FastAPI(title="tinkerd", lifespan=lifespan)
     install_error_handlers(app)
-    for module in (service, training, sampling, futures):
+    for module in (service, training, checkpoints, sampling, futures):
         app.include_router(module.router)
 
     @app.middleware("http")

@@ -1,23 +1,25 @@
 """Per-model ordering and the engine worker.
 
 Training requests carry `seq_id` = 1, 2, 3... per model and arrive concurrently and out of order.
-The scheduler holds each model's requests until the gap below them fills, then hands them to
-the engine worker in order; a retried (model_id, seq_id) gets the future it already has.
-Sampling and other unordered jobs go straight to the worker. The worker runs one job at a time
-on a dedicated engine thread (the engine owns the cores) and reports each outcome to the
-`FutureBoard`. Knows nothing about torch or the wire format.
+The scheduler holds each model's requests until the gap below them fills, then queues them for
+the engine worker in order. The worker runs on one dedicated engine thread (the engine owns the
+cores). When it picks a forward/forward_backward job it also takes every other forward job that
+is queued before the next barrier (optim_step, saves, loads...), from any tenant, and runs them
+together as one multi-tenant batch; sampling jobs in between wait their turn and never reorder
+training. Knows nothing about torch or the wire format.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Callable
 
-from tinkerd.protocol.types import BadRequest
+from tinkerd.protocol.types import BadRequest, ForwardBackwardCall, ForwardBackwardResult
 from tinkerd.server.futures import FutureBoard
 
 log = logging.getLogger(__name__)
@@ -35,7 +37,9 @@ class Outcome:
 class Job:
     future_id: str
     kind: str
-    run: Callable[[], Outcome]  # called on the engine thread
+    run: Callable[[], Outcome] | None = None  # called on the engine thread
+    call: ForwardBackwardCall | None = None  # batchable forward / forward_backward
+    encode: Callable[[ForwardBackwardResult], Outcome] | None = None
 
 
 @dataclass
@@ -44,12 +48,17 @@ class ModelQueue:
     waiting: dict[int, Job] = field(default_factory=dict)
 
 
+BatchRunner = Callable[[list[ForwardBackwardCall]], list[ForwardBackwardResult | BadRequest]]
+
+
 class Scheduler:
-    def __init__(self, board: FutureBoard) -> None:
+    def __init__(self, board: FutureBoard, run_forward_batch: BatchRunner) -> None:
         self.board = board
+        self.run_forward_batch = run_forward_batch
         self.models: dict[str, ModelQueue] = {}
-        self.queue: asyncio.Queue[Job] = asyncio.Queue()
+        self.jobs: collections.deque[Job] = collections.deque()
         self.pending_samples = 0
+        self._ready = asyncio.Event()
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tinkerd-engine")
         self._worker: asyncio.Task | None = None
 
@@ -67,7 +76,8 @@ class Scheduler:
     def submit(self, job: Job) -> None:
         if job.kind == "sample":
             self.pending_samples += 1
-        self.queue.put_nowait(job)
+        self.jobs.append(job)
+        self._ready.set()
 
     def submit_ordered(self, model_id: str, seq_id: int | None, job: Job) -> None:
         """Queue a training job; it runs once every lower seq_id of its model has been handed over."""
@@ -82,20 +92,66 @@ class Scheduler:
             self.submit(queue.waiting.pop(queue.next_seq))
             queue.next_seq += 1
 
+    def _take_forward_batch(self, first: Job) -> list[Job]:
+        """`first` plus every forward job queued before the next training barrier."""
+        batch, kept = [first], collections.deque()
+        while self.jobs:
+            job = self.jobs.popleft()
+            if job.call is not None:
+                batch.append(job)
+            elif job.kind == "sample":
+                kept.append(job)
+            else:
+                kept.append(job)
+                break
+        kept.extend(self.jobs)
+        self.jobs = kept
+        return batch
+
     async def _work(self) -> None:
         loop = asyncio.get_running_loop()
         while True:
-            job = await self.queue.get()
+            while not self.jobs:
+                self._ready.clear()
+                await self._ready.wait()
+            job = self.jobs.popleft()
             started = time.perf_counter()
-            try:
-                outcome = await loop.run_in_executor(self._executor, job.run)
-                self.board.complete(job.future_id, outcome.json, outcome.pb)
-            except BadRequest as exc:
-                self.board.fail(job.future_id, str(exc), "user")
-            except Exception as exc:  # noqa: BLE001 - any engine failure becomes that request's error
-                log.exception("engine job %s (%s) failed", job.future_id, job.kind)
+            if job.call is not None:
+                batch = self._take_forward_batch(job)
+                await self._run_forward(loop, batch)
+                label = f"forward batch of {len(batch)}"
+            else:
+                await self._run_one(loop, job)
+                label = job.kind
+            log.info("engine %s %.1f ms", label, (time.perf_counter() - started) * 1e3)
+
+    async def _run_forward(self, loop: asyncio.AbstractEventLoop, batch: list[Job]) -> None:
+        def run() -> list[Outcome | BadRequest]:
+            results = self.run_forward_batch([j.call for j in batch])
+            return [r if isinstance(r, Exception) else j.encode(r) for j, r in zip(batch, results)]
+
+        try:
+            outcomes = await loop.run_in_executor(self._executor, run)
+        except Exception as exc:  # noqa: BLE001 - an engine failure fails every request of the batch
+            log.exception("forward batch failed")
+            for job in batch:
                 self.board.fail(job.future_id, f"{type(exc).__name__}: {exc}", "server")
-            finally:
-                if job.kind == "sample":
-                    self.pending_samples -= 1
-                log.info("engine %s %s %.1f ms", job.kind, job.future_id, (time.perf_counter() - started) * 1e3)
+            return
+        for job, outcome in zip(batch, outcomes):
+            if isinstance(outcome, BadRequest):
+                self.board.fail(job.future_id, str(outcome), "user")
+            else:
+                self.board.complete(job.future_id, outcome.json, outcome.pb)
+
+    async def _run_one(self, loop: asyncio.AbstractEventLoop, job: Job) -> None:
+        try:
+            outcome = await loop.run_in_executor(self._executor, job.run)
+            self.board.complete(job.future_id, outcome.json, outcome.pb)
+        except BadRequest as exc:
+            self.board.fail(job.future_id, str(exc), "user")
+        except Exception as exc:  # noqa: BLE001 - any engine failure becomes that request's error
+            log.exception("engine job %s (%s) failed", job.future_id, job.kind)
+            self.board.fail(job.future_id, f"{type(exc).__name__}: {exc}", "server")
+        finally:
+            if job.kind == "sample":
+                self.pending_samples -= 1

@@ -27,7 +27,7 @@ CHECKPOINT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
 
 def submit_training(st: ServerState, owner: str, model_id: str, seq_id: int | None, kind: str,
-                    run: Callable[[], Outcome]) -> dict:
+                    run: Callable[[], Outcome] | None = None, **batchable) -> dict:
     """Queue a training op in its model's seq_id order; a retried seq_id gets its existing future."""
     st.model(model_id, owner)
     if model_id not in st.scheduler.models:
@@ -37,7 +37,7 @@ def submit_training(st: ServerState, owner: str, model_id: str, seq_id: int | No
         if existing is not None:
             return {"request_id": existing["id"], "model_id": model_id}
     future_id = st.board.create(owner, kind, model_id, seq_id or None)
-    st.scheduler.submit_ordered(model_id, seq_id, Job(future_id, kind, run))
+    st.scheduler.submit_ordered(model_id, seq_id, Job(future_id, kind, run, **batchable))
     return {"request_id": future_id, "model_id": model_id}
 
 
@@ -80,13 +80,13 @@ async def get_info(body: ModelRequest, request: Request, owner: str = Depends(ca
     }
 
 
-def _queue_forward_backward(st: ServerState, owner: str, call: ForwardBackwardCall) -> dict:
-    def run() -> Outcome:
-        result = st.trainer.forward_backward(call)
-        return Outcome(json=forward_backward_to_json(result), pb=encode_forward_backward_pb(result))
+def _encode(result) -> Outcome:
+    return Outcome(json=forward_backward_to_json(result), pb=encode_forward_backward_pb(result))
 
+
+def _queue_forward_backward(st: ServerState, owner: str, call: ForwardBackwardCall) -> dict:
     kind = "forward" if call.forward_only else "forward_backward"
-    return submit_training(st, owner, call.model_id, call.seq_id, kind, run)
+    return submit_training(st, owner, call.model_id, call.seq_id, kind, call=call, encode=_encode)
 
 
 async def _read_body(request: Request, st: ServerState) -> bytes:

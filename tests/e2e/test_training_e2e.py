@@ -1,0 +1,118 @@
+"""Training through the real SDK: DPO with forward_backward_custom, state across a restart, bad input."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import tinker
+import torch
+from tinker import types
+
+from tests.e2e.conftest import EMBEDDED, ServerProcess
+
+pytestmark = pytest.mark.slow
+
+
+def _datum(tokens: list[int], prompt_len: int) -> types.Datum:
+    weights = [0.0] * (prompt_len - 1) + [1.0] * (len(tokens) - prompt_len)
+    return types.Datum(model_input=types.ModelInput.from_ints(tokens[:-1]),
+                       loss_fn_inputs={"target_tokens": tokens[1:], "weights": weights})
+
+
+def _pair_data(tokenizer):
+    data = []
+    for question, chosen, rejected in [("Name a colour.", "Teal.", "I refuse."),
+                                       ("Say hello.", "Hello!", "No.")]:
+        prompt = tokenizer.apply_chat_template([{"role": "user", "content": question}], add_generation_prompt=True,
+                                               tokenize=True, return_dict=False)
+        for answer in (chosen, rejected):
+            full = prompt + tokenizer.encode(answer) + [tokenizer.eos_token_id]
+            data.append(_datum(full, len(prompt)))
+    return data  # chosen, rejected, chosen, rejected
+
+
+def _sequence_logprob(logprobs, datum):
+    weights = torch.tensor(datum.loss_fn_inputs["weights"].tolist())
+    return (logprobs * weights).sum()
+
+
+def test_dpo_with_forward_backward_custom_lowers_the_dpo_loss(server):
+    training = tinker.ServiceClient(base_url=server.url, api_key="tml-dpo").create_lora_training_client(
+        base_model=EMBEDDED, rank=8, seed=0).result()
+    data = _pair_data(training.get_tokenizer())
+    reference = [_sequence_logprob(torch.tensor(o["logprobs"].tolist()), d)
+                 for o, d in zip(training.forward(data, "cross_entropy").result().loss_fn_outputs, data)]
+    beta = 0.5
+
+    def dpo_loss(batch, logprobs_list):
+        seq = [_sequence_logprob(lp, d) - ref for lp, d, ref in zip(logprobs_list, batch, reference)]
+        margins = torch.stack([seq[i] - seq[i + 1] for i in range(0, len(seq), 2)])
+        loss = -torch.nn.functional.logsigmoid(beta * margins).sum()
+        return loss, {"dpo_loss:sum": float(loss.detach())}
+
+    losses = []
+    for _ in range(4):
+        out = training.forward_backward_custom(data, dpo_loss).result()
+        losses.append(out.metrics["dpo_loss:sum"])
+        training.optim_step(types.AdamParams(learning_rate=5e-4)).result()
+    assert losses[0] == pytest.approx(2 * np.log(2), abs=1e-3)  # a fresh adapter equals the reference
+    assert losses[-1] < 0.7 * losses[0], losses
+
+
+def test_state_survives_a_restart_bit_exactly(tmp_path):
+    data_dir = tmp_path / "data"
+    first = ServerProcess(data_dir)
+    try:
+        service = tinker.ServiceClient(base_url=first.url, api_key="tml-state")
+        training = service.create_lora_training_client(base_model=EMBEDDED, rank=4, seed=1).result()
+        tokenizer = training.get_tokenizer()
+        tokens = tokenizer.encode("The quick brown fox jumps over the lazy dog.")
+        datum = _datum(tokens, 1)
+        adam = types.AdamParams(learning_rate=1e-3)
+        for _ in range(2):
+            training.forward_backward([datum], "cross_entropy").result()
+            training.optim_step(adam).result()
+        path = training.save_state("resume-me").result().path
+        saved = training.forward([datum], "cross_entropy").result().loss_fn_outputs[0]["logprobs"].tolist()
+        training.forward_backward([datum], "cross_entropy").result()
+        training.optim_step(adam).result()
+        after_step = training.forward([datum], "cross_entropy").result().loss_fn_outputs[0]["logprobs"].tolist()
+    finally:
+        first.stop()
+
+    second = ServerProcess(data_dir)
+    try:
+        service = tinker.ServiceClient(base_url=second.url, api_key="tml-state")
+        resumed = service.create_training_client_from_state_with_optimizer(path).result()
+        assert resumed.forward([datum], "cross_entropy").result().loss_fn_outputs[0]["logprobs"].tolist() == saved
+        resumed.forward_backward([datum], "cross_entropy").result()
+        resumed.optim_step(adam).result()
+        assert resumed.forward([datum], "cross_entropy").result().loss_fn_outputs[0]["logprobs"].tolist() == after_step
+        sampler = service.create_sampling_client(model_path=path).result()  # a weights checkpoint samples too
+        assert sampler.sample(types.ModelInput.from_ints(tokens[:3]), 1, types.SamplingParams(max_tokens=3)).result()
+    finally:
+        second.stop()
+
+
+def test_bad_input_is_named_and_other_tenants_are_unaffected(server):
+    service = tinker.ServiceClient(base_url=server.url, api_key="tml-bad")
+    bad_client = service.create_lora_training_client(base_model=EMBEDDED, rank=4).result()
+    good_client = service.create_lora_training_client(base_model=EMBEDDED, rank=4).result()
+    good = _datum([1, 2, 3, 4, 5], 1)
+    cases = [
+        ([_datum([1, 2, 10**6], 1)], "cross_entropy", "outside the vocabulary"),
+        ([types.Datum(model_input=types.ModelInput.from_ints([1, 2, 3]),
+                      loss_fn_inputs={"target_tokens": [2, 3], "weights": [1.0, 1.0]})], "cross_entropy",
+         r"target_tokens has shape \(2,\)"),
+        ([types.Datum(model_input=types.ModelInput.from_ints([1, 2, 3]),
+                      loss_fn_inputs={"target_tokens": [2, 3, 4], "weights": [1.0, float("nan"), 1.0]})],
+         "cross_entropy", "NaN"),
+        ([good], "no_such_loss", "known losses"),
+    ]
+    for data, loss_fn, message in cases:
+        with pytest.raises(tinker.RequestFailedError, match=message):
+            bad_client.forward_backward(data, loss_fn).result()
+        good_client.forward_backward([good], "cross_entropy").result()
+    with pytest.raises((tinker.RequestFailedError, tinker.BadRequestError), match="rank"):
+        service.create_lora_training_client(base_model=EMBEDDED, rank=0).result()
+    assert good_client.optim_step(types.AdamParams(learning_rate=1e-4)).result().metrics["grad_norm:mean"] > 0
