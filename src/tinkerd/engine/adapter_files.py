@@ -39,9 +39,9 @@ def write_peft_adapter(
         "bias": "none",
         "fan_in_fan_out": False,
         "target_modules": sorted({name.rsplit(".", 1)[-1] for name in target_names}),
-        "tinkerd": {"seed": spec.seed, "train_attn": spec.train_attn, "train_mlp": spec.train_mlp,
-                    "train_unembed": spec.train_unembed},
     }
+    state_meta = {"spec": {"seed": spec.seed, "train_attn": spec.train_attn, "train_mlp": spec.train_mlp,
+                           "train_unembed": spec.train_unembed}, "base_model": base_model, **(meta or {})}
     directory = Path(directory)
     directory.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=directory.parent))
@@ -50,8 +50,7 @@ def write_peft_adapter(
         (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2))
         if optimizer is not None:
             save_file({k: v.contiguous() for k, v in optimizer.items()}, str(tmp / OPTIMIZER_FILE))
-        if meta is not None:
-            (tmp / STATE_FILE).write_text(json.dumps(meta, indent=2))
+        (tmp / STATE_FILE).write_text(json.dumps(state_meta, indent=2))
         for f in tmp.iterdir():
             with open(f, "rb") as fh:
                 os.fsync(fh.fileno())
@@ -65,7 +64,9 @@ def write_peft_adapter(
 def read_peft_adapter(directory: Path) -> tuple[AdapterSpec, dict[str, torch.Tensor]]:
     directory = Path(directory)
     config = json.loads((directory / CONFIG_FILE).read_text())
-    extra = config.get("tinkerd", {})
+    extra = {}
+    if (directory / STATE_FILE).is_file():
+        extra = json.loads((directory / STATE_FILE).read_text()).get("spec", {})
     spec = AdapterSpec(
         rank=int(config["r"]),
         alpha=float(config.get("lora_alpha", 32)),

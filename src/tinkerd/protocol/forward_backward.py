@@ -7,7 +7,7 @@ import numpy as np
 from google.protobuf.message import DecodeError
 
 from tinkerd.protocol.tensors import batched_tensor_to_pb, tensor_from_json, tensor_from_pb
-from tinkerd.protocol.types import BadRequest, Datum, ForwardBackwardCall, ForwardBackwardResult
+from tinkerd.protocol.types import BadRequest, Datum, ForwardBackwardCall, ForwardBackwardResult, ProvenanceSpan
 from tinkerd.protocol.wire_pb import pb
 
 MAX_DECOMPRESSED_BYTES = 1 << 31
@@ -37,6 +37,18 @@ def _text_tokens(chunks, field: str) -> np.ndarray:
     return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
 
 
+def _spans(spans) -> list[ProvenanceSpan]:
+    out = []
+    for span in spans:
+        kind = span.WhichOneof("span")
+        if kind is None:
+            continue
+        arm = getattr(span, kind)
+        out.append(ProvenanceSpan("sampled" if kind == "sampled_tokens" else "prompt", arm.sequence_id,
+                                  int(arm.offset), int(arm.length)))
+    return out
+
+
 def decode_forward_backward_pb(body: bytes) -> ForwardBackwardCall:
     msg = pb.ForwardBackwardRequest()
     try:
@@ -52,7 +64,7 @@ def decode_forward_backward_pb(body: bytes) -> ForwardBackwardCall:
     for i, datum in enumerate(msg.data):
         tokens = _text_tokens(datum.model_input, f"data[{i}].model_input")
         inputs = {name: tensor_from_pb(t, f"data[{i}].loss_fn_inputs.{name}") for name, t in datum.loss_fn_inputs.items()}
-        data.append(Datum(tokens, inputs))
+        data.append(Datum(tokens, inputs, _spans(datum.loss_fn_input_spans) if len(datum.loss_fn_input_spans) else None))
     return ForwardBackwardCall(msg.model_id, msg.seq_id, msg.loss_fn or "cross_entropy", config,
                                msg.forward_only, data)
 

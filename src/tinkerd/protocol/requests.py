@@ -92,6 +92,7 @@ class SampleRequest(Body):
     prompt_logprobs: bool | None = None
     topk_prompt_logprobs: int = 0
     seq_id: int | None = None
+    record_stability_info: bool | None = None
 
 
 class RetrieveFutureRequest(Body):

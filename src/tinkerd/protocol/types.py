@@ -21,6 +21,18 @@ class Datum:
 
     tokens: np.ndarray  # (T,) int64
     loss_inputs: dict[str, np.ndarray]  # e.g. target_tokens (T,) or (T, K); weights same shape
+    target_spans: list["ProvenanceSpan"] | None = None  # provenance of target positions, tiling them in order
+
+
+@dataclass(frozen=True)
+class ProvenanceSpan:
+    """`length` target positions that are tokens [offset, offset + length) of a sampled sequence
+    (`sampled`) or of the prompt of the request that produced it (`prompt`)."""
+
+    kind: str
+    sequence_id: str
+    offset: int
+    length: int
 
 
 @dataclass

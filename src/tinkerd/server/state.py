@@ -12,6 +12,7 @@ from pathlib import Path
 from tinkerd.engine.interface import BaseModelInfo, Sampler, Trainer
 from tinkerd.server.futures import FutureBoard
 from tinkerd.server.scheduler import Scheduler
+from tinkerd.server.sequence_records import SequenceRecords
 from tinkerd.store.sqlite import SQLiteStore
 
 
@@ -37,6 +38,7 @@ class ServerState:
     board: FutureBoard
     scheduler: Scheduler
     base_models: dict[str, BaseModelInfo] = field(default_factory=dict)
+    sequences: SequenceRecords = field(default_factory=SequenceRecords)
 
     def owned(self, row: dict | None, owner: str, what: str, ident: str) -> dict:
         if row is None or row["owner"] != owner:

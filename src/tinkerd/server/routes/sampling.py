@@ -68,10 +68,15 @@ async def asample(body: SampleRequest, request: Request, owner: str = Depends(ca
         raise BadRequest("topk_prompt_logprobs is not supported by this server yet")
     tokens, params = prompt_tokens(body.prompt), sampling_params(body.sampling_params)
 
+    future_id = st.board.create(owner, "sample")
+    sequence_ids = [f"{future_id}:{i}" for i in range(body.num_samples)]
+
     def run() -> Outcome:
         result = st.sampler.sample(ref, tokens, body.num_samples, params, bool(body.prompt_logprobs))
+        if body.record_stability_info:
+            for sequence_id, sequence in zip(sequence_ids, result.sequences):
+                st.sequences.record(sequence_id, sequence.logprobs)
         return Outcome(json=sample_to_json(result), pb=encode_sample_pb(result))
 
-    future_id = st.board.create(owner, "sample")
     st.scheduler.submit(Job(future_id, "sample", run))
-    return {"request_id": future_id, "sample_sequence_ids": [f"{future_id}:{i}" for i in range(body.num_samples)]}
+    return {"request_id": future_id, "sample_sequence_ids": sequence_ids}

@@ -85,6 +85,11 @@ def _encode(result) -> Outcome:
 
 
 def _queue_forward_backward(st: ServerState, owner: str, call: ForwardBackwardCall) -> dict:
+    if call.loss_fn == "stable_reinforce":
+        for datum in call.data:
+            recorded = st.sequences.sampler_logprobs(datum)
+            if recorded is not None:
+                datum.loss_inputs["sampler_logprobs"] = recorded
     kind = "forward" if call.forward_only else "forward_backward"
     return submit_training(st, owner, call.model_id, call.seq_id, kind, call=call, encode=_encode)
 
