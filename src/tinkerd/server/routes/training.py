@@ -86,10 +86,12 @@ def _encode(result) -> Outcome:
 
 def _queue_forward_backward(st: ServerState, owner: str, call: ForwardBackwardCall) -> dict:
     if call.loss_fn == "stable_reinforce":
-        for datum in call.data:
-            recorded = st.sequences.sampler_logprobs(datum)
-            if recorded is not None:
-                datum.loss_inputs["sampler_logprobs"] = recorded
+        recorded = [st.sequences.sampler_logprobs(datum) for datum in call.data]
+        if any(r is not None for r in recorded):  # every datum carries it, falling back to its own logprobs
+            for datum, values in zip(call.data, recorded):
+                fallback = datum.loss_inputs.get("logprobs")
+                if values is not None or fallback is not None:
+                    datum.loss_inputs["sampler_logprobs"] = values if values is not None else fallback
     kind = "forward" if call.forward_only else "forward_backward"
     return submit_training(st, owner, call.model_id, call.seq_id, kind, call=call, encode=_encode)
 
