@@ -1,10 +1,12 @@
+"""The continuous-batching sampler on a tiny random model (fp32): exactness, seeds, stops, logprobs."""
+
 import math
 
 import numpy as np
 import pytest
 import torch
 
-from tinkerd.engine.interface import AdapterRef, AdapterSpec
+from tinkerd.engine.interface import AdapterRef, AdapterSpec, SampleRequest
 from tinkerd.engine.sampler import LocalSampler
 from tinkerd.engine.trainer import LocalTrainer
 from tinkerd.protocol.types import BadRequest, Datum, ForwardBackwardCall, SamplingParams
@@ -13,58 +15,127 @@ from tests.conftest import make_tiny_runtime
 BASE = AdapterRef(None, "tiny")
 
 
+class LetterTokenizer:
+    """Token i decodes to one letter, so stop strings can span tokens."""
+
+    def decode(self, tokens):
+        return "".join(chr(ord("a") + t % 26) for t in tokens)
+
+
 @pytest.fixture
 def engine():
     rt = make_tiny_runtime()
-    return LocalTrainer({"tiny": rt}), LocalSampler({"tiny": rt})
+    rt.tokenizer = LetterTokenizer()
+    trainer = LocalTrainer({"tiny": rt})
+    for i, name in enumerate(("a1", "a2")):
+        trainer.create_adapter(name, "tiny", AdapterSpec(rank=4, seed=i))
+        for pname, p in rt.lora.named_parameters(name):
+            if pname.endswith("lora_B"):
+                p.data.normal_(std=0.3, generator=torch.Generator().manual_seed(i))
+    refs = {name: trainer.snapshot_for_sampler(name) for name in ("a1", "a2")}
+    return trainer, LocalSampler({"tiny": rt}), refs
 
 
-def test_same_seed_same_tokens_and_samples_differ(engine):
-    _, sampler = engine
+def _run_together(sampler, requests):
+    for request in requests:
+        sampler.submit(request)
+    results = {}
+    while len(results) < len(requests):
+        for request_id, outcome in sampler.step():
+            results[request_id] = outcome
+    return results
+
+
+def _full_logprobs(runtime, key, tokens):
+    t = torch.tensor([tokens])
+    with torch.no_grad():
+        logp = runtime.logits(t, torch.ones_like(t), [key])[0].log_softmax(-1)
+    return logp[:-1].gather(-1, t[0, 1:, None])[:, 0]
+
+
+def test_batched_kv_cache_decode_equals_full_recomputation(engine):
+    trainer, sampler, refs = engine
+    runtime = trainer.runtimes["tiny"]
+    params = SamplingParams(max_tokens=9, seed=5, stop_at_eos=False)
+    requests = [SampleRequest("short", refs["a1"], [3, 4], 2, params),
+                SampleRequest("long", BASE, [9, 8, 7, 6, 5, 4, 3], 1, params),
+                SampleRequest("mid", refs["a2"], [11, 12, 13, 14], 3, SamplingParams(max_tokens=4, seed=1, stop_at_eos=False))]
+    results = _run_together(sampler, requests)
+    for request in requests:
+        key = None if request.adapter.uri is None else request.adapter.uri[len("mem://"):]
+        for seq in results[request.request_id].sequences:
+            lp = _full_logprobs(runtime, key, request.prompt + seq.tokens)[len(request.prompt) - 1:]
+            np.testing.assert_allclose(seq.logprobs, lp.numpy(), atol=2e-5)
+
+
+def test_same_seed_same_tokens_alone_or_in_a_batch_and_samples_differ(engine):
+    _, sampler, refs = engine
     params = SamplingParams(max_tokens=12, seed=42, stop_at_eos=False)
-    a = sampler.sample(BASE, [3, 4, 5], 4, params)
-    b = sampler.sample(BASE, [3, 4, 5], 4, params)
-    assert [s.tokens for s in a.sequences] == [s.tokens for s in b.sequences]
-    assert len({tuple(s.tokens) for s in a.sequences}) > 1
-    assert all(len(s.tokens) == 12 and s.stop_reason == "length" for s in a.sequences)
+    alone = sampler.sample(refs["a1"], [3, 4, 5], 4, params)
+    assert len({tuple(s.tokens) for s in alone.sequences}) > 1
+    crowd = _run_together(sampler, [
+        SampleRequest("other", refs["a2"], [7, 7, 7, 7, 7, 7], 3, SamplingParams(max_tokens=5, seed=1)),
+        SampleRequest("me", refs["a1"], [3, 4, 5], 4, params),
+        SampleRequest("base", BASE, [1, 2], 2, SamplingParams(max_tokens=20, seed=9, stop_at_eos=False))])
+    assert [s.tokens for s in crowd["me"].sequences] == [s.tokens for s in alone.sequences]
 
 
-def test_sample_logprobs_match_trainer_forward(engine):
-    trainer, sampler = engine
-    trainer.create_adapter("m", "tiny", AdapterSpec(rank=4, seed=3))
-    for module in trainer.runtimes["tiny"].lora.modules.values():
-        if "m" in module.adapters:
-            module.adapters["m"].B.data.normal_(std=0.1)
-    ref = trainer.snapshot_for_sampler("m")
-    prompt = [3, 4, 5]
-    seq = sampler.sample(ref, prompt, 1, SamplingParams(max_tokens=8, seed=1, stop_at_eos=False)).sequences[0]
-    full = np.array(prompt + seq.tokens, dtype=np.int64)
-    weights = np.zeros(len(full) - 1, dtype=np.float32)
-    out = trainer.forward_backward(ForwardBackwardCall("m", 1, "cross_entropy", {}, True, [
-        Datum(full[:-1], {"target_tokens": full[1:], "weights": weights})]))
-    np.testing.assert_allclose(out.outputs[0]["logprobs"][len(prompt) - 1:], seq.logprobs, atol=1e-4)
+def test_two_adapters_in_one_batch_match_each_alone(engine):
+    _, sampler, refs = engine
+    params = SamplingParams(max_tokens=10, seed=3, stop_at_eos=False)
+    alone = {name: sampler.sample(ref, [5, 6, 7], 2, params) for name, ref in refs.items()}
+    together = _run_together(sampler, [SampleRequest(name, ref, [5, 6, 7], 2, params) for name, ref in refs.items()])
+    for name in refs:
+        assert [s.tokens for s in together[name].sequences] == [s.tokens for s in alone[name].sequences]
+    assert alone["a1"].sequences[0].tokens != alone["a2"].sequences[0].tokens
 
 
-def test_greedy_stops_at_stop_token_and_includes_it(engine):
-    _, sampler = engine
-    greedy = sampler.sample(BASE, [7, 8], 1, SamplingParams(max_tokens=10, temperature=0, stop_at_eos=False)).sequences[0]
-    stop_at = greedy.tokens[3]
-    first = greedy.tokens.index(stop_at)
-    stopped = sampler.sample(BASE, [7, 8], 1, SamplingParams(max_tokens=10, temperature=0, stop_tokens=(stop_at,), stop_at_eos=False))
-    seq = stopped.sequences[0]
-    assert seq.tokens == greedy.tokens[: first + 1] and seq.stop_reason == "stop"
+def test_stops_include_the_stop_and_max_tokens_gives_length(engine):
+    _, sampler, _ = engine
+    greedy = SamplingParams(max_tokens=12, temperature=0, stop_at_eos=False)
+    free = sampler.sample(BASE, [7, 8], 1, greedy).sequences[0]
+    assert len(free.tokens) == 12 and free.stop_reason == "length"
+    # a stop string spanning tokens 2 and 3
+    text = LetterTokenizer().decode(free.tokens)
+    stop = text[2:4]
+    end = text.index(stop) + len(stop)
+    by_string = sampler.sample(BASE, [7, 8], 1, SamplingParams(max_tokens=12, temperature=0, stop_at_eos=False,
+                                                              stop_strings=(stop,))).sequences[0]
+    assert by_string.tokens == free.tokens[:end] and by_string.stop_reason == "stop"
+    # a stop token id
+    first = free.tokens.index(free.tokens[4])
+    by_token = sampler.sample(BASE, [7, 8], 1, SamplingParams(max_tokens=12, temperature=0, stop_at_eos=False,
+                                                             stop_tokens=(free.tokens[4],))).sequences[0]
+    assert by_token.tokens == free.tokens[:first + 1] and by_token.stop_reason == "stop"
 
 
-def test_prompt_logprobs_nan_first(engine):
-    _, sampler = engine
-    out = sampler.sample(BASE, [3, 4, 5, 6], 1, SamplingParams(max_tokens=1, seed=0), prompt_logprobs=True)
-    assert math.isnan(out.prompt_logprobs[0]) and len(out.prompt_logprobs) == 4
-    assert all(lp < 0 for lp in out.prompt_logprobs[1:])
+def test_prompt_logprobs_match_the_trainer_and_topk_rows_are_sorted(engine):
+    trainer, sampler, refs = engine
+    prompt = [3, 9, 4, 1, 5, 9, 2, 6]
+    out = sampler.sample(refs["a1"], prompt, 1, SamplingParams(max_tokens=1, seed=0), prompt_logprobs=True,
+                         topk_prompt_logprobs=5)
+    assert math.isnan(out.prompt_logprobs[0]) and len(out.prompt_logprobs) == len(prompt)
+    tokens = np.array(prompt, dtype=np.int64)
+    forward = trainer.forward_backward(ForwardBackwardCall("a1", 1, "cross_entropy", {}, True, [Datum(
+        tokens[:-1], {"target_tokens": tokens[1:], "weights": np.zeros(len(prompt) - 1, dtype=np.float32)})]))
+    np.testing.assert_allclose(out.prompt_logprobs[1:], forward.outputs[0]["logprobs"], atol=1e-5)
+    ids, lps = out.topk_prompt_logprobs
+    assert ids.shape == lps.shape == (len(prompt), 5)
+    assert (lps[0] == -99999.0).all()
+    assert (np.diff(lps[1:], axis=1) <= 0).all()
+    assert (lps[1:, 0] >= np.array(out.prompt_logprobs[1:]) - 1e-5).all()  # the best is at least the actual token
 
 
-def test_bad_prompt_names_field(engine):
-    _, sampler = engine
+def test_cancel_frees_rows_and_bad_requests_are_named(engine):
+    _, sampler, _ = engine
+    sampler.submit(SampleRequest("long", BASE, [1, 2, 3], 4, SamplingParams(max_tokens=40, stop_at_eos=False)))
+    sampler.step()
+    assert sampler.active_rows() == 4
+    sampler.cancel("long")
+    assert sampler.step() == [] and sampler.active_rows() == 0 and not sampler.has_work()
     with pytest.raises(BadRequest, match="prompt: token id 999"):
         sampler.sample(BASE, [999], 1, SamplingParams())
+    with pytest.raises(BadRequest, match="exceeds the model's context of 64"):
+        sampler.sample(BASE, [1] * 60, 1, SamplingParams(max_tokens=10))
     with pytest.raises(BadRequest, match="sampling_params.top_p"):
         SamplingParams(top_p=0)

@@ -77,8 +77,26 @@ class Trainer(Protocol):
     def load_state(self, model_id: str, base_model: str | None, directory: Path, with_optimizer: bool) -> AdapterSpec: ...
 
 
+@dataclass(frozen=True)
+class SampleRequest:
+    request_id: str
+    adapter: AdapterRef
+    prompt: list[int]
+    num_samples: int
+    params: SamplingParams
+    prompt_logprobs: bool = False
+    topk_prompt_logprobs: int = 0
+
+
 class Sampler(Protocol):
-    def sample(
-        self, adapter: AdapterRef, prompt: list[int], num_samples: int, params: SamplingParams,
-        prompt_logprobs: bool,
-    ) -> SampleResult: ...
+    """Continuous batching: requests are submitted from any thread and advance one token per `step`."""
+
+    def submit(self, request: SampleRequest) -> None: ...
+
+    def cancel(self, request_id: str) -> None: ...
+
+    def has_work(self) -> bool: ...
+
+    def step(self) -> list[tuple[str, SampleResult | Exception]]:
+        """Advance every active request by one token; return the requests that finished (or failed)."""
+        ...

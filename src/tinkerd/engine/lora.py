@@ -112,6 +112,8 @@ class LoRAAdapters:
         self.router = AdapterRouter()
         self.modules: dict[str, LoRALinear] = {}
         self.specs: dict[str, AdapterSpec] = {}
+        self.pins: dict[str, int] = {}  # adapters in use by running samples: removal waits for them
+        self._doomed: set[str] = set()
         targets = [
             (name, module, classify_linear(name))
             for name, module in model.named_modules()
@@ -149,7 +151,28 @@ class LoRAAdapters:
         self.specs[key] = spec
         return params
 
+    def pin(self, key: str | None) -> None:
+        if key is not None:
+            self.pins[key] = self.pins.get(key, 0) + 1
+
+    def unpin(self, key: str | None) -> None:
+        if key is None or key not in self.pins:
+            return
+        self.pins[key] -= 1
+        if self.pins[key] == 0:
+            del self.pins[key]
+            if key in self._doomed:
+                self._doomed.discard(key)
+                self.remove(key)
+
     def remove(self, key: str) -> None:
+        """Delete adapter `key` now, or once the samples using it are done."""
+        if key in self.pins:
+            self._doomed.add(key)
+            return
+        self._delete(key)
+
+    def _delete(self, key: str) -> None:
         for module in self.modules.values():
             module.adapters.pop(key, None)
         self.specs.pop(key, None)
@@ -184,8 +207,9 @@ class LoRAAdapters:
         return state
 
     def load(self, key: str, spec: AdapterSpec, state: dict[str, torch.Tensor], trainable: bool = False) -> None:
-        """Install PEFT-named tensors (as written by `export`) as adapter `key`."""
-        self.remove(key)
+        """Install PEFT-named tensors (as written by `export`) as adapter `key` (replacing it if present)."""
+        self._delete(key)
+        self._doomed.discard(key)
         for name, module in self.modules.items():
             a = state.get(f"base_model.model.{name}.lora_A.weight")
             b = state.get(f"base_model.model.{name}.lora_B.weight")

@@ -69,8 +69,16 @@ class ModelRuntime:
             hidden = self.backbone(input_ids=tokens_B_T, attention_mask=mask_B_T).last_hidden_state
             return self.head(hidden).float()  # (B, T, V)
 
-    def step(self, tokens_B_T: torch.Tensor, cache, adapters: list[str | None]):
-        """Run new tokens through the KV cache; fp32 logits of the last position and the cache."""
+    def step(self, tokens_B_T: torch.Tensor, cache, adapters: list[str | None], *, mask_B_L: torch.Tensor | None = None,
+             positions_B_T: torch.Tensor | None = None, all_positions: bool = False):
+        """Run new tokens through the KV cache (None = start one).
+
+        Returns fp32 logits of the last position (B, V), or of every new position (B, T, V) with
+        `all_positions`, and the cache. `mask_B_L` covers cached plus new columns (0 = padding);
+        `positions_B_T` are the rotary positions of the new tokens when rows are left-padded.
+        """
         with self.lora.router.route(adapters):
-            out = self.backbone(input_ids=tokens_B_T, past_key_values=cache, use_cache=True)
-            return self.head(out.last_hidden_state[:, -1]).float(), out.past_key_values  # (B, V)
+            out = self.backbone(input_ids=tokens_B_T, past_key_values=cache, use_cache=True,
+                                attention_mask=mask_B_L, position_ids=positions_B_T)
+            hidden = out.last_hidden_state if all_positions else out.last_hidden_state[:, -1]
+            return self.head(hidden).float(), out.past_key_values

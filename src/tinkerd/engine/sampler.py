@@ -1,31 +1,119 @@
-"""The in-process `Sampler`: prefill the prompt once, share its KV cache across samples, decode.
+"""The in-process `Sampler`: continuous batching over a shared KV cache, per-row adapters.
+
+A request is validated and prefilled once; its prompt cache is repeated for its `num_samples`
+rows, which join the running decode batch of their base model (left-padded to a common length).
+Each `step()` draws one token for every active row, retires finished rows, and runs one forward
+for the rest, so new requests join between steps and rows of different adapters decode together.
 
 Sample i of a request draws from its own generator seeded with `seed + i`, so a request is
 reproducible whatever else runs, and `num_samples > 1` gives different samples. Returned
-logprobs are the model's own (temperature 1, before top-k/top-p), the same quantity the trainer's
+logprobs are the model's own (temperature 1, before top-k/top-p), the quantity the trainer's
 `forward` reports for those tokens. Returned tokens include the stop token or stop string.
 """
 
 from __future__ import annotations
 
 import math
+import queue
 import secrets
+from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 
+from tinkerd.engine import kv_cache
 from tinkerd.engine.adapter_files import read_peft_adapter
-from tinkerd.engine.interface import AdapterRef
-from tinkerd.engine.runtime import ModelRuntime
 from tinkerd.engine.batching import check_token_range
+from tinkerd.engine.interface import AdapterRef, SampleRequest
+from tinkerd.engine.runtime import ModelRuntime
 from tinkerd.protocol.types import BadRequest, SampledSequence, SampleResult, SamplingParams
 
-import numpy as np
+TOPK_SENTINEL_LOGPROB = -99999.0
+
+
+@dataclass
+class Pending:
+    """A request in flight: its rows report into `sequences`."""
+
+    request: SampleRequest
+    result: SampleResult
+    remaining: int
+    adapter_key: str | None
+
+
+@dataclass
+class DecodeRow:
+    pending: Pending
+    sample: int
+    generator: torch.Generator
+    position: int  # rotary position of the next token to feed
+    tokens: list[int] = field(default_factory=list)
+    logprobs: list[float] = field(default_factory=list)
+
+
+@dataclass
+class DecodeBatch:
+    """The running rows of one base model: their cache, padding mask and next-token logits."""
+
+    rows: list[DecodeRow]
+    cache: object
+    mask: torch.Tensor  # (B, L) 1 = real cached token
+    logits: torch.Tensor  # (B, V) fp32, for the token each row draws next
 
 
 class LocalSampler:
     def __init__(self, runtimes: dict[str, ModelRuntime]) -> None:
         self.runtimes = runtimes
+        self.incoming: queue.SimpleQueue[SampleRequest] = queue.SimpleQueue()
+        self.batches: dict[str, DecodeBatch] = {}
+        self.cancelled: set[str] = set()
+
+    # the Sampler protocol
+
+    def submit(self, request: SampleRequest) -> None:
+        """Queue a request (any thread); it joins the batch at the next `step`."""
+        self.incoming.put(request)
+
+    def cancel(self, request_id: str) -> None:
+        self.cancelled.add(request_id)
+
+    def has_work(self) -> bool:
+        return not self.incoming.empty() or any(b.rows for b in self.batches.values())
+
+    def active_rows(self) -> int:
+        return sum(len(b.rows) for b in self.batches.values())
+
+    @torch.no_grad()
+    def step(self) -> list[tuple[str, SampleResult | BadRequest]]:
+        """Admit queued requests, draw one token per active row, advance the survivors one position."""
+        finished: list[tuple[str, SampleResult | BadRequest]] = []
+        while not self.incoming.empty():
+            request = self.incoming.get()
+            try:
+                self._admit(request, finished)
+            except BadRequest as exc:
+                finished.append((request.request_id, exc))
+        for name in list(self.batches):
+            self._decode(self.runtimes[name], self.batches[name], finished)
+            if not self.batches[name].rows:
+                self._release(self.batches.pop(name))
+        return finished
+
+    def sample(self, adapter: AdapterRef, prompt: list[int], num_samples: int, params: SamplingParams,
+               prompt_logprobs: bool = False, topk_prompt_logprobs: int = 0) -> SampleResult:
+        """Run one request to completion (tests and in-process use); other queued work advances too."""
+        request_id = f"local-{secrets.token_hex(6)}"
+        self.submit(SampleRequest(request_id, adapter, list(prompt), num_samples, params, prompt_logprobs,
+                                  topk_prompt_logprobs))
+        while True:
+            for done_id, outcome in self.step():
+                if done_id == request_id:
+                    if isinstance(outcome, Exception):
+                        raise outcome
+                    return outcome
+
+    # admission
 
     def _runtime(self, base_model: str) -> ModelRuntime:
         runtime = self.runtimes.get(base_model)
@@ -50,82 +138,162 @@ class LocalSampler:
             runtime.lora.load(key, spec, state)
         return key
 
-    @torch.no_grad()
-    def sample(
-        self, adapter: AdapterRef, prompt: list[int], num_samples: int, params: SamplingParams,
-        prompt_logprobs: bool = False,
-    ) -> SampleResult:
-        runtime = self._runtime(adapter.base_model)
-        key = self._adapter_key(runtime, adapter)
-        if not prompt:
+    def _validate(self, runtime: ModelRuntime, request: SampleRequest) -> None:
+        params = request.params
+        if not request.prompt:
             raise BadRequest("prompt: at least one token is required")
-        if num_samples < 1:
-            raise BadRequest(f"num_samples must be >= 1, got {num_samples}")
-        check_token_range(np.asarray(prompt), runtime.vocab_size, "prompt")
-        if len(prompt) + params.max_tokens > runtime.max_context:
+        if request.num_samples < 1:
+            raise BadRequest(f"num_samples must be >= 1, got {request.num_samples}")
+        check_token_range(np.asarray(request.prompt), runtime.vocab_size, "prompt")
+        if len(request.prompt) + params.max_tokens > runtime.max_context:
             raise BadRequest(
-                f"prompt ({len(prompt)} tokens) + sampling_params.max_tokens ({params.max_tokens}) exceeds the "
-                f"model's context of {runtime.max_context}"
+                f"prompt ({len(request.prompt)} tokens) + sampling_params.max_tokens ({params.max_tokens}) exceeds "
+                f"the model's context of {runtime.max_context}"
             )
-        stop_tokens = set(params.stop_tokens) | (set(runtime.eos_token_ids) if params.stop_at_eos else set())
-        stop_strings = params.stop_strings
-        if stop_strings and runtime.tokenizer is None:
+        if params.stop_strings and runtime.tokenizer is None:
             raise BadRequest("sampling_params.stop: stop strings need a tokenizer, and this model has none")
-        base_seed = params.seed if params.seed is not None else secrets.randbits(62)
-        generators = [torch.Generator().manual_seed(base_seed + i) for i in range(num_samples)]
+        if not 0 <= request.topk_prompt_logprobs <= runtime.vocab_size:
+            raise BadRequest(f"topk_prompt_logprobs must be in [0, {runtime.vocab_size}]")
 
-        prompt_t = torch.tensor([prompt], dtype=torch.long, device=runtime.device)
-        result = SampleResult(sequences=[])
-        if prompt_logprobs:
-            mask = torch.ones_like(prompt_t)
-            full = runtime.logits(prompt_t, mask, [key])[0]  # (T, V)
-            lp = full[:-1].log_softmax(-1).gather(-1, prompt_t[0, 1:, None])[:, 0]
-            result.prompt_logprobs = [math.nan] + lp.tolist()
-        logits, cache = runtime.step(prompt_t, None, [key])  # (1, V)
-        cache.batch_repeat_interleave(num_samples)
-        logits = logits.expand(num_samples, -1)
-        tokens: list[list[int]] = [[] for _ in range(num_samples)]
-        logprobs: list[list[float]] = [[] for _ in range(num_samples)]
-        done = [False] * num_samples
-        stop_reason = ["length"] * num_samples
-        for _ in range(params.max_tokens):
-            chosen = choose_tokens(logits, params, generators)  # (N,)
-            chosen_lp = logits.log_softmax(-1).gather(-1, chosen[:, None])[:, 0]
-            for i in range(num_samples):
-                if done[i]:
-                    continue
-                tokens[i].append(int(chosen[i]))
-                logprobs[i].append(float(chosen_lp[i]))
-                if tokens[i][-1] in stop_tokens or _ends_with_stop_string(runtime, tokens[i], stop_strings):
-                    done[i], stop_reason[i] = True, "stop"
-            if all(done):
-                break
-            logits, cache = runtime.step(chosen[:, None], cache, [key] * num_samples)
-        result.sequences = [SampledSequence(t, l, r) for t, l, r in zip(tokens, logprobs, stop_reason)]
-        return result
+    def _admit(self, request: SampleRequest, finished: list) -> None:
+        if request.request_id in self.cancelled:
+            self.cancelled.discard(request.request_id)
+            return
+        runtime = self._runtime(request.adapter.base_model)
+        self._validate(runtime, request)
+        key = self._adapter_key(runtime, request.adapter)
+        prompt = torch.tensor([request.prompt], dtype=torch.long, device=runtime.device)
+        want_prompt = request.prompt_logprobs or request.topk_prompt_logprobs > 0
+        logits, cache = runtime.step(prompt, None, [key], all_positions=want_prompt)
+        result = SampleResult(sequences=[None] * request.num_samples)  # type: ignore[list-item]
+        if want_prompt:
+            fill_prompt_logprobs(result, logits[0], request)
+            logits = logits[:, -1]
+        n = request.num_samples
+        kv_cache.repeat_rows(cache, n)
+        pending = Pending(request, result, n, key)
+        runtime.lora.pin(key)
+        base_seed = request.params.seed if request.params.seed is not None else secrets.randbits(62)
+        rows = [DecodeRow(pending, i, torch.Generator().manual_seed(base_seed + i), len(request.prompt))
+                for i in range(n)]
+        mask = torch.ones(n, len(request.prompt), dtype=torch.long, device=runtime.device)
+        self._join(runtime.name, DecodeBatch(rows, cache, mask, logits.expand(n, -1).clone()))
+
+    def _join(self, name: str, new: DecodeBatch) -> None:
+        batch = self.batches.get(name)
+        if batch is None:
+            self.batches[name] = new
+            return
+        width = max(batch.mask.shape[1], new.mask.shape[1])
+        for part in (batch, new):
+            missing = width - part.mask.shape[1]
+            kv_cache.left_pad(part.cache, missing)
+            part.mask = torch.nn.functional.pad(part.mask, (missing, 0))
+        kv_cache.append_rows(batch.cache, new.cache)
+        batch.mask = torch.cat([batch.mask, new.mask])
+        batch.logits = torch.cat([batch.logits, new.logits])
+        batch.rows += new.rows
+
+    # decoding
+
+    def _decode(self, runtime: ModelRuntime, batch: DecodeBatch, finished: list) -> None:
+        chosen = choose_tokens(batch.logits, [r.pending.request.params for r in batch.rows],
+                               [r.generator for r in batch.rows])
+        chosen_lp = batch.logits.log_softmax(-1).gather(-1, chosen[:, None])[:, 0].tolist()
+        keep = []
+        for i, row in enumerate(batch.rows):
+            pending = row.pending
+            if pending.request.request_id in self.cancelled:
+                self._retire(runtime, row, None, finished)
+                continue
+            token = int(chosen[i])
+            row.tokens.append(token)
+            row.logprobs.append(chosen_lp[i])
+            reason = stop_reason(runtime, pending.request.params, row.tokens)
+            if reason is None:
+                keep.append(i)
+            else:
+                self._retire(runtime, row, reason, finished)
+        if len(keep) < len(batch.rows):
+            index = torch.tensor(keep, dtype=torch.long)
+            kv_cache.select_rows(batch.cache, index)
+            batch.rows = [batch.rows[i] for i in keep]
+            batch.mask = batch.mask.index_select(0, index)
+            chosen = chosen.index_select(0, index)
+            unused = int((batch.mask.sum(0) == 0).cumprod(0).sum()) if batch.rows else 0
+            kv_cache.trim_left(batch.cache, unused)
+            batch.mask = batch.mask[:, unused:]
+        if not batch.rows:
+            return
+        ones = torch.ones(len(batch.rows), 1, dtype=batch.mask.dtype, device=batch.mask.device)
+        batch.mask = torch.cat([batch.mask, ones], dim=1)
+        positions = torch.tensor([[r.position] for r in batch.rows], device=batch.mask.device)
+        batch.logits, batch.cache = runtime.step(chosen[:, None], batch.cache, [r.pending.adapter_key for r in batch.rows],
+                                                 mask_B_L=batch.mask, positions_B_T=positions)
+        for row in batch.rows:
+            row.position += 1
+
+    def _retire(self, runtime: ModelRuntime, row: DecodeRow, reason: str | None, finished: list) -> None:
+        pending = row.pending
+        if reason is not None:
+            pending.result.sequences[row.sample] = SampledSequence(row.tokens, row.logprobs, reason)
+        pending.remaining -= 1
+        if pending.remaining == 0:
+            runtime.lora.unpin(pending.adapter_key)
+            request_id = pending.request.request_id
+            if request_id in self.cancelled:
+                self.cancelled.discard(request_id)
+            else:
+                finished.append((request_id, pending.result))
+
+    def _release(self, batch: DecodeBatch) -> None:
+        batch.cache = None
 
 
-def _ends_with_stop_string(runtime: ModelRuntime, tokens: list[int], stop_strings: tuple[str, ...]) -> bool:
-    if not stop_strings:
-        return False
-    longest = max(len(s) for s in stop_strings)
-    tail = runtime.tokenizer.decode(tokens[-(longest + 8):])  # a token is at least one character
-    return any(s in tail for s in stop_strings)
+def stop_reason(runtime: ModelRuntime, params: SamplingParams, tokens: list[int]) -> str | None:
+    last = tokens[-1]
+    if last in params.stop_tokens or (params.stop_at_eos and last in runtime.eos_token_ids):
+        return "stop"
+    if params.stop_strings:
+        longest = max(len(s) for s in params.stop_strings)
+        tail = runtime.tokenizer.decode(tokens[-(longest + 8):])  # every token is at least one character
+        if any(s in tail for s in params.stop_strings):
+            return "stop"
+    if len(tokens) >= params.max_tokens:
+        return "length"
+    return None
 
 
-def choose_tokens(logits_N_V: torch.Tensor, params: SamplingParams, generators: list[torch.Generator]) -> torch.Tensor:
-    """Pick one token per row: greedy at temperature 0, else temperature, top-k, top-p, then a draw."""
-    if params.temperature == 0:
-        return logits_N_V.argmax(-1)
-    z = logits_N_V / params.temperature
-    if params.top_k > 0 and params.top_k < z.shape[-1]:
-        kth = z.topk(params.top_k, dim=-1).values[:, -1:]
-        z = z.masked_fill(z < kth, float("-inf"))
-    if params.top_p < 1.0:
-        sorted_z, order = z.sort(dim=-1, descending=True)
-        probs = sorted_z.softmax(-1)
-        drop_sorted = probs.cumsum(-1) - probs > params.top_p  # keep the smallest prefix reaching top_p
-        drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
-        z = z.masked_fill(drop, float("-inf"))
-    probs = z.softmax(-1)
-    return torch.stack([torch.multinomial(probs[i], 1, generator=g)[0] for i, g in enumerate(generators)])
+def fill_prompt_logprobs(result: SampleResult, logits_T_V: torch.Tensor, request: SampleRequest) -> None:
+    """Position t scores prompt[t] given prompt[:t]; position 0 has no score (NaN / sentinel row)."""
+    logp = logits_T_V[:-1].log_softmax(-1)  # (T-1, V)
+    prompt = torch.tensor(request.prompt[1:], dtype=torch.long, device=logp.device)
+    if request.prompt_logprobs:
+        result.prompt_logprobs = [math.nan] + logp.gather(-1, prompt[:, None])[:, 0].tolist()
+    k = request.topk_prompt_logprobs
+    if k > 0:
+        values, ids = logp.topk(k, dim=-1)  # sorted, best first
+        top_ids = np.zeros((len(request.prompt), k), dtype=np.int32)
+        top_lp = np.full((len(request.prompt), k), TOPK_SENTINEL_LOGPROB, dtype=np.float32)
+        top_ids[1:] = ids.numpy()
+        top_lp[1:] = values.numpy()
+        result.topk_prompt_logprobs = (top_ids, top_lp)
+
+
+def choose_tokens(logits_N_V: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator]) -> torch.Tensor:
+    """One token per row: greedy at temperature 0, else temperature, top-k, top-p, then a seeded draw."""
+    chosen = logits_N_V.argmax(-1)
+    for i, (p, g) in enumerate(zip(params, generators)):
+        if p.temperature == 0:
+            continue
+        z = logits_N_V[i] / p.temperature
+        if 0 < p.top_k < z.shape[-1]:
+            kth = z.topk(p.top_k).values[-1]
+            z = z.masked_fill(z < kth, float("-inf"))
+        if p.top_p < 1.0:
+            sorted_z, order = z.sort(descending=True)
+            probs = sorted_z.softmax(-1)
+            drop_sorted = probs.cumsum(-1) - probs > p.top_p  # keep the smallest prefix reaching top_p
+            z = z.masked_fill(torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted), float("-inf"))
+        chosen[i] = torch.multinomial(z.softmax(-1), 1, generator=g)[0]
+    return chosen

@@ -61,6 +61,12 @@ def encode_sample_pb(result: SampleResult) -> bytes:
         out.logprobs = np.asarray(seq.logprobs, dtype="<f4").tobytes()
     if result.prompt_logprobs is not None:
         msg.prompt_logprobs = np.asarray(result.prompt_logprobs, dtype="<f4").tobytes()
+    if result.topk_prompt_logprobs is not None:
+        ids, logprobs = result.topk_prompt_logprobs
+        msg.topk_prompt_logprobs.token_ids = np.ascontiguousarray(ids, dtype="<i4").tobytes()
+        msg.topk_prompt_logprobs.logprobs = np.ascontiguousarray(logprobs, dtype="<f4").tobytes()
+        msg.topk_prompt_logprobs.k = ids.shape[1]
+        msg.topk_prompt_logprobs.length = ids.shape[0]
     return msg.SerializeToString()
 
 
@@ -74,6 +80,9 @@ def sample_to_json(result: SampleResult) -> dict:
         "sequences": [{"tokens": s.tokens, "logprobs": s.logprobs, "stop_reason": s.stop_reason}
                       for s in result.sequences],
         "prompt_logprobs": prompt,
+        "topk_prompt_logprobs": None if result.topk_prompt_logprobs is None else [
+            None if i == 0 else list(zip(ids.tolist(), lps.tolist()))
+            for i, (ids, lps) in enumerate(zip(*result.topk_prompt_logprobs))],
     }
 
 

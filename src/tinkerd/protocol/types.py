@@ -6,7 +6,7 @@ dtypes, ranges) happens here, and errors name the offending field.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -111,4 +111,4 @@ class SampledSequence:
 class SampleResult:
     sequences: list[SampledSequence]
     prompt_logprobs: list[float] | None = None  # NaN at position 0
-    extra: dict = field(default_factory=dict)
+    topk_prompt_logprobs: tuple[np.ndarray, np.ndarray] | None = None  # ids int32 (N, K), logprobs float32 (N, K)

@@ -1,4 +1,4 @@
-"""Per-model ordering and the engine worker.
+"""Per-model ordering and the engine worker: training jobs and the sampler's decode steps.
 
 Training requests carry `seq_id` = 1, 2, 3... per model and arrive concurrently and out of order.
 The scheduler holds each model's requests until the gap below them fills, then queues them for
@@ -6,7 +6,9 @@ the engine worker in order. The worker runs on one dedicated engine thread (the 
 cores). When it picks a forward/forward_backward job it also takes every other forward job that
 is queued before the next barrier (optim_step, saves, loads...), from any tenant, and runs them
 together as one multi-tenant batch; sampling jobs in between wait their turn and never reorder
-training. Knows nothing about torch or the wire format.
+training. Between training jobs the worker advances the sampler one decode step at a time
+(continuous batching: new requests join the running batch), alternating with training when both
+have work. Knows nothing about torch or the wire format.
 """
 
 from __future__ import annotations
@@ -19,7 +21,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Callable
 
-from tinkerd.protocol.types import BadRequest, ForwardBackwardCall, ForwardBackwardResult
+from tinkerd.engine.interface import SampleRequest, Sampler
+from tinkerd.protocol.types import BadRequest, ForwardBackwardCall, ForwardBackwardResult, SampleResult
 from tinkerd.server.futures import FutureBoard
 
 log = logging.getLogger(__name__)
@@ -52,12 +55,13 @@ BatchRunner = Callable[[list[ForwardBackwardCall]], list[ForwardBackwardResult |
 
 
 class Scheduler:
-    def __init__(self, board: FutureBoard, run_forward_batch: BatchRunner) -> None:
+    def __init__(self, board: FutureBoard, run_forward_batch: BatchRunner, sampler: Sampler) -> None:
         self.board = board
         self.run_forward_batch = run_forward_batch
+        self.sampler = sampler
         self.models: dict[str, ModelQueue] = {}
         self.jobs: collections.deque[Job] = collections.deque()
-        self.pending_samples = 0
+        self.samples: dict[str, Callable[[SampleResult], Outcome]] = {}  # request id -> result encoder
         self._ready = asyncio.Event()
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tinkerd-engine")
         self._worker: asyncio.Task | None = None
@@ -73,11 +77,23 @@ class Scheduler:
     def open_model(self, model_id: str, next_seq: int = 1) -> None:
         self.models.setdefault(model_id, ModelQueue(next_seq=next_seq))
 
+    @property
+    def pending_samples(self) -> int:
+        return len(self.samples)
+
     def submit(self, job: Job) -> None:
-        if job.kind == "sample":
-            self.pending_samples += 1
         self.jobs.append(job)
         self._ready.set()
+
+    def submit_sample(self, request: SampleRequest, encode: Callable[[SampleResult], Outcome]) -> None:
+        self.samples[request.request_id] = encode
+        self.sampler.submit(request)
+        self._ready.set()
+
+    def cancel_sample(self, request_id: str) -> None:
+        if self.samples.pop(request_id, None) is not None:
+            self.sampler.cancel(request_id)
+            self.board.fail(request_id, "cancelled by the client", "user")
 
     def submit_ordered(self, model_id: str, seq_id: int | None, job: Job) -> None:
         """Queue a training job; it runs once every lower seq_id of its model has been handed over."""
@@ -99,8 +115,6 @@ class Scheduler:
             job = self.jobs.popleft()
             if job.call is not None:
                 batch.append(job)
-            elif job.kind == "sample":
-                kept.append(job)
             else:
                 kept.append(job)
                 break
@@ -110,10 +124,15 @@ class Scheduler:
 
     async def _work(self) -> None:
         loop = asyncio.get_running_loop()
+        sample_turn = False
         while True:
-            while not self.jobs:
+            while not self.jobs and not self.sampler.has_work():
                 self._ready.clear()
                 await self._ready.wait()
+            sample_turn = not sample_turn
+            if self.sampler.has_work() and (sample_turn or not self.jobs):
+                await self._sample_step(loop)
+                continue
             job = self.jobs.popleft()
             started = time.perf_counter()
             if job.call is not None:
@@ -143,6 +162,34 @@ class Scheduler:
             else:
                 self.board.complete(job.future_id, outcome.json, outcome.pb)
 
+    async def _sample_step(self, loop: asyncio.AbstractEventLoop) -> None:
+        def run() -> list[tuple[str, Outcome | Exception]]:
+            out = []
+            for request_id, result in self.sampler.step():
+                encode = self.samples.get(request_id)
+                if encode is not None and not isinstance(result, Exception):
+                    result = encode(result)
+                out.append((request_id, result))
+            return out
+
+        try:
+            finished = await loop.run_in_executor(self._executor, run)
+        except Exception as exc:  # noqa: BLE001 - a failed decode step fails the requests in flight
+            log.exception("sampling step failed")
+            for request_id in list(self.samples):
+                self.board.fail(request_id, f"{type(exc).__name__}: {exc}", "server")
+            self.samples.clear()
+            return
+        for request_id, outcome in finished:
+            if self.samples.pop(request_id, None) is None:
+                continue  # cancelled meanwhile
+            if isinstance(outcome, BadRequest):
+                self.board.fail(request_id, str(outcome), "user")
+            elif isinstance(outcome, Exception):
+                self.board.fail(request_id, f"{type(outcome).__name__}: {outcome}", "server")
+            else:
+                self.board.complete(request_id, outcome.json, outcome.pb)
+
     async def _run_one(self, loop: asyncio.AbstractEventLoop, job: Job) -> None:
         try:
             outcome = await loop.run_in_executor(self._executor, job.run)
@@ -152,6 +199,3 @@ class Scheduler:
         except Exception as exc:  # noqa: BLE001 - any engine failure becomes that request's error
             log.exception("engine job %s (%s) failed", job.future_id, job.kind)
             self.board.fail(job.future_id, f"{type(exc).__name__}: {exc}", "server")
-        finally:
-            if job.kind == "sample":
-                self.pending_samples -= 1

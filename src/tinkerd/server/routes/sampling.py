@@ -5,12 +5,12 @@ from __future__ import annotations
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse
 
-from tinkerd.engine.interface import AdapterRef
-from tinkerd.protocol.requests import CreateSamplingSessionRequest, SampleRequest
+from tinkerd.engine.interface import AdapterRef, SampleRequest as EngineSampleRequest
+from tinkerd.protocol.requests import CreateSamplingSessionRequest, RetrieveFutureRequest, SampleRequest
 from tinkerd.protocol.sample import encode_sample_pb, parse_tinker_path, prompt_tokens, sample_to_json, sampling_params
 from tinkerd.protocol.types import BadRequest
 from tinkerd.server.auth import caller
-from tinkerd.server.scheduler import Job, Outcome
+from tinkerd.server.scheduler import Outcome
 from tinkerd.server.state import ServerState
 
 router = APIRouter(prefix="/api/v1")
@@ -64,19 +64,26 @@ async def asample(body: SampleRequest, request: Request, owner: str = Depends(ca
         raise BadRequest("asample needs sampling_session_id, model_path or base_model")
     if not 1 <= body.num_samples <= MAX_SAMPLES_PER_REQUEST:
         raise BadRequest(f"num_samples must be in [1, {MAX_SAMPLES_PER_REQUEST}], got {body.num_samples}")
-    if body.topk_prompt_logprobs:
-        raise BadRequest("topk_prompt_logprobs is not supported by this server yet")
     tokens, params = prompt_tokens(body.prompt), sampling_params(body.sampling_params)
 
     future_id = st.board.create(owner, "sample")
     sequence_ids = [f"{future_id}:{i}" for i in range(body.num_samples)]
 
-    def run() -> Outcome:
-        result = st.sampler.sample(ref, tokens, body.num_samples, params, bool(body.prompt_logprobs))
+    def encode(result) -> Outcome:  # on the engine thread, when the request finishes
         if body.record_stability_info:
             for sequence_id, sequence in zip(sequence_ids, result.sequences):
                 st.sequences.record(sequence_id, sequence.logprobs)
         return Outcome(json=sample_to_json(result), pb=encode_sample_pb(result))
 
-    st.scheduler.submit(Job(future_id, "sample", run))
+    st.scheduler.submit_sample(EngineSampleRequest(future_id, ref, tokens, body.num_samples, params,
+                                                   bool(body.prompt_logprobs), body.topk_prompt_logprobs), encode)
     return {"request_id": future_id, "sample_sequence_ids": sequence_ids}
+
+
+@router.post("/cancel_future")
+async def cancel_future(body: RetrieveFutureRequest, request: Request, owner: str = Depends(caller)):
+    """Abandoned sample polls: the SDK cancels them, and the rows stop decoding at the next step."""
+    st: ServerState = request.app.state.tinkerd
+    st.owned(st.store.future(body.request_id), owner, "request_id", body.request_id)
+    st.scheduler.cancel_sample(body.request_id)
+    return {}

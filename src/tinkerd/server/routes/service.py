@@ -30,7 +30,8 @@ async def client_config(request: Request, owner: str = Depends(caller)):
 
 @router.post("/client/dynamic_config")
 async def dynamic_config(request: Request, owner: str = Depends(caller)):
-    return {"refresh_interval_sec": 300, "sample_cancel_enabled": False}
+    # Abandoned sample polls are cancelled (POST /cancel_future), which frees their decode rows.
+    return {"refresh_interval_sec": 300, "sample_cancel_enabled": True, "sample_cancel_max_batch_size": 64}
 
 
 @router.get("/get_server_capabilities")
