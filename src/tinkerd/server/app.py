@@ -14,14 +14,24 @@ import time
 from fastapi import FastAPI, Request
 
 from tinkerd.engine.interface import Sampler, Trainer
+from tinkerd.server.checkpoint_access import purge_expired
 from tinkerd.server.errors import install_error_handlers
 from tinkerd.server.futures import FutureBoard
-from tinkerd.server.routes import checkpoints, futures, sampling, service, training
+from tinkerd.server.routes import checkpoints, futures, rest, sampling, service, training
 from tinkerd.server.scheduler import Scheduler
 from tinkerd.server.state import ServerConfig, ServerState
 from tinkerd.store.sqlite import SQLiteStore
 
 log = logging.getLogger("tinkerd.http")
+
+
+async def _purge_expired_checkpoints(state: ServerState, every_seconds: float = 600.0) -> None:
+    """Checkpoints whose TTL has passed are deleted (rows and files) every ten minutes."""
+    while True:
+        removed = await asyncio.to_thread(purge_expired, state)
+        if removed:
+            log.info("deleted %d expired checkpoints", removed)
+        await asyncio.sleep(every_seconds)
 
 
 def create_app(config: ServerConfig, trainer: Trainer, sampler: Sampler, store: SQLiteStore | None = None) -> FastAPI:
@@ -38,12 +48,14 @@ def create_app(config: ServerConfig, trainer: Trainer, sampler: Sampler, store: 
         scheduler.start()
         app.state.tinkerd = ServerState(config, store, trainer, sampler, board, scheduler,
                                         {m.name: m for m in trainer.base_models()})
+        janitor = asyncio.get_running_loop().create_task(_purge_expired_checkpoints(app.state.tinkerd))
         yield
+        janitor.cancel()
         await scheduler.stop()
 
     app = FastAPI(title="tinkerd", lifespan=lifespan)
     install_error_handlers(app)
-    for module in (service, training, checkpoints, sampling, futures):
+    for module in (service, training, checkpoints, sampling, futures, rest):
         app.include_router(module.router)
 
     @app.middleware("http")

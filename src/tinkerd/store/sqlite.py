@@ -2,7 +2,9 @@
 
 One file in WAL mode under the data dir. Every write commits at once, so what a client was told
 survives a crash. Rows are plain dicts; JSON columns are decoded on read. Knows nothing about
-tensors or HTTP, and nothing about what a future's payload means.
+tensors or HTTP, and nothing about what a future's payload means. Checkpoints carry `public` and
+`expires_at`: the Store records them and lists expired rows, but does not enforce either and never
+touches checkpoint files (the REST layer, `tinkerd.server.routes.rest`, does).
 """
 
 from __future__ import annotations
@@ -36,8 +38,26 @@ CREATE UNIQUE INDEX IF NOT EXISTS futures_model_seq ON futures(model_id, seq_id)
     WHERE model_id IS NOT NULL AND seq_id IS NOT NULL;
 CREATE TABLE IF NOT EXISTS checkpoints (
     path TEXT PRIMARY KEY, model_id TEXT NOT NULL, owner TEXT NOT NULL, kind TEXT NOT NULL,
-    name TEXT NOT NULL, directory TEXT NOT NULL, base_model TEXT NOT NULL, created REAL NOT NULL
+    name TEXT NOT NULL, directory TEXT NOT NULL, base_model TEXT NOT NULL, created REAL NOT NULL,
+    public INTEGER NOT NULL DEFAULT 0, expires_at REAL, user_metadata TEXT
 );
+"""
+
+# Columns added after the first release: databases created before them get them by ALTER TABLE.
+_ADDED_COLUMNS = {
+    "checkpoints": {"public": "INTEGER NOT NULL DEFAULT 0", "expires_at": "REAL", "user_metadata": "TEXT"},
+}
+
+# Indexes for the listing queries (created after the columns they use exist).
+INDEXES = """
+CREATE INDEX IF NOT EXISTS futures_model ON futures(model_id, created) WHERE model_id IS NOT NULL;
+CREATE INDEX IF NOT EXISTS models_owner ON models(owner, created);
+CREATE INDEX IF NOT EXISTS models_session ON models(session_id);
+CREATE INDEX IF NOT EXISTS sessions_owner ON sessions(owner, created);
+CREATE INDEX IF NOT EXISTS sampling_sessions_session ON sampling_sessions(session_id);
+CREATE INDEX IF NOT EXISTS checkpoints_model ON checkpoints(model_id, created);
+CREATE INDEX IF NOT EXISTS checkpoints_owner ON checkpoints(owner, created);
+CREATE INDEX IF NOT EXISTS checkpoints_expiry ON checkpoints(expires_at) WHERE expires_at IS NOT NULL;
 """
 
 _JSON_COLUMNS = {"tags", "user_metadata", "lora_config", "result_json"}
@@ -53,6 +73,16 @@ class SQLiteStore:
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=NORMAL")
             self._db.executescript(SCHEMA)
+            self._add_missing_columns()
+            self._db.executescript(INDEXES)
+
+    def _add_missing_columns(self) -> None:
+        for table, columns in _ADDED_COLUMNS.items():
+            have = {row["name"] for row in self._db.execute(f"PRAGMA table_info({table})")}
+            for name, decl in columns.items():
+                if name not in have:
+                    self._db.execute(f"ALTER TABLE {table} ADD COLUMN {name} {decl}")
+
 
     def close(self) -> None:
         with self._lock:
@@ -77,6 +107,14 @@ class SQLiteStore:
             rows = self._db.execute(sql, args).fetchall()
         return [_decode(r) for r in rows]
 
+    def _page(self, table: str, where: str, args: tuple, limit: int, offset: int) -> tuple[list[dict], int]:
+        """One page of rows, newest first, and the total number of matching rows."""
+        with self._lock:
+            total = self._db.execute(f"SELECT COUNT(*) FROM {table} WHERE {where}", args).fetchone()[0]
+            rows = self._db.execute(f"SELECT * FROM {table} WHERE {where} ORDER BY created DESC, rowid DESC "
+                                    "LIMIT ? OFFSET ?", (*args, limit, offset)).fetchall()
+        return [_decode(r) for r in rows], total
+
     # sessions
     def add_session(self, session_id: str, owner: str, sdk_version: str | None, tags: list, user_metadata: dict) -> None:
         now = time.time()
@@ -92,6 +130,17 @@ class SQLiteStore:
     def finish_session(self, session_id: str) -> None:
         self._execute("UPDATE sessions SET finished = 1, last_seen = ? WHERE id = ?", (time.time(), session_id))
 
+    def list_sessions(self, owner: str, limit: int, offset: int) -> tuple[list[dict], int]:
+        return self._page("sessions", "owner = ?", (owner,), limit, offset)
+
+    def session_model_ids(self, session_id: str) -> list[str]:
+        rows = self._all("SELECT id FROM models WHERE session_id = ? ORDER BY created, rowid", (session_id,))
+        return [r["id"] for r in rows]
+
+    def session_sampler_ids(self, session_id: str) -> list[str]:
+        rows = self._all("SELECT id FROM sampling_sessions WHERE session_id = ? ORDER BY created, rowid", (session_id,))
+        return [r["id"] for r in rows]
+
     # training models
     def add_model(self, model_id: str, session_id: str, owner: str, base_model: str, lora_config: dict,
                   user_metadata: dict | None) -> None:
@@ -100,6 +149,20 @@ class SQLiteStore:
 
     def model(self, model_id: str) -> dict | None:
         return self._one("SELECT * FROM models WHERE id = ?", (model_id,))
+
+    def list_models(self, owner: str, limit: int, offset: int, with_public: bool = False) -> tuple[list[dict], int]:
+        """The owner's models; with `with_public`, also other owners' models that have a published checkpoint
+        (expiry is not checked here)."""
+        if with_public:
+            return self._page("models", "owner = ? OR id IN (SELECT model_id FROM checkpoints WHERE public = 1)",
+                              (owner,), limit, offset)
+        return self._page("models", "owner = ?", (owner,), limit, offset)
+
+    def model_last_request(self, model_id: str) -> float | None:
+        """When the newest request (future) for this model was made, or None if there was none."""
+        with self._lock:
+            row = self._db.execute("SELECT MAX(created) FROM futures WHERE model_id = ?", (model_id,)).fetchone()
+        return row[0]
 
     # sampling sessions
     def add_sampling_session(self, sampler_id: str, session_id: str, owner: str, base_model: str,
@@ -143,13 +206,37 @@ class SQLiteStore:
 
     # checkpoints
     def add_checkpoint(self, path: str, model_id: str, owner: str, kind: str, name: str, directory: str,
-                       base_model: str) -> None:
+                       base_model: str, user_metadata: dict | None = None) -> None:
+        """Adds (or, on overwrite, replaces) a checkpoint row; a replaced row is private again and has no TTL."""
         self._insert("checkpoints", dict(path=path, model_id=model_id, owner=owner, kind=kind, name=name,
-                                         directory=directory, base_model=base_model, created=time.time()),
+                                         directory=directory, base_model=base_model, created=time.time(),
+                                         user_metadata=user_metadata),
                      replace=True)
 
     def checkpoint(self, path: str) -> dict | None:
+        """The row, expired or not (`expires_at` is a Unix time or None); callers decide what expiry means."""
         return self._one("SELECT * FROM checkpoints WHERE path = ?", (path,))
+
+    def model_checkpoints(self, model_id: str) -> list[dict]:
+        return self._all("SELECT * FROM checkpoints WHERE model_id = ? ORDER BY created DESC, rowid DESC", (model_id,))
+
+    def list_checkpoints(self, owner: str, limit: int, offset: int) -> tuple[list[dict], int]:
+        return self._page("checkpoints", "owner = ?", (owner,), limit, offset)
+
+    def set_checkpoint_public(self, path: str, public: bool) -> None:
+        self._execute("UPDATE checkpoints SET public = ? WHERE path = ?", (int(public), path))
+
+    def set_checkpoint_ttl(self, path: str, ttl_seconds: float | None) -> None:
+        """Expire the checkpoint `ttl_seconds` from now (a negative value means already expired); None: never."""
+        expires_at = None if ttl_seconds is None else time.time() + ttl_seconds
+        self._execute("UPDATE checkpoints SET expires_at = ? WHERE path = ?", (expires_at, path))
+
+    def expired_checkpoints(self, now: float | None = None) -> list[dict]:
+        now = time.time() if now is None else now
+        return self._all("SELECT * FROM checkpoints WHERE expires_at IS NOT NULL AND expires_at <= ?", (now,))
+
+    def delete_checkpoint(self, path: str) -> None:
+        self._execute("DELETE FROM checkpoints WHERE path = ?", (path,))
 
 
 def _decode(row: sqlite3.Row) -> dict:

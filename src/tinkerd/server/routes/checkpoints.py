@@ -15,6 +15,7 @@ from tinkerd.protocol.requests import LoadWeightsRequest, SaveWeightsRequest
 from tinkerd.protocol.sample import parse_tinker_path
 from tinkerd.protocol.types import BadRequest
 from tinkerd.server.auth import caller
+from tinkerd.server.checkpoint_access import readable_checkpoint
 from tinkerd.server.routes.training import CHECKPOINT_NAME, submit_training
 from tinkerd.server.scheduler import Job, Outcome
 from tinkerd.server.state import ServerState
@@ -41,7 +42,9 @@ async def save_weights(body: SaveWeightsRequest, request: Request, owner: str = 
 
     def run() -> Outcome:
         st.trainer.save_state(body.model_id, directory)
-        st.store.add_checkpoint(tinker_path, body.model_id, owner, "weights", name, str(directory), model["base_model"])
+        st.store.add_checkpoint(tinker_path, body.model_id, owner, "weights", name, str(directory), model["base_model"],
+                                user_metadata=body.user_metadata)
+        st.store.set_checkpoint_ttl(tinker_path, body.ttl_seconds)
         return Outcome(json={"path": tinker_path, "type": "save_weights"})
 
     return submit_training(st, owner, body.model_id, body.seq_id, "save_weights", run)
@@ -53,7 +56,7 @@ async def load_weights(body: LoadWeightsRequest, request: Request, owner: str = 
     _, kind, _ = parse_tinker_path(body.path, "path")
     if kind != "weights" and body.optimizer:
         raise BadRequest(f"path: a {kind} checkpoint has no optimizer state; use a 'weights' (save_state) checkpoint")
-    checkpoint = st.owned(st.store.checkpoint(body.path), owner, "checkpoint", body.path)
+    checkpoint = readable_checkpoint(st, owner, body.path)
     directory, base_model = checkpoint["directory"], checkpoint["base_model"]
     if body.model_id:
         st.model(body.model_id, owner)

@@ -10,6 +10,7 @@ from tinkerd.protocol.requests import CreateSamplingSessionRequest, RetrieveFutu
 from tinkerd.protocol.sample import encode_sample_pb, parse_tinker_path, prompt_tokens, sample_to_json, sampling_params
 from tinkerd.protocol.types import BadRequest
 from tinkerd.server.auth import caller
+from tinkerd.server.checkpoint_access import readable_checkpoint
 from tinkerd.server.scheduler import Outcome
 from tinkerd.server.state import ServerState
 
@@ -21,7 +22,7 @@ def adapter_for_path(st: ServerState, owner: str, model_path: str) -> AdapterRef
     _, kind, _ = parse_tinker_path(model_path)
     if kind not in ("sampler_weights", "weights"):
         raise BadRequest(f"model_path: cannot sample from a {kind!r} checkpoint")
-    checkpoint = st.owned(st.store.checkpoint(model_path), owner, "checkpoint", model_path)
+    checkpoint = readable_checkpoint(st, owner, model_path)
     return AdapterRef(uri=checkpoint["directory"], base_model=checkpoint["base_model"])
 
 

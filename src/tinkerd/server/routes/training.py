@@ -154,7 +154,8 @@ async def save_weights_for_sampler(body: SaveWeightsForSamplerRequest, request: 
         def run() -> Outcome:
             st.trainer.save_sampler_weights(body.model_id, directory)
             st.store.add_checkpoint(tinker_path, body.model_id, owner, "sampler_weights", body.path, str(directory),
-                                    model["base_model"])
+                                    model["base_model"], user_metadata=body.user_metadata)
+            st.store.set_checkpoint_ttl(tinker_path, body.ttl_seconds)
             return Outcome(json={"path": tinker_path, "type": "save_weights_for_sampler"})
     else:
         if body.sampling_session_seq_id is None:

@@ -1,0 +1,45 @@
+"""What every benchmark needs: the embedded model's files, a median timer, and the JSON line."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import subprocess
+import time
+from pathlib import Path
+from typing import Callable
+
+REPO = Path(__file__).resolve().parents[1]
+MODEL_CACHE = Path(os.environ.get("TINKERD_BENCH_MODEL_CACHE", REPO / ".tinkerd" / "test-models"))
+
+
+def embedded_model_files():
+    from tinkerd.engine.base_models import resolve_base_model
+
+    return resolve_base_model(None, MODEL_CACHE)
+
+
+def median_seconds(fn: Callable[[], object], repeats: int = 3, warmup: int = 1) -> float:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - started)
+    return statistics.median(times)
+
+
+def machine() -> dict:
+    import torch
+
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
+    return {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(), "torch": torch.__version__,
+            "threads": torch.get_num_threads(), "commit": commit}
+
+
+def emit(name: str, **figures) -> None:
+    print(json.dumps({"bench": name, **{k: round(v, 4) if isinstance(v, float) else v for k, v in figures.items()},
+                      "machine": machine()}), flush=True)

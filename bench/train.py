@@ -1,0 +1,107 @@
+"""LoRA training throughput: tinkerd through the SDK vs a hand-written HF transformers + PEFT loop.
+
+    python -m bench.train [--batch 8] [--seq 256] [--rank 32] [--steps 3]
+
+Same model (the embedded SmolLM2-135M), LoRA rank 32 on every linear layer, AdamW, batch 8 x 256
+random tokens with the loss on every token. tinkerd runs as a real server driven by the tinker
+SDK; the peer is the loop a user would write (bf16 autocast, the best of HF + PEFT here), and
+TRL's SFTTrainer when `trl` is installed. Reports train tokens/s (median step after a warm-up),
+ratios, and MFU against this machine's bf16 matmul peak measured in the same run (4 x params
+FLOPs per token: forward plus activation gradients; the base weights get no weight gradients).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from bench.common import MODEL_CACHE, embedded_model_files, emit, median_seconds
+
+EMBEDDED = "HuggingFaceTB/SmolLM2-135M-Instruct"
+
+
+def bf16_peak_flops(n: int = 2048) -> float:
+    a = torch.randn(n, n, dtype=torch.bfloat16)
+    b = torch.randn(n, n, dtype=torch.bfloat16)
+    seconds = median_seconds(lambda: a @ b, repeats=5, warmup=2)
+    return 2 * n**3 / seconds
+
+
+def random_batch(vocab: int, batch: int, seq: int, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(3, vocab, size=(batch, seq + 1))
+
+
+def tinkerd_step_seconds(tokens: np.ndarray, rank: int, steps: int) -> float:
+    import tinker
+    from tinker import types
+
+    from tinkerd.local_server import LocalServer
+
+    data = [types.Datum(model_input=types.ModelInput.from_ints(row[:-1].tolist()),
+                        loss_fn_inputs={"target_tokens": row[1:].tolist(), "weights": [1.0] * (len(row) - 1)})
+            for row in tokens]
+    with tempfile.TemporaryDirectory() as tmp, LocalServer(Path(tmp), model_cache=MODEL_CACHE) as server:
+        training = tinker.ServiceClient(base_url=server.url, api_key="tml-bench").create_lora_training_client(
+            base_model=EMBEDDED, rank=rank, seed=0, train_unembed=False).result()  # PEFT all-linear: no lm_head
+
+        def step() -> None:
+            fwd = training.forward_backward(data, "cross_entropy")
+            opt = training.optim_step(types.AdamParams(learning_rate=1e-4))
+            fwd.result()
+            opt.result()
+
+        return median_seconds(step, repeats=steps)
+
+
+def hf_peft_step_seconds(folder: Path, tokens: np.ndarray, rank: int, steps: int) -> float:
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    model = get_peft_model(model, LoraConfig(r=rank, lora_alpha=32, target_modules=targets, lora_dropout=0.0))
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    batch = torch.from_numpy(tokens)
+
+    def step() -> None:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = model(input_ids=batch[:, :-1], labels=batch[:, :-1]).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+
+    return median_seconds(step, repeats=steps)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--seq", type=int, default=256)
+    parser.add_argument("--rank", type=int, default=32)
+    parser.add_argument("--steps", type=int, default=3)
+    args = parser.parse_args()
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+    files = embedded_model_files()
+    from transformers import AutoConfig
+
+    vocab = AutoConfig.from_pretrained(files.folder).vocab_size
+    tokens = random_batch(vocab, args.batch, args.seq)
+    n_tokens = args.batch * args.seq
+    n_params = 134_515_008  # SmolLM2-135M incl. the tied unembedding
+    peak = bf16_peak_flops()
+
+    ours = n_tokens / tinkerd_step_seconds(tokens, args.rank, args.steps)
+    hf = n_tokens / hf_peft_step_seconds(files.folder, tokens, args.rank, args.steps)
+    emit("train", batch=args.batch, seq=args.seq, rank=args.rank, tinkerd_tok_s=ours, hf_peft_bf16_tok_s=hf,
+         ratio_vs_hf_peft=ours / hf, bf16_peak_gflops=peak / 1e9, tinkerd_mfu=ours * 4 * n_params / peak,
+         hf_peft_mfu=hf * 4 * n_params / peak)
+
+
+if __name__ == "__main__":
+    main()
