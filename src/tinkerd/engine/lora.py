@@ -86,9 +86,9 @@ class LoRALinear(nn.Module):
                 continue
             A, B = w.A.to(x.dtype), w.B.to(x.dtype)
             if rows is None:
-                y = y + (x @ A) @ B * w.scale
+                y = y.add_(((x @ A) * w.scale) @ B)  # scale the rank-r intermediate; add in place
             else:
-                delta = (x.index_select(0, rows) @ A) @ B * w.scale
+                delta = ((x.index_select(0, rows) @ A) * w.scale) @ B
                 y = y.index_add(0, rows, delta.to(y.dtype))
         return y
 

@@ -18,6 +18,8 @@ from tinkerd.engine.lora import LoRAAdapters
 
 log = logging.getLogger(__name__)
 
+LOGPROB_CHUNK = 64  # positions per unembedding chunk: 64 x 49k vocab x 4 bytes = 12.6 MB for SmolLM2 (stays in cache)
+
 DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp32": torch.float32, "float32": torch.float32}
 
 
@@ -69,6 +71,29 @@ class ModelRuntime:
             hidden = self.backbone(input_ids=tokens_B_T, attention_mask=mask_B_T).last_hidden_state
             return self.head(hidden).float()  # (B, T, V)
 
+    def target_logprobs(self, tokens_B_T: torch.Tensor, mask_B_T: torch.Tensor, adapters: list[str | None],
+                        targets_B_T_K: torch.Tensor) -> torch.Tensor:
+        """log p(target) for every position, (B, T, K) fp32, without materialising (B, T, V) logits.
+
+        The unembedding and log-softmax run over chunks of positions; under autograd each chunk
+        is recomputed in the backward pass (checkpointed), so memory stays O(chunk x vocab) and
+        the vocabulary-wide elementwise work stays in cache.
+        """
+        with self.lora.router.route(adapters):
+            hidden = self.backbone(input_ids=tokens_B_T, attention_mask=mask_B_T).last_hidden_state
+            B, T, H = hidden.shape
+            flat_hidden, flat_targets = hidden.reshape(B * T, H), targets_B_T_K.reshape(B * T, -1)
+            rows = flat_hidden.shape[0] if flat_hidden.shape[0] <= LOGPROB_CHUNK else LOGPROB_CHUNK
+            route = [(s, min(s + rows, B * T)) for s in range(0, B * T, rows)]
+            # Each chunk keeps its rows' adapters: rows of the flattened batch map back to batch rows.
+            row_adapters = [adapters[i // T] for i in range(B * T)] if len(set(adapters)) > 1 else None
+            pieces = []
+            for start, end in route:
+                chunk_adapters = row_adapters[start:end] if row_adapters is not None else adapters[:1]
+                piece = _chunk_logprobs if not torch.is_grad_enabled() else _checkpointed_chunk_logprobs
+                pieces.append(piece(self, flat_hidden[start:end], flat_targets[start:end], chunk_adapters))
+            return torch.cat(pieces).reshape(B, T, -1)
+
     def step(self, tokens_B_T: torch.Tensor, cache, adapters: list[str | None], *, mask_B_L: torch.Tensor | None = None,
              positions_B_T: torch.Tensor | None = None, all_positions: bool = False):
         """Run new tokens through the KV cache (None = start one).
@@ -82,3 +107,16 @@ class ModelRuntime:
                                 attention_mask=mask_B_L, position_ids=positions_B_T)
             hidden = out.last_hidden_state if all_positions else out.last_hidden_state[:, -1]
             return self.head(hidden).float(), out.past_key_values
+
+
+def _chunk_logprobs(runtime: ModelRuntime, hidden_N_H: torch.Tensor, targets_N_K: torch.Tensor,
+                    adapters: list[str | None]) -> torch.Tensor:
+    with runtime.lora.router.route(adapters):
+        logits = runtime.head(hidden_N_H).float()  # (N, V)
+    return logits.gather(-1, targets_N_K) - logits.logsumexp(-1, keepdim=True)
+
+
+def _checkpointed_chunk_logprobs(runtime: ModelRuntime, hidden_N_H, targets_N_K, adapters):
+    from torch.utils.checkpoint import checkpoint
+
+    return checkpoint(_chunk_logprobs, runtime, hidden_N_H, targets_N_K, adapters, use_reentrant=False)

@@ -142,9 +142,7 @@ class LocalTrainer:
         names = set().union(*(prepared[r.call].input_names for r in rows))
         batch = collate(rows, names, runtime.device)
         with torch.set_grad_enabled(with_grad):
-            logits = runtime.logits(batch.tokens, batch.mask, [r.adapter for r in rows])  # (B, T, V)
-            lp = logits.gather(-1, batch.targets) - logits.logsumexp(-1, keepdim=True)  # (B, T, K)
-            del logits
+            lp = runtime.target_logprobs(batch.tokens, batch.mask, [r.adapter for r in rows], batch.targets)  # (B, T, K)
             total = None
             for call_index in dict.fromkeys(r.call for r in rows):
                 p = prepared[call_index]
