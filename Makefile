@@ -8,7 +8,7 @@ DEMO_PORT ?= 8765
 export HF_HUB_OFFLINE := 1
 export TINKER_TELEMETRY := 0
 
-.PHONY: setup demo test serve clean
+.PHONY: setup demo test serve bench clean
 
 setup: $(STAMP)
 
@@ -23,6 +23,10 @@ $(STAMP): pyproject.toml
 
 test: setup
 	$(PY) -m pytest
+
+# Benchmarks against the peers in one run (minutes; not part of make test). Writes bench/RESULTS.md.
+bench: setup
+	$(PY) -m bench.run_all
 
 serve: setup
 	$(VENV)/bin/tinkerd serve --port $(DEMO_PORT)
