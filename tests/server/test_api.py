@@ -120,3 +120,14 @@ def test_sampling_session_from_ephemeral_weights(api):
     result = _result(api, r["request_id"])
     assert [len(s["tokens"]) for s in result["sequences"]] == [5, 5, 5]
     assert api.get(f"/api/v1/samplers/{sampler_id}", headers=KEY).json()["base_model"] == "tiny"
+
+
+def test_metrics_count_requests_and_trained_tokens(api):
+    _, model_id = _model(api)
+    fb = api.post("/api/v1/forward_backward", headers={**KEY, "Content-Type": "application/x-protobuf"},
+                  content=_fb_body(model_id, 1)).json()
+    _result(api, fb["request_id"])
+    text = api.get("/metrics").text
+    assert 'tinkerd_request_seconds_count{method="POST",route="/api/v1/forward_backward",status="200"} 1.0' in text
+    assert "tinkerd_tokens_trained_total 3.0" in text
+    assert "tinkerd_training_queue_depth 0.0" in text

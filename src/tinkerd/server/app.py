@@ -11,12 +11,13 @@ import contextlib
 import logging
 import time
 
-from fastapi import FastAPI, Request
+from fastapi import FastAPI, Request, Response
 
 from tinkerd.engine.interface import Sampler, Trainer
 from tinkerd.server.checkpoint_access import purge_expired
 from tinkerd.server.errors import install_error_handlers
 from tinkerd.server.futures import FutureBoard
+from tinkerd.server.metrics import ServerMetrics
 from tinkerd.server.routes import checkpoints, futures, rest, sampling, service, training
 from tinkerd.server.scheduler import Scheduler
 from tinkerd.server.state import ServerConfig, ServerState
@@ -36,6 +37,7 @@ async def _purge_expired_checkpoints(state: ServerState, every_seconds: float = 
 
 def create_app(config: ServerConfig, trainer: Trainer, sampler: Sampler, store: SQLiteStore | None = None) -> FastAPI:
     store = store or SQLiteStore(config.data_dir / "tinkerd.sqlite3")
+    metrics = ServerMetrics()
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -44,7 +46,7 @@ def create_app(config: ServerConfig, trainer: Trainer, sampler: Sampler, store: 
             log.warning("failed %d requests left in flight by the previous server process", stale)
         board = FutureBoard(store)
         board.bind_loop(asyncio.get_running_loop())
-        scheduler = Scheduler(board, trainer.forward_backward_many, sampler)
+        scheduler = Scheduler(board, trainer.forward_backward_many, sampler, metrics)
         scheduler.start()
         app.state.tinkerd = ServerState(config, store, trainer, sampler, board, scheduler,
                                         {m.name: m for m in trainer.base_models()})
@@ -62,8 +64,15 @@ def create_app(config: ServerConfig, trainer: Trainer, sampler: Sampler, store: 
     async def log_requests(request: Request, call_next):
         started = time.perf_counter()
         response = await call_next(request)
-        log.info("%s %s %d %.1f ms", request.method, request.url.path, response.status_code,
-                 (time.perf_counter() - started) * 1e3)
+        seconds = time.perf_counter() - started
+        route = getattr(request.scope.get("route"), "path", "unmatched")  # the template: bounded label values
+        metrics.request_seconds.labels(request.method, route, str(response.status_code)).observe(seconds)
+        log.info("%s %s %d %.1f ms", request.method, request.url.path, response.status_code, seconds * 1e3)
         return response
+
+    @app.get("/metrics", include_in_schema=False)
+    async def prometheus_metrics() -> Response:
+        body, content_type = metrics.render()
+        return Response(body, media_type=content_type)
 
     return app

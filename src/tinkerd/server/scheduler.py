@@ -24,6 +24,7 @@ from typing import Callable
 from tinkerd.engine.interface import SampleRequest, Sampler
 from tinkerd.protocol.types import BadRequest, ForwardBackwardCall, ForwardBackwardResult, SampleResult
 from tinkerd.server.futures import FutureBoard
+from tinkerd.server.metrics import ServerMetrics
 
 log = logging.getLogger(__name__)
 
@@ -55,8 +56,12 @@ BatchRunner = Callable[[list[ForwardBackwardCall]], list[ForwardBackwardResult |
 
 
 class Scheduler:
-    def __init__(self, board: FutureBoard, run_forward_batch: BatchRunner, sampler: Sampler) -> None:
+    def __init__(self, board: FutureBoard, run_forward_batch: BatchRunner, sampler: Sampler,
+                 metrics: ServerMetrics | None = None) -> None:
         self.board = board
+        self.metrics = metrics or ServerMetrics()
+        self.metrics.training_queue.set_function(lambda: len(self.jobs))
+        self.metrics.sampling_requests.set_function(lambda: len(self.samples))
         self.run_forward_batch = run_forward_batch
         self.sampler = sampler
         self.models: dict[str, ModelQueue] = {}
@@ -131,7 +136,9 @@ class Scheduler:
                 await self._ready.wait()
             sample_turn = not sample_turn
             if self.sampler.has_work() and (sample_turn or not self.jobs):
+                started = time.perf_counter()
                 await self._sample_step(loop)
+                self.metrics.engine_seconds.labels("sample_step").observe(time.perf_counter() - started)
                 continue
             job = self.jobs.popleft()
             started = time.perf_counter()
@@ -142,7 +149,9 @@ class Scheduler:
             else:
                 await self._run_one(loop, job)
                 label = job.kind
-            log.info("engine %s %.1f ms", label, (time.perf_counter() - started) * 1e3)
+            seconds = time.perf_counter() - started
+            self.metrics.engine_seconds.labels("forward_batch" if job.call is not None else job.kind).observe(seconds)
+            log.info("engine %s %.1f ms", label, seconds * 1e3)
 
     async def _run_forward(self, loop: asyncio.AbstractEventLoop, batch: list[Job]) -> None:
         def run() -> list[Outcome | BadRequest]:
@@ -160,6 +169,8 @@ class Scheduler:
             if isinstance(outcome, BadRequest):
                 self.board.fail(job.future_id, str(outcome), "user")
             else:
+                if not job.call.forward_only:
+                    self.metrics.tokens_trained.inc(sum(len(d.tokens) for d in job.call.data))
                 self.board.complete(job.future_id, outcome.json, outcome.pb)
 
     async def _sample_step(self, loop: asyncio.AbstractEventLoop) -> None:
@@ -168,6 +179,7 @@ class Scheduler:
             for request_id, result in self.sampler.step():
                 encode = self.samples.get(request_id)
                 if encode is not None and not isinstance(result, Exception):
+                    self.metrics.tokens_sampled.inc(sum(len(seq.tokens) for seq in result.sequences))
                     result = encode(result)
                 out.append((request_id, result))
             return out
