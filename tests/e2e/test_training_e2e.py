@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import httpx
 import numpy as np
 import pytest
 import tinker
 import torch
 from tinker import types
+from tinker.proto.request_conv import forward_backward_request_to_proto
 
 from tests.e2e.conftest import EMBEDDED, ServerProcess
 
@@ -59,7 +61,16 @@ def test_dpo_with_forward_backward_custom_lowers_the_dpo_loss(server):
     assert losses[-1] < 0.7 * losses[0], losses
 
 
-def test_state_survives_a_restart_bit_exactly(tmp_path):
+def _gap_waiting_request(url: str, model_id: str, datum: types.Datum) -> str:
+    """A forward_backward whose seq_id leaves a gap, so it stays in flight until the server dies."""
+    request = types.ForwardBackwardRequest(forward_backward_input=types.ForwardBackwardInput(
+        data=[datum], loss_fn="cross_entropy"), model_id=model_id, seq_id=10_000)
+    r = httpx.post(f"{url}/api/v1/forward_backward", content=forward_backward_request_to_proto(request).SerializeToString(),
+                   headers={"X-API-Key": "tml-state", "Content-Type": "application/x-protobuf"})
+    return r.json()["request_id"]
+
+
+def test_state_survives_kill_9_bit_exactly(tmp_path):
     data_dir = tmp_path / "data"
     first = ServerProcess(data_dir)
     try:
@@ -77,12 +88,18 @@ def test_state_survives_a_restart_bit_exactly(tmp_path):
         training.forward_backward([datum], "cross_entropy").result()
         training.optim_step(adam).result()
         after_step = training.forward([datum], "cross_entropy").result().loss_fn_outputs[0]["logprobs"].tolist()
+        in_flight = _gap_waiting_request(first.url, training.model_id, datum)
     finally:
-        first.stop()
+        first.kill()  # SIGKILL: no shutdown code runs
 
     second = ServerProcess(data_dir)
     try:
         service = tinker.ServiceClient(base_url=second.url, api_key="tml-state")
+        lost = httpx.post(f"{second.url}/api/v1/retrieve_future", json={"request_id": in_flight},
+                          headers={"X-API-Key": "tml-state"}, timeout=10).json()
+        assert lost["category"] == "server" and "restarted" in lost["error"]
+        runs = tinker.RestClient(base_url=second.url, api_key="tml-state").list_training_runs().result()
+        assert training.model_id in [run.training_run_id for run in runs.training_runs]
         resumed = service.create_training_client_from_state_with_optimizer(path).result()
         assert resumed.forward([datum], "cross_entropy").result().loss_fn_outputs[0]["logprobs"].tolist() == saved
         resumed.forward_backward([datum], "cross_entropy").result()
