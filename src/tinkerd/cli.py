@@ -1,4 +1,12 @@
-"""`tinkerd serve`: load the base model(s), open the Store, start the HTTP server."""
+"""The `tinkerd` command: `serve` the API, and offline views of a data dir: `runs`, `checkpoints`, `export`.
+
+`serve` loads the base model(s), opens the Store and starts the HTTP server. `runs` and
+`checkpoints` print plain aligned tables read straight from `DATA_DIR/tinkerd.sqlite3` (every
+owner's rows; safe while the server runs, SQLite WAL allows concurrent readers). `export` copies a
+checkpoint's PEFT adapter files to a folder, or with `--merged` writes a full Hugging Face model
+(base + adapter, `tinkerd.engine.export`), resolving the base model the way `serve` does. These
+commands never change the Store. They show owners only as the key hashes the server stores.
+"""
 
 from __future__ import annotations
 
@@ -28,7 +36,30 @@ def _parser() -> argparse.ArgumentParser:
                        help="compute dtype of the frozen base weights (LoRA masters and Adam state stay fp32)")
     serve.add_argument("--device", default="cpu")
     serve.add_argument("--log-level", default="info")
+
+    runs = sub.add_parser("runs", help="list training runs (every API key's) with their checkpoint counts")
+    _data_dir_arg(runs)
+    checkpoints = sub.add_parser("checkpoints", help="list checkpoints: path, kind, size, created, public, expires")
+    checkpoints.add_argument("--run", metavar="RUN_ID", help="only this training run's checkpoints")
+    _data_dir_arg(checkpoints)
+    export = sub.add_parser("export", help="copy a checkpoint's PEFT adapter to a folder, or merge it into its base")
+    export.add_argument("tinker_path", metavar="TINKER_PATH", help="tinker://<run>/<kind>/<name>")
+    export.add_argument("out_dir", metavar="OUT_DIR", type=Path, help="folder to create (must not exist or be empty)")
+    export.add_argument("--merged", action="store_true",
+                        help="write a full Hugging Face model folder: base model + adapter, plus the tokenizer")
+    export.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="fp32",
+                        help="dtype of the merged weights (the merge itself runs in fp32)")
+    export.add_argument("--base-model", metavar="PATH_OR_HUB_ID", default=None,
+                        help="base model for --merged, as for serve (default: the checkpoint's base model name)")
+    export.add_argument("--model-cache", type=Path, default=None,
+                        help="where converted base models live (default DATA_DIR/models)")
+    _data_dir_arg(export)
     return parser
+
+
+def _data_dir_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--data-dir", type=Path, default=Path(os.environ.get("TINKERD_DATA_DIR", "~/.cache/tinkerd")),
+                        help="the server's data dir (default ~/.cache/tinkerd)")
 
 
 def serve(args: argparse.Namespace) -> None:
@@ -56,12 +87,148 @@ def serve(args: argparse.Namespace) -> None:
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, access_log=False)
 
 
+class CommandError(Exception):
+    """A user error of an offline command: printed without a traceback, exit status 1."""
+
+
+def _open_store(data_dir: Path):
+    from tinkerd.store.sqlite import SQLiteStore
+
+    path = data_dir.expanduser() / "tinkerd.sqlite3"
+    if not path.is_file():
+        raise CommandError(f"no tinkerd store at {path} (pass --data-dir, or set TINKERD_DATA_DIR)")
+    return SQLiteStore(path)
+
+
+def _when(t: float | None) -> str:
+    import time
+
+    return "-" if t is None else time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t))
+
+
+def _size(directory: str) -> str:
+    path = Path(directory)
+    if not path.exists():
+        return "missing"
+    total = path.stat().st_size if path.is_file() else sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+    for unit in ("B", "KB", "MB", "GB"):
+        if total < 1024 or unit == "GB":
+            return f"{total:.0f} {unit}" if unit == "B" else f"{total:.1f} {unit}"
+        total /= 1024
+    return ""
+
+
+def _table(headers: list[str], rows: list[list[str]]) -> str:
+    widths = [max(len(str(c)) for c in column) for column in zip(headers, *rows)]
+    lines = [headers, ["-" * w for w in widths], *rows]
+    return "\n".join("  ".join(str(c).ljust(w) for c, w in zip(line, widths)).rstrip() for line in lines)
+
+
+def list_runs(args: argparse.Namespace) -> str:
+    store = _open_store(args.data_dir)
+    try:
+        models = store.all_models()
+        counts = store.checkpoint_counts()
+    finally:
+        store.close()
+    rows = [[m["id"], m["base_model"], str((m["lora_config"] or {}).get("rank", "-")), _when(m["created"]),
+             str(counts.get(m["id"], 0))] for m in models]
+    if not rows:
+        return "no training runs"
+    return _table(["RUN ID", "BASE MODEL", "RANK", "CREATED", "CHECKPOINTS"], rows)
+
+
+def list_checkpoints(args: argparse.Namespace) -> str:
+    import time
+
+    store = _open_store(args.data_dir)
+    try:
+        if args.run:
+            if store.model(args.run) is None and not store.model_checkpoints(args.run):
+                raise CommandError(f"no training run {args.run!r} in {args.data_dir}")
+            rows = store.model_checkpoints(args.run)
+        else:
+            rows = store.all_checkpoints()
+    finally:
+        store.close()
+    now = time.time()
+
+    def expires(row: dict) -> str:
+        at = row.get("expires_at")
+        return "never" if at is None else _when(at) + (" (expired)" if at <= now else "")
+
+    table = [[r["path"], r["kind"], _size(r["directory"]), _when(r["created"]), "yes" if r["public"] else "no",
+              expires(r)] for r in rows]
+    if not table:
+        return "no checkpoints"
+    return _table(["PATH", "KIND", "SIZE", "CREATED", "PUBLIC", "EXPIRES"], table)
+
+
+ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
+
+
+def export(args: argparse.Namespace) -> str:
+    import shutil
+    import tempfile
+    import time
+
+    store = _open_store(args.data_dir)
+    try:
+        row = store.checkpoint(args.tinker_path)
+    finally:
+        store.close()
+    if row is None:
+        raise CommandError(f"no checkpoint {args.tinker_path!r} in {args.data_dir} (see `tinkerd checkpoints`)")
+    if row.get("expires_at") is not None and row["expires_at"] <= time.time():
+        raise CommandError(f"checkpoint {args.tinker_path!r} has expired")
+    source = Path(row["directory"])
+    missing = [f for f in ADAPTER_FILES if not (source / f).is_file()]
+    if missing:
+        raise CommandError(f"checkpoint folder {source} lacks {', '.join(missing)}")
+    out = args.out_dir.expanduser()
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise CommandError(f"{out} exists and is not an empty folder")
+    if args.merged:
+        from tinkerd.engine.base_models import resolve_base_model
+        from tinkerd.engine.export import merge_adapter_into_model
+
+        model_cache = (args.model_cache or args.data_dir / "models").expanduser()
+        spec = args.base_model or row["base_model"]
+        try:
+            files = resolve_base_model(spec, model_cache)
+        except (ValueError, FileNotFoundError) as exc:
+            raise CommandError(f"cannot find base model {spec!r}: {exc} (pass --base-model PATH)") from exc
+        if out.exists():
+            out.rmdir()
+        merge_adapter_into_model(files.folder, source, out, dtype=args.dtype)
+        return f"wrote {out}: {row['base_model']} merged with {args.tinker_path} ({args.dtype})"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".export-", dir=out.parent))
+    try:
+        for name in ADAPTER_FILES:
+            shutil.copyfile(source / name, tmp / name)
+        if out.exists():
+            out.rmdir()
+        tmp.replace(out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return f"wrote {out}: PEFT adapter of {args.tinker_path} (base model {row['base_model']})"
+
+
 def main(argv: list[str] | None = None) -> None:
     args = _parser().parse_args(argv)
-    logging.basicConfig(level=getattr(logging, args.log_level.upper(), logging.INFO),
+    log_level = getattr(args, "log_level", "warning")
+    logging.basicConfig(level=getattr(logging, log_level.upper(), logging.INFO),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     if args.command == "serve":
         serve(args)
+        return
+    commands = {"runs": list_runs, "checkpoints": list_checkpoints, "export": export}
+    try:
+        print(commands[args.command](args))
+    except CommandError as exc:
+        print(f"tinkerd {args.command}: {exc}", file=sys.stderr)
+        raise SystemExit(1) from None
 
 
 if __name__ == "__main__":

@@ -120,3 +120,22 @@ class LoadWeightsRequest(Body):
     model_seq_id: int | None = None
     base_model: str | None = None
     user_metadata: dict[str, Any] | None = None
+
+
+class SaveWeightsExternalRequest(Body):
+    model_id: str
+    path: str
+    seq_id: int | None = None
+    ttl_seconds: int | None = None
+    age_encryption_recipients: list[str] | None = None
+
+
+class CopyWeightsRequest(Body):
+    """A destination model (session_id + model_seq_id) or none (destination_project_id is accepted, unused)."""
+
+    source_path: str
+    session_id: str | None = None
+    model_seq_id: int | None = None
+    destination_project_id: str | None = None
+    ttl_seconds: int | None = None
+    weights_access_token: str | None = None

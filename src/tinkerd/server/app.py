@@ -18,7 +18,7 @@ from tinkerd.server.checkpoint_access import purge_expired
 from tinkerd.server.errors import install_error_handlers
 from tinkerd.server.futures import FutureBoard
 from tinkerd.server.metrics import ServerMetrics
-from tinkerd.server.routes import checkpoints, futures, rest, sampling, service, training
+from tinkerd.server.routes import checkpoints, export, futures, rest, sampling, service, training
 from tinkerd.server.scheduler import Scheduler
 from tinkerd.server.state import ServerConfig, ServerState
 from tinkerd.store.sqlite import SQLiteStore
@@ -57,7 +57,7 @@ def create_app(config: ServerConfig, trainer: Trainer, sampler: Sampler, store: 
 
     app = FastAPI(title="tinkerd", lifespan=lifespan)
     install_error_handlers(app)
-    for module in (service, training, checkpoints, sampling, futures, rest):
+    for module in (service, training, checkpoints, sampling, futures, rest, export):
         app.include_router(module.router)
 
     @app.middleware("http")

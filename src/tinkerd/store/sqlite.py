@@ -239,6 +239,16 @@ class SQLiteStore:
         self._execute("DELETE FROM checkpoints WHERE path = ?", (path,))
 
 
+    # operator views across every API key (the CLI)
+    def all_models(self) -> list[dict]:
+        return self._all("SELECT * FROM models ORDER BY created, rowid")
+
+    def checkpoint_counts(self) -> dict[str, int]:
+        return {r["model_id"]: r["n"] for r in self._all("SELECT model_id, COUNT(*) AS n FROM checkpoints GROUP BY model_id")}
+
+    def all_checkpoints(self) -> list[dict]:
+        return self._all("SELECT * FROM checkpoints ORDER BY created DESC, rowid DESC")
+
 def _decode(row: sqlite3.Row) -> dict:
     out = dict(row)
     for key in _JSON_COLUMNS & out.keys():
