@@ -1,7 +1,8 @@
 """The in-process `Sampler`: continuous batching over a shared KV cache, per-row adapters.
 
-A request is validated and prefilled once; its prompt cache is repeated for its `num_samples`
-rows, which join the running decode batch of their base model (left-padded to a common length).
+A request is validated and prefilled once (queued requests are prefilled together, left-padded);
+its prompt cache is repeated for its `num_samples` rows, which join the running decode batch of
+their base model (left-padded to a common length).
 Each `step()` draws one token for every active row, retires finished rows, and runs one forward
 for the rest, so new requests join between steps and rows of different adapters decode together.
 
@@ -13,6 +14,7 @@ logprobs are the model's own (temperature 1, before top-k/top-p), the quantity t
 
 from __future__ import annotations
 
+import collections
 import math
 import queue
 import secrets
@@ -30,6 +32,8 @@ from tinkerd.engine.runtime import ModelRuntime
 from tinkerd.protocol.types import BadRequest, SampledSequence, SampleResult, SamplingParams
 
 TOPK_SENTINEL_LOGPROB = -99999.0
+PREFILL_TOKENS_PER_STEP = 4096  # prompt tokens admitted per step (then running rows decode again)
+PREFILL_TOKENS_PER_FORWARD = 2048  # padded tokens in one prefill forward
 
 
 @dataclass
@@ -66,6 +70,7 @@ class LocalSampler:
     def __init__(self, runtimes: dict[str, ModelRuntime]) -> None:
         self.runtimes = runtimes
         self.incoming: queue.SimpleQueue[SampleRequest] = queue.SimpleQueue()
+        self.waiting: collections.deque[SampleRequest] = collections.deque()
         self.batches: dict[str, DecodeBatch] = {}
         self.cancelled: set[str] = set()
 
@@ -79,7 +84,7 @@ class LocalSampler:
         self.cancelled.add(request_id)
 
     def has_work(self) -> bool:
-        return not self.incoming.empty() or any(b.rows for b in self.batches.values())
+        return not self.incoming.empty() or bool(self.waiting) or any(b.rows for b in self.batches.values())
 
     def active_rows(self) -> int:
         return sum(len(b.rows) for b in self.batches.values())
@@ -88,12 +93,7 @@ class LocalSampler:
     def step(self) -> list[tuple[str, SampleResult | BadRequest]]:
         """Admit queued requests, draw one token per active row, advance the survivors one position."""
         finished: list[tuple[str, SampleResult | BadRequest]] = []
-        while not self.incoming.empty():
-            request = self.incoming.get()
-            try:
-                self._admit(request, finished)
-            except BadRequest as exc:
-                finished.append((request.request_id, exc))
+        self._admit_waiting(finished)
         for name in list(self.batches):
             self._decode(self.runtimes[name], self.batches[name], finished)
             if not self.batches[name].rows:
@@ -155,29 +155,74 @@ class LocalSampler:
         if not 0 <= request.topk_prompt_logprobs <= runtime.vocab_size:
             raise BadRequest(f"topk_prompt_logprobs must be in [0, {runtime.vocab_size}]")
 
-    def _admit(self, request: SampleRequest, finished: list) -> None:
-        if request.request_id in self.cancelled:
-            self.cancelled.discard(request.request_id)
-            return
-        runtime = self._runtime(request.adapter.base_model)
-        self._validate(runtime, request)
-        key = self._adapter_key(runtime, request.adapter)
-        prompt = torch.tensor([request.prompt], dtype=torch.long, device=runtime.device)
-        want_prompt = request.prompt_logprobs or request.topk_prompt_logprobs > 0
-        logits, cache = runtime.step(prompt, None, [key], all_positions=want_prompt)
-        result = SampleResult(sequences=[None] * request.num_samples)  # type: ignore[list-item]
+    def _admit_waiting(self, finished: list) -> None:
+        """Validate queued requests and prefill them, many prompts per forward pass.
+
+        At most PREFILL_TOKENS_PER_STEP prompt tokens are admitted per step, so running rows keep
+        decoding while a flood of new requests arrives. Requests asking for prompt logprobs are
+        prefilled alone (they need logits at every position).
+        """
+        while not self.incoming.empty():
+            self.waiting.append(self.incoming.get())
+        groups: dict[str, list[tuple[SampleRequest, str | None]]] = {}
+        budget, admitted = PREFILL_TOKENS_PER_STEP, 0
+        while self.waiting and (budget > 0 or admitted == 0):
+            request = self.waiting.popleft()
+            if request.request_id in self.cancelled:
+                self.cancelled.discard(request.request_id)
+                continue
+            try:
+                runtime = self._runtime(request.adapter.base_model)
+                self._validate(runtime, request)
+                key = self._adapter_key(runtime, request.adapter)
+            except BadRequest as exc:
+                finished.append((request.request_id, exc))
+                continue
+            if request.prompt_logprobs or request.topk_prompt_logprobs > 0:
+                self._prefill(runtime, [(request, key)])
+            else:
+                groups.setdefault(runtime.name, []).append((request, key))
+            budget -= len(request.prompt)
+            admitted += 1
+        for name, group in groups.items():
+            group.sort(key=lambda item: len(item[0].prompt))
+            chunk: list = []
+            for item in group:  # bound the padded size of one prefill forward
+                if chunk and (len(chunk) + 1) * len(item[0].prompt) > PREFILL_TOKENS_PER_FORWARD:
+                    self._prefill(self.runtimes[name], chunk)
+                    chunk = []
+                chunk.append(item)
+            self._prefill(self.runtimes[name], chunk)
+
+    def _prefill(self, runtime: ModelRuntime, items: list[tuple[SampleRequest, str | None]]) -> None:
+        """One forward over the left-padded prompts; each request's cache row is repeated per sample."""
+        width = max(len(r.prompt) for r, _ in items)
+        tokens = torch.zeros(len(items), width, dtype=torch.long)
+        mask = torch.zeros(len(items), width, dtype=torch.long)
+        for i, (request, _) in enumerate(items):
+            tokens[i, width - len(request.prompt):] = torch.tensor(request.prompt)
+            mask[i, width - len(request.prompt):] = 1
+        tokens, mask = tokens.to(runtime.device), mask.to(runtime.device)
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        want_prompt = len(items) == 1 and (items[0][0].prompt_logprobs or items[0][0].topk_prompt_logprobs > 0)
+        logits, cache = runtime.step(tokens, None, [key for _, key in items], mask_B_L=mask, positions_B_T=positions,
+                                     all_positions=want_prompt)
+        rows, repeats = [], []
+        for i, (request, key) in enumerate(items):
+            result = SampleResult(sequences=[None] * request.num_samples)  # type: ignore[list-item]
+            if want_prompt:
+                fill_prompt_logprobs(result, logits[0], request)
+            pending = Pending(request, result, request.num_samples, key)
+            runtime.lora.pin(key)
+            seed = request.params.seed if request.params.seed is not None else secrets.randbits(62)
+            rows += [DecodeRow(pending, j, torch.Generator().manual_seed(seed + j), len(request.prompt))
+                     for j in range(request.num_samples)]
+            repeats.append(request.num_samples)
         if want_prompt:
-            fill_prompt_logprobs(result, logits[0], request)
             logits = logits[:, -1]
-        n = request.num_samples
-        kv_cache.repeat_rows(cache, n)
-        pending = Pending(request, result, n, key)
-        runtime.lora.pin(key)
-        base_seed = request.params.seed if request.params.seed is not None else secrets.randbits(62)
-        rows = [DecodeRow(pending, i, torch.Generator().manual_seed(base_seed + i), len(request.prompt))
-                for i in range(n)]
-        mask = torch.ones(n, len(request.prompt), dtype=torch.long, device=runtime.device)
-        self._join(runtime.name, DecodeBatch(rows, cache, mask, logits.expand(n, -1).clone()))
+        index = torch.repeat_interleave(torch.arange(len(items)), torch.tensor(repeats)).to(runtime.device)
+        kv_cache.select_rows(cache, index)
+        self._join(runtime.name, DecodeBatch(rows, cache, mask.index_select(0, index), logits.index_select(0, index)))
 
     def _join(self, name: str, new: DecodeBatch) -> None:
         batch = self.batches.get(name)
