@@ -35,6 +35,8 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--dtype", choices=["bf16", "fp32"], default="bf16",
                        help="compute dtype of the frozen base weights (LoRA masters and Adam state stay fp32)")
     serve.add_argument("--device", default="cpu")
+    serve.add_argument("--max-pending-samples", type=int, default=1024,
+                       help="sampling requests in flight before asample answers 429 (the SDK backs off and retries)")
     serve.add_argument("--log-level", default="info")
 
     runs = sub.add_parser("runs", help="list training runs (every API key's) with their checkpoint counts")
@@ -81,7 +83,7 @@ def serve(args: argparse.Namespace) -> None:
     for spec in args.base_model or [None]:
         files = resolve_base_model(spec, model_cache)
         runtimes[files.name] = ModelRuntime.load(files, dtype=args.dtype, device=args.device)
-    config = ServerConfig(data_dir=data_dir, api_keys=frozenset(keys))
+    config = ServerConfig(data_dir=data_dir, api_keys=frozenset(keys), max_pending_samples=args.max_pending_samples)
     app = create_app(config, LocalTrainer(runtimes), LocalSampler(runtimes))
     logging.getLogger("tinkerd").info("serving %s on http://%s:%d", ", ".join(runtimes), args.host, args.port)
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, access_log=False)

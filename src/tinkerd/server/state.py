@@ -25,7 +25,7 @@ class ServerConfig:
     data_dir: Path
     api_keys: frozenset[str] = frozenset()
     long_poll_seconds: float = 25.0
-    max_pending_samples: int = 256
+    max_pending_samples: int = 1024
     max_body_bytes: int = 256 * 1024 * 1024
 
 
