@@ -1,0 +1,117 @@
+"""Generate docs/COMPATIBILITY.md: every public method of the installed tinker SDK, supported or not, and why.
+
+    python docs/compatibility.py          # rewrite the table
+    python docs/compatibility.py --check  # exit 1 if an SDK method is missing here or the file is stale
+
+`*_async` twins share their sync method's status. tests/test_compatibility.py runs --check, so a
+new SDK release that adds a method fails the tests until someone decides its status.
+"""
+
+from __future__ import annotations
+
+import inspect
+import sys
+from pathlib import Path
+
+OUT = Path(__file__).with_name("COMPATIBILITY.md")
+YES, NO, CLIENT = "supported", "not supported", "client-side"
+
+STATUS: dict[str, dict[str, tuple[str, str]]] = {
+    "ServiceClient": {
+        "create_lora_training_client": (YES, "rank, seed, train_attn/mlp/unembed honoured; tests/e2e/test_sdk_end_to_end.py"),
+        "create_sampling_client": (YES, "base_model or tinker:// model_path (sampler_weights or weights)"),
+        "create_training_client_from_state": (YES, "create-via-load_weights; survives restarts; tests/e2e/test_training_e2e.py"),
+        "create_training_client_from_state_with_optimizer": (YES, "restores AdamW moments bit-exactly"),
+        "get_server_capabilities": (YES, "lists the served base models"),
+        "copy_weights": (YES, "synchronous copy of a readable checkpoint; tests/server/test_export.py"),
+        "create_rest_client": (YES, "deprecated by the SDK in favour of RestClient()"),
+        "close": (YES, "finishes the session (POST /sessions/{id}/finish)"),
+        "create_custom_loss": (NO, "server-side traced losses (custom_loss_server_side) are off; forward_backward_custom runs the loss on the client instead"),
+        "get_console_url": (CLIENT, "builds a URL to Thinking Machines' console; there is no console here yet"),
+        "get_telemetry": (CLIENT, "SDK telemetry; the server accepts and drops the uploads"),
+    },
+    "TrainingClient": {
+        "forward": (YES, "protobuf, forward_only"), "forward_backward": (YES, "all built-in losses; see README"),
+        "forward_backward_custom": (YES, "forward pass + cross_entropy with -dLoss/dlogprobs; DPO test in tests/e2e"),
+        "optim_step": (YES, "AdamW with every AdamParams field"),
+        "save_state": (YES, "PEFT adapter + AdamW state, atomic"), "load_state": (YES, "weights only"),
+        "load_state_with_optimizer": (YES, "weights and AdamW state"),
+        "save_weights_for_sampler": (YES, "named sampler_weights checkpoint (PEFT layout)"),
+        "save_weights_and_get_sampling_client": (YES, "in-memory snapshot, no file, no reload"),
+        "save_weights_external": (YES, "PEFT folder + download URLs; age encryption refused with a clear 400"),
+        "create_sampling_client": (YES, "from a tinker:// path"), "get_info": (YES, "model_data.model_name, tokenizer_id"),
+        "get_tokenizer": (YES, "resolves offline from the HF cache tinkerd fills (HF_HUB_OFFLINE=1)"),
+        "get_console_url": (CLIENT, "no console here yet"), "get_telemetry": (CLIENT, "see ServiceClient"),
+    },
+    "SamplingClient": {
+        "sample": (YES, "continuous batching; seeds, stop strings/tokens, top-k/top-p, 429 backpressure"),
+        "compute_logprobs": (YES, "prompt_logprobs"), "get_tokenizer": (YES, "by base model hub name, offline"),
+        "get_base_model": (YES, "GET /samplers/{id}"), "create": (YES, "the SDK's constructor path"),
+        "get_sampler_handle": (CLIENT, "pickling support; join_sampling_session stays off, each clone is its own client"),
+        "from_sampler_handle": (CLIENT, "see get_sampler_handle"),
+        "on_queue_state_change": (CLIENT, "callback; the server always reports queue_state active"),
+        "get_telemetry": (CLIENT, "see ServiceClient"),
+    },
+    "RestClient": {
+        **{m: (YES, "tests/e2e/test_rest_e2e.py") for m in (
+            "list_training_runs", "get_training_run", "get_training_run_by_tinker_path", "list_checkpoints",
+            "list_user_checkpoints", "delete_checkpoint", "delete_checkpoint_from_tinker_path",
+            "publish_checkpoint_from_tinker_path", "unpublish_checkpoint_from_tinker_path",
+            "set_checkpoint_ttl_from_tinker_path", "get_weights_info_by_tinker_path", "list_sessions", "get_session",
+            "get_server_capabilities", "get_sampler")},
+        "get_external_weights_urls": (YES, "URLs on this server, valid 1 h, no API key needed"),
+        "copy_weights": (YES, "see ServiceClient.copy_weights"),
+        "search_sessions": (NO, "not implemented yet; list_sessions covers the self-hosted case"),
+        "assign_session_project": (NO, "projects are a hosted-service concept; not implemented"),
+        "export_session_trace": (NO, "no trace export yet"),
+        "get_audit_log": (NO, "hosted-service admin API"), "get_billing_usage": (NO, "no billing when self-hosted"),
+        "get_current_checkpoint_storage_usage": (NO, "billing API; `tinkerd checkpoints` shows sizes"),
+        "whoami": (NO, "needs JWT auth mode, which tinkerd leaves off (plain API keys)"),
+        "get_telemetry": (CLIENT, "see ServiceClient"),
+    },
+}
+
+
+def sdk_methods() -> dict[str, list[str]]:
+    import tinker
+
+    out = {}
+    for name in STATUS:
+        cls = getattr(tinker, name)
+        out[name] = sorted(n for n, _ in inspect.getmembers(cls, callable)
+                           if not n.startswith("_") and not n.endswith("_async"))
+    return out
+
+
+def render() -> str:
+    import tinker
+
+    lines = [f"# SDK compatibility (tinker {tinker.__version__})\n",
+             "\nGenerated by `python docs/compatibility.py` from the installed SDK; `*_async` twins behave like their "
+             "sync method.\n"]
+    for cls, methods in sdk_methods().items():
+        lines.append(f"\n## {cls}\n\n| method | status | notes |\n|---|---|---|\n")
+        for method in methods:
+            status, why = STATUS[cls].get(method, ("UNDECIDED", "new in this SDK version: decide and document"))
+            lines.append(f"| `{method}` | {status} | {why} |\n")
+    return "".join(lines)
+
+
+def main() -> int:
+    missing = [f"{c}.{m}" for c, ms in sdk_methods().items() for m in ms if m not in STATUS[c]]
+    text = render()
+    if "--check" in sys.argv:
+        if missing:
+            print("SDK methods without a decided status:", ", ".join(missing))
+            return 1
+        if not OUT.exists() or OUT.read_text() != text:
+            print(f"{OUT} is stale: run python docs/compatibility.py")
+            return 1
+        return 0
+    OUT.write_text(text)
+    print(f"wrote {OUT} ({'missing: ' + ', '.join(missing) if missing else 'every method decided'})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
