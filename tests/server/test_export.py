@@ -9,36 +9,16 @@ from pathlib import Path
 
 import pytest
 import torch
-from fastapi.testclient import TestClient
 from safetensors.torch import load, load_file
 from tinker import types
 
-from tinkerd.engine.sampler import LocalSampler
-from tinkerd.engine.trainer import LocalTrainer
-from tinkerd.server.app import create_app
 from tinkerd.server.routes.export import URL_TTL_SECONDS
-from tinkerd.server.state import ServerConfig
-from tests.conftest import make_tiny_runtime
+from tests.server.conftest import future_result
 
 KEY = {"X-API-Key": "tml-owner"}
 OTHER = {"X-API-Key": "tml-someone-else"}
 
 
-def _result(client, request_id, headers=KEY):
-    while True:
-        body = client.post("/api/v1/retrieve_future", json={"request_id": request_id}, headers=headers).json()
-        if body.get("type") != "try_again":
-            return body
-
-
-@pytest.fixture
-def api(tmp_path):
-    runtimes = {"tiny": make_tiny_runtime()}
-    app = create_app(ServerConfig(data_dir=tmp_path, long_poll_seconds=5), LocalTrainer(runtimes),
-                     LocalSampler(runtimes))
-    with TestClient(app) as client:
-        client.st = app.state.tinkerd
-        yield client
 
 
 def _new_model(api, headers=KEY):
@@ -46,7 +26,7 @@ def _new_model(api, headers=KEY):
     fut = api.post("/api/v1/create_model", headers=headers, json={
         "session_id": session, "model_seq_id": 0, "base_model": "tiny", "lora_config": {"rank": 4, "seed": 1},
         "user_metadata": {"renderer_name": "qwen3_instruct"}}).json()
-    model_id = _result(api, fut["request_id"], headers)["model_id"]
+    model_id = future_result(api, fut["request_id"], headers)["model_id"]
     # Non-zero B so the exported adapter is not the (trivial) initial one.
     for name, p in api.st.trainer.runtimes["tiny"].lora.named_parameters(model_id):
         if name.endswith("lora_B"):
@@ -59,7 +39,7 @@ def exported(api):
     session, model_id = _new_model(api)
     fut = api.post("/api/v1/save_weights_external", headers=KEY,
                    json={"model_id": model_id, "path": "hf", "seq_id": 1, "type": "save_weights_external"}).json()
-    result = _result(api, fut["request_id"])
+    result = future_result(api, fut["request_id"])
     return {"session": session, "model_id": model_id, "result": result, "path": f"tinker://{model_id}/external_weights/hf"}
 
 
@@ -155,14 +135,14 @@ def test_save_external_errors(api):
     # With a TTL; the seq_id after the refused requests still runs (they never took a turn).
     fut = api.post("/api/v1/save_weights_external", headers=KEY,
                    json={"model_id": model_id, "path": "short", "seq_id": 1, "ttl_seconds": 3600}).json()
-    assert _result(api, fut["request_id"])["path"].endswith("/external_weights/short")
+    assert future_result(api, fut["request_id"])["path"].endswith("/external_weights/short")
     assert api.st.store.checkpoint(f"tinker://{model_id}/external_weights/short")["expires_at"] is not None
 
 
 def test_archive_route_gives_a_tar_gz_of_the_checkpoint(api, exported):
     model_id = exported["model_id"]
     fut = api.post("/api/v1/save_weights", headers=KEY, json={"model_id": model_id, "path": "state", "seq_id": 2}).json()
-    state_path = _result(api, fut["request_id"])["path"]
+    state_path = future_result(api, fut["request_id"])["path"]
     for path, expected in [(exported["path"], {"adapter_config.json", "adapter_model.safetensors"}),
                            (state_path, {"adapter_config.json", "optimizer.safetensors"})]:
         r = api.get(_ckpt_url(path, "/archive"), headers=KEY)

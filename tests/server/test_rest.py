@@ -6,16 +6,12 @@ import sqlite3
 from pathlib import Path
 
 import pytest
-from fastapi.testclient import TestClient
 from tinker import types
 
-from tinkerd.engine.sampler import LocalSampler
-from tinkerd.engine.trainer import LocalTrainer
-from tinkerd.server.app import create_app
 from tinkerd.server.routes.rest import purge_expired, readable_checkpoint
 from tinkerd.server.state import NotFound, ServerConfig
 from tinkerd.store.sqlite import SQLiteStore
-from tests.conftest import make_tiny_runtime
+from tests.server.conftest import future_result
 
 KEY = {"X-API-Key": "tml-owner"}
 OTHER = {"X-API-Key": "tml-someone-else"}
@@ -25,21 +21,6 @@ def _owner_of(headers) -> str:
     return hashlib.sha256(headers["X-API-Key"].encode()).hexdigest()[:24]
 
 
-def _result(client, request_id):
-    while True:
-        body = client.post("/api/v1/retrieve_future", json={"request_id": request_id}, headers=KEY).json()
-        if body.get("type") != "try_again":
-            return body
-
-
-@pytest.fixture
-def api(tmp_path):
-    runtimes = {"tiny": make_tiny_runtime()}
-    app = create_app(ServerConfig(data_dir=tmp_path, long_poll_seconds=5), LocalTrainer(runtimes),
-                     LocalSampler(runtimes))
-    with TestClient(app) as client:
-        client.st = app.state.tinkerd
-        yield client
 
 
 @pytest.fixture
@@ -51,13 +32,13 @@ def run(api):
         "session_id": session, "model_seq_id": 0, "base_model": "tiny",
         "lora_config": {"rank": 4, "seed": 1, "train_unembed": False},
         "user_metadata": {"renderer_name": "qwen3_instruct", "step": 3}}).json()
-    model_id = _result(api, fut["request_id"])["model_id"]
+    model_id = future_result(api, fut["request_id"])["model_id"]
     saves = [("/api/v1/save_weights", {"path": "state", "seq_id": 1}),
              ("/api/v1/save_weights_for_sampler", {"path": "snap", "seq_id": 2}),
              ("/api/v1/save_weights_for_sampler", {"sampling_session_seq_id": 0, "seq_id": 3})]
     for route, body in saves:
         fut = api.post(route, headers=KEY, json={"model_id": model_id, **body}).json()
-        assert "error" not in _result(api, fut["request_id"])
+        assert "error" not in future_result(api, fut["request_id"])
     return {"session": session, "model_id": model_id, "state": f"tinker://{model_id}/weights/state",
             "snap": f"tinker://{model_id}/sampler_weights/snap"}
 
@@ -212,7 +193,7 @@ def test_bad_requests_name_the_field(api, run):
 def test_a_checkpoint_named_publish_is_still_deletable(api, run):
     fut = api.post("/api/v1/save_weights", headers=KEY, json={"model_id": run["model_id"], "path": "publish",
                                                               "seq_id": 4}).json()
-    assert "error" not in _result(api, fut["request_id"])
+    assert "error" not in future_result(api, fut["request_id"])
     path = f"tinker://{run['model_id']}/weights/publish"
     assert api.delete(_ckpt_url(path), headers=KEY).status_code == 200
     assert api.st.store.checkpoint(path) is None

@@ -26,16 +26,19 @@ def adapter_for_path(st: ServerState, owner: str, model_path: str) -> AdapterRef
     return AdapterRef(uri=checkpoint["directory"], base_model=checkpoint["base_model"])
 
 
+def adapter_for(st: ServerState, owner: str, model_path: str | None, base_model: str | None, what: str) -> AdapterRef:
+    if model_path:
+        return adapter_for_path(st, owner, model_path)
+    if base_model:
+        return AdapterRef(uri=None, base_model=st.base_model(base_model).name)
+    raise BadRequest(f"{what} needs sampling_session_id, model_path or base_model")
+
+
 @router.post("/create_sampling_session")
 async def create_sampling_session(body: CreateSamplingSessionRequest, request: Request, owner: str = Depends(caller)):
     st: ServerState = request.app.state.tinkerd
     st.session(body.session_id, owner)
-    if body.model_path:
-        ref = adapter_for_path(st, owner, body.model_path)
-    elif body.base_model:
-        ref = AdapterRef(uri=None, base_model=st.base_model(body.base_model).name)
-    else:
-        raise BadRequest("create_sampling_session needs base_model or model_path")
+    ref = adapter_for(st, owner, body.model_path, body.base_model, "create_sampling_session")
     sampler_id = f"{body.session_id}:sample:{body.sampling_session_seq_id}"
     st.store.add_sampling_session(sampler_id, body.session_id, owner, ref.base_model, body.model_path, ref.uri)
     return {"type": "create_sampling_session", "sampling_session_id": sampler_id}
@@ -57,12 +60,8 @@ async def asample(body: SampleRequest, request: Request, owner: str = Depends(ca
         row = st.owned(st.store.sampling_session(body.sampling_session_id), owner, "sampling_session_id",
                        body.sampling_session_id)
         ref = AdapterRef(uri=row["adapter_uri"], base_model=row["base_model"])
-    elif body.model_path:
-        ref = adapter_for_path(st, owner, body.model_path)
-    elif body.base_model:
-        ref = AdapterRef(uri=None, base_model=st.base_model(body.base_model).name)
     else:
-        raise BadRequest("asample needs sampling_session_id, model_path or base_model")
+        ref = adapter_for(st, owner, body.model_path, body.base_model, "asample")
     if not 1 <= body.num_samples <= MAX_SAMPLES_PER_REQUEST:
         raise BadRequest(f"num_samples must be in [1, {MAX_SAMPLES_PER_REQUEST}], got {body.num_samples}")
     tokens, params = prompt_tokens(body.prompt), sampling_params(body.sampling_params)

@@ -1,0 +1,29 @@
+"""The in-process app on a tiny random model, and a helper that waits for a future's result."""
+
+import pytest
+from fastapi.testclient import TestClient
+
+from tinkerd.engine.sampler import LocalSampler
+from tinkerd.engine.trainer import LocalTrainer
+from tinkerd.server.app import create_app
+from tinkerd.server.state import ServerConfig
+from tests.conftest import make_tiny_runtime
+
+OWNER_KEY = {"X-API-Key": "tml-owner"}
+
+
+def future_result(client, request_id, headers=OWNER_KEY):
+    while True:
+        body = client.post("/api/v1/retrieve_future", json={"request_id": request_id}, headers=headers).json()
+        if body.get("type") != "try_again":
+            return body
+
+
+@pytest.fixture
+def api(tmp_path):
+    runtimes = {"tiny": make_tiny_runtime()}
+    app = create_app(ServerConfig(data_dir=tmp_path, long_poll_seconds=5), LocalTrainer(runtimes),
+                     LocalSampler(runtimes))
+    with TestClient(app) as client:
+        client.st = app.state.tinkerd
+        yield client
