@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 from tinker import types
 
-from tinkerd.server.routes.rest import purge_expired, readable_checkpoint
-from tinkerd.server.state import NotFound, ServerConfig
+from tinkerd.server.checkpoint_access import purge_expired, readable_checkpoint
+from tinkerd.server.state import NotFound
 from tinkerd.store.sqlite import SQLiteStore
 from tests.server.conftest import future_result
 
