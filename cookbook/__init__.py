@@ -1,0 +1,1 @@
+"""Post-training recipes written against the tinker SDK; run them with `python -m cookbook.<name>.train`."""

@@ -1,0 +1,3 @@
+"""The cookbook smoke tests reuse the end-to-end tests' session server (a real tinkerd on the embedded model)."""
+
+from tests.e2e.conftest import server  # noqa: F401
