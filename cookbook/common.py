@@ -139,11 +139,6 @@ def sample_all(sampler, prompts: list[list[int]], params: types.SamplingParams, 
     return [f.result().sequences for f in futures]
 
 
-def datum_logprobs(output) -> list[float]:
-    """The per-token logprobs of a forward/forward_backward output entry."""
-    return output["logprobs"].tolist()
-
-
 # --------------------------------------------------------------------------------------------- metrics
 
 class MetricsLogger:
@@ -168,7 +163,8 @@ class MetricsLogger:
         shown = "  ".join(f"{k} {v:.4g}" for k, v in row.items() if k not in ("step", "elapsed_s"))
         tqdm.write(f"step {step:4d}  {shown}")
 
-    def plot(self) -> Path | None:
+    def plot(self, panels: dict[str, list[str]] | None = None) -> Path | None:
+        """One panel per metric, or the given panels: {title: [metric keys drawn together]}."""
         try:
             import matplotlib
             matplotlib.use("Agg")
@@ -176,27 +172,32 @@ class MetricsLogger:
         except ImportError:
             print("matplotlib is not installed: no plot (metrics.jsonl has the numbers)")
             return None
-        keys = [k for k in dict.fromkeys(k for r in self.rows for k in r) if k not in ("step", "elapsed_s")]
-        if not keys:
+        if panels is None:
+            keys = [k for k in dict.fromkeys(k for r in self.rows for k in r) if k not in ("step", "elapsed_s")]
+            panels = {k: [k] for k in keys}
+        if not panels:
             return None
-        cols = min(3, len(keys))
-        rows = math.ceil(len(keys) / cols)
+        cols = min(3, len(panels))
+        rows = math.ceil(len(panels) / cols)
         fig, axes = plt.subplots(rows, cols, figsize=(4.5 * cols, 3.2 * rows), squeeze=False)
-        for ax, key in zip(axes.flat, keys):
-            points = [(r["step"], r[key]) for r in self.rows if key in r and math.isfinite(r[key])]
-            if points:
-                ax.plot(*zip(*points), marker="o" if len(points) < 30 else None, markersize=3)
-            ax.set_title(key)
+        for ax, (title, keys) in zip(axes.flat, panels.items()):
+            for key in keys:
+                points = [(r["step"], r[key]) for r in self.rows if key in r and math.isfinite(r[key])]
+                if points:
+                    ax.plot(*zip(*points), marker="o" if len(points) < 30 else None, markersize=3, label=key)
+            if len(keys) > 1:
+                ax.legend(fontsize=8)
+            ax.set_title(title)
             ax.set_xlabel("step")
             ax.grid(alpha=0.3)
-        for ax in list(axes.flat)[len(keys):]:
+        for ax in list(axes.flat)[len(panels):]:
             ax.axis("off")
         fig.tight_layout()
         fig.savefig(self.plot_path, dpi=100)
         plt.close(fig)
         return self.plot_path
 
-    def close(self) -> None:
+    def close(self, panels: dict[str, list[str]] | None = None) -> None:
         self.file.close()
-        path = self.plot()
+        path = self.plot(panels)
         print(f"metrics: {self.log_dir / 'metrics.jsonl'}" + (f", plot: {path}" if path else ""))

@@ -38,8 +38,8 @@ class Config(BaseConfig):
     num_test: int = 64
     epochs: int = 2
     batch_size: int = 16  # pairs per step
-    beta: float = 0.1
-    learning_rate: float = 5e-4
+    beta: float = 0.5
+    learning_rate: float = 2e-4
     eval_every: int = 8
     max_steps: int | None = None
     num_examples: int = 4  # held-out questions answered greedily before/after (0 = skip)
@@ -85,6 +85,13 @@ def forward_logprobs(training, data) -> torch.Tensor:
     return sequence_logprobs([o["logprobs"].to_torch() for o in out], data)
 
 
+def greedy_answers(training, tokenizer, questions: list[str]) -> list[str]:
+    sampler = training.save_weights_and_get_sampling_client().result()
+    prompts = [prompt_tokens(tokenizer, messages(q)) for q in questions]
+    results = sample_all(sampler, prompts, stop_params(tokenizer, max_tokens=48, temperature=0.0))
+    return [decode(tokenizer, seqs[0].tokens) for seqs in results]
+
+
 def margins(seq_logprobs: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
     """Implicit reward margin per pair: (logp_c - ref_c) - (logp_r - ref_r)."""
     rewards = seq_logprobs - reference
@@ -104,15 +111,15 @@ def main(config: Config) -> dict:
         # The fresh adapter is the starting model: one forward pass gives every reference logprob.
         train_ref, test_ref = forward_logprobs(training, train_data), forward_logprobs(training, test_data)
         shown = [p["question"] for p in test_pairs[:config.num_examples]]
-        params = stop_params(tokenizer, max_tokens=48, temperature=0.0)
-        prompts = [prompt_tokens(tokenizer, messages(q)) for q in shown]
-        before = [decode(tokenizer, s[0].tokens) for s in sample_all(training.save_weights_and_get_sampling_client().result(), prompts, params)] if shown else []
-
+        before = greedy_answers(training, tokenizer, shown)
         kinds = [p["kind"] for p in test_pairs]
 
         def evaluate() -> dict:
-            m = margins(forward_logprobs(training, test_data), test_ref)
-            out = {"test_pref_acc": float((m > 0).float().mean()), "test_margin": float(m.mean())}
+            rewards = forward_logprobs(training, test_data) - test_ref
+            m = rewards[0::2] - rewards[1::2]
+            out = {"test_pref_acc": float((m > 0).float().mean()), "test_margin": float(m.mean()),
+                   "test_chosen_reward": float(rewards[0::2].mean()),
+                   "test_rejected_reward": float(rewards[1::2].mean())}
             for kind in ("verbose", "wrong"):
                 mask = torch.tensor([k == kind for k in kinds])
                 if mask.any():
@@ -136,18 +143,20 @@ def main(config: Config) -> dict:
             def dpo_loss(data, logprobs_list):
                 m = margins(sequence_logprobs(logprobs_list, data), ref)
                 loss = -torch.nn.functional.logsigmoid(config.beta * m).mean()
-                return loss, {"dpo_loss:mean": float(loss), "pref_acc:mean": float((m > 0).float().mean())}
+                return loss, {"dpo_loss:mean": float(loss.detach()),
+                              "pref_acc:mean": float((m > 0).float().mean())}
 
             out = training.forward_backward_custom(batch, dpo_loss).result()
             training.optim_step(types.AdamParams(learning_rate=config.learning_rate, beta1=0.9, beta2=0.95,
                                                  eps=1e-8)).result()
-            metrics = {"train_dpo_loss": out.metrics["dpo_loss:mean"], "train_pref_acc": out.metrics["pref_acc:mean"]}
+            metrics = {"train_dpo_loss": out.metrics["dpo_loss:mean"],
+                       "train_pref_acc": out.metrics["pref_acc:mean"]}
             if step % config.eval_every == 0 or step == total:
                 metrics.update(evaluate())
             logger.log(step, **metrics)
         end = {k: v for k, v in logger.rows[-1].items() if k.startswith("test_")}
         logger.close()
-        after = [decode(tokenizer, s[0].tokens) for s in sample_all(training.save_weights_and_get_sampling_client().result(), prompts, params)] if shown else []
+        after = greedy_answers(training, tokenizer, shown)
 
     for q, b, a in zip(shown, before, after):
         print(f"Q (held out): {q}\n  before: {b}\n  after:  {a}")
