@@ -48,12 +48,14 @@ class ModelRequest(Body):
 
 
 class AdamParamsBody(Body):
-    learning_rate: float = 1e-4
-    beta1: float = 0.9
-    beta2: float = 0.95
-    eps: float = 1e-12
-    weight_decay: float = 0.0
-    grad_clip_norm: float = 0.0
+    """Omitted fields take the defaults of `tinkerd.protocol.types.AdamParams`."""
+
+    learning_rate: float | None = None
+    beta1: float | None = None
+    beta2: float | None = None
+    eps: float | None = None
+    weight_decay: float | None = None
+    grad_clip_norm: float | None = None
     type: str | None = None
 
 

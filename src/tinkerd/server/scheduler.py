@@ -5,10 +5,9 @@ The scheduler holds each model's requests until the gap below them fills, then q
 the engine worker in order. The worker runs on one dedicated engine thread (the engine owns the
 cores). When it picks a forward/forward_backward job it also takes every other forward job that
 is queued before the next barrier (optim_step, saves, loads...), from any tenant, and runs them
-together as one multi-tenant batch; sampling jobs in between wait their turn and never reorder
-training. Between training jobs the worker advances the sampler one decode step at a time
-(continuous batching: new requests join the running batch), alternating with training when both
-have work. Knows nothing about torch or the wire format.
+together as one multi-tenant batch, never reordering training. Between training jobs the worker
+advances the sampler one decode step at a time (continuous batching: new requests join the
+running batch), alternating with training when both have work. Knows nothing about torch or the wire format.
 """
 
 from __future__ import annotations
@@ -114,17 +113,10 @@ class Scheduler:
             queue.next_seq += 1
 
     def _take_forward_batch(self, first: Job) -> list[Job]:
-        """`first` plus every forward job queued before the next training barrier."""
-        batch, kept = [first], collections.deque()
-        while self.jobs:
-            job = self.jobs.popleft()
-            if job.call is not None:
-                batch.append(job)
-            else:
-                kept.append(job)
-                break
-        kept.extend(self.jobs)
-        self.jobs = kept
+        """`first` plus the forward jobs queued right behind it, up to the next training barrier."""
+        batch = [first]
+        while self.jobs and self.jobs[0].call is not None:
+            batch.append(self.jobs.popleft())
         return batch
 
     async def _work(self) -> None:

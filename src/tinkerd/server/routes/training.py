@@ -133,7 +133,7 @@ def _json(body: bytes) -> dict:
 @router.post("/optim_step")
 async def optim_step(body: OptimStepRequest, request: Request, owner: str = Depends(caller)):
     st: ServerState = request.app.state.tinkerd
-    params = AdamParams(**body.adam_params.model_dump(exclude={"type"}))
+    params = AdamParams(**body.adam_params.model_dump(exclude={"type"}, exclude_none=True))
 
     def run() -> Outcome:
         return Outcome(json={"type": "optim_step", "metrics": st.trainer.optim_step(body.model_id, params)})
