@@ -1,11 +1,12 @@
 """The `tinkerd` command: `serve` the API, and offline views of a data dir: `runs`, `checkpoints`, `export`.
 
-`serve` loads the base model(s), opens the Store and starts the HTTP server. `runs` and
-`checkpoints` print plain aligned tables read straight from `DATA_DIR/tinkerd.sqlite3` (every
-owner's rows; safe while the server runs, SQLite WAL allows concurrent readers). `export` copies a
-checkpoint's PEFT adapter files to a folder, or with `--merged` writes a full Hugging Face model
-(base + adapter, `tinkerd.engine.export`), resolving the base model the way `serve` does. These
-commands never change the Store. They show owners only as the key hashes the server stores.
+`serve` opens the Store (`DATA_DIR/tinkerd.sqlite3`, or `--store URL`: SQLite or PostgreSQL), loads
+the base model(s) and starts the HTTP server. `runs` and `checkpoints` print plain aligned tables
+read straight from the same Store (every owner's rows; safe while the server runs, SQLite WAL allows
+concurrent readers). `export` copies a checkpoint's PEFT adapter files to a folder, or with
+`--merged` writes a full Hugging Face model (base + adapter, `tinkerd.engine.export`), resolving the
+base model the way `serve` does. These commands never change the Store. They show owners only as
+the key hashes the server stores.
 """
 
 from __future__ import annotations
@@ -15,6 +16,11 @@ import logging
 import os
 import sys
 from pathlib import Path
+
+
+STORE_HELP = ("where sessions, runs, futures and checkpoint records live: postgresql://USER[:PASSWORD]@HOST[:PORT]/DB "
+              "(needs tinkerd[postgres]), or sqlite:///PATH (relative; sqlite:////PATH for an absolute path). "
+              "Default: SQLite at DATA_DIR/tinkerd.sqlite3. Checkpoint files always go under DATA_DIR")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -27,6 +33,7 @@ def _parser() -> argparse.ArgumentParser:
                        help="Store, checkpoints and converted models (default ~/.cache/tinkerd)")
     serve.add_argument("--model-cache", type=Path, default=None,
                        help="where converted base models live (default DATA_DIR/models)")
+    serve.add_argument("--store", metavar="URL", default=None, help=STORE_HELP)
     serve.add_argument("--base-model", action="append", default=None, metavar="PATH_OR_HUB_ID",
                        help="a Hugging Face causal LM folder, NAME=FOLDER, or a hub id already in the local cache; "
                             "repeatable (default: the embedded HuggingFaceTB/SmolLM2-135M-Instruct)")
@@ -62,9 +69,18 @@ def _parser() -> argparse.ArgumentParser:
 def _data_dir_arg(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data-dir", type=Path, default=Path(os.environ.get("TINKERD_DATA_DIR", "~/.cache/tinkerd")),
                         help="the server's data dir (default ~/.cache/tinkerd)")
+    parser.add_argument("--store", metavar="URL", default=None, help="the server's --store, if it was given one")
 
 
 def serve(args: argparse.Namespace) -> None:
+    from tinkerd.store.db import StoreError, open_store
+
+    data_dir = args.data_dir.expanduser()
+    try:  # before loading anything heavy: a bad URL or an unreachable database fails at once
+        store = open_store(args.store, data_dir)
+    except StoreError as exc:
+        raise SystemExit(f"tinkerd serve: --store: {exc}") from None
+
     import uvicorn
 
     from tinkerd.engine.base_models import resolve_base_model
@@ -74,7 +90,6 @@ def serve(args: argparse.Namespace) -> None:
     from tinkerd.server.app import create_app
     from tinkerd.server.state import ServerConfig
 
-    data_dir = args.data_dir.expanduser()
     model_cache = (args.model_cache or data_dir / "models").expanduser()
     keys = set(args.api_key)
     if args.api_keys_file:
@@ -83,23 +98,33 @@ def serve(args: argparse.Namespace) -> None:
     for spec in args.base_model or [None]:
         files = resolve_base_model(spec, model_cache)
         runtimes[files.name] = ModelRuntime.load(files, dtype=args.dtype, device=args.device)
-    config = ServerConfig(data_dir=data_dir, api_keys=frozenset(keys), max_pending_samples=args.max_pending_samples)
-    app = create_app(config, LocalTrainer(runtimes), LocalSampler(runtimes))
-    logging.getLogger("tinkerd").info("serving %s on http://%s:%d", ", ".join(runtimes), args.host, args.port)
-    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, access_log=False)
+    config = ServerConfig(data_dir=data_dir, api_keys=frozenset(keys), max_pending_samples=args.max_pending_samples,
+                          store=args.store)
+    app = create_app(config, LocalTrainer(runtimes), LocalSampler(runtimes), store)
+    logging.getLogger("tinkerd").info("serving %s on http://%s:%d (store: %s)", ", ".join(runtimes), args.host,
+                                      args.port, store.description)
+    try:
+        uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, access_log=False)
+    finally:
+        store.close()
 
 
 class CommandError(Exception):
     """A user error of an offline command: printed without a traceback, exit status 1."""
 
 
-def _open_store(data_dir: Path):
-    from tinkerd.store.sqlite import SQLiteStore
+def _open_store(args: argparse.Namespace):
+    from tinkerd.store.db import DEFAULT_FILE, StoreError, open_store
+    from tinkerd.store.dialects import parse_store_url
 
-    path = data_dir.expanduser() / "tinkerd.sqlite3"
-    if not path.is_file():
-        raise CommandError(f"no tinkerd store at {path} (pass --data-dir, or set TINKERD_DATA_DIR)")
-    return SQLiteStore(path)
+    data_dir = args.data_dir.expanduser()
+    try:
+        kind, where = parse_store_url(args.store) if args.store else ("sqlite", data_dir / DEFAULT_FILE)
+        if kind == "sqlite" and not where.is_file():  # never create an empty store
+            raise CommandError(f"no tinkerd store at {where} (pass --data-dir or --store, or set TINKERD_DATA_DIR)")
+        return open_store(args.store, data_dir)
+    except StoreError as exc:
+        raise CommandError(f"--store: {exc}") from None
 
 
 def _when(t: float | None) -> str:
@@ -127,7 +152,7 @@ def _table(headers: list[str], rows: list[list[str]]) -> str:
 
 
 def list_runs(args: argparse.Namespace) -> str:
-    store = _open_store(args.data_dir)
+    store = _open_store(args)
     try:
         models = store.all_models()
         counts = store.checkpoint_counts()
@@ -143,7 +168,7 @@ def list_runs(args: argparse.Namespace) -> str:
 def list_checkpoints(args: argparse.Namespace) -> str:
     import time
 
-    store = _open_store(args.data_dir)
+    store = _open_store(args)
     try:
         if args.run:
             if store.model(args.run) is None and not store.model_checkpoints(args.run):
@@ -174,7 +199,7 @@ def export(args: argparse.Namespace) -> str:
     import tempfile
     import time
 
-    store = _open_store(args.data_dir)
+    store = _open_store(args)
     try:
         row = store.checkpoint(args.tinker_path)
     finally:

@@ -10,7 +10,8 @@ from tinker import types
 
 from tinkerd.server.checkpoint_access import purge_expired, readable_checkpoint
 from tinkerd.server.state import NotFound
-from tinkerd.store.sqlite import SQLiteStore
+from tinkerd.store.db import Store
+from tinkerd.store.dialects import SQLite
 from tests.server.conftest import future_result
 
 KEY = {"X-API-Key": "tml-owner"}
@@ -206,10 +207,10 @@ def test_old_databases_get_the_new_columns(tmp_path):
                      "kind TEXT NOT NULL, name TEXT NOT NULL, directory TEXT NOT NULL, base_model TEXT NOT NULL, "
                      "created REAL NOT NULL)")
         conn.execute("INSERT INTO checkpoints VALUES ('tinker://m/weights/a', 'm', 'o', 'weights', 'a', '/x', 'b', 1)")
-    store = SQLiteStore(db)
+    store = Store(SQLite(db))
     row = store.checkpoint("tinker://m/weights/a")
     assert (row["public"], row["expires_at"], row["user_metadata"]) == (0, None, None)
     store.set_checkpoint_public("tinker://m/weights/a", True)
     assert store.checkpoint("tinker://m/weights/a")["public"] == 1
     store.close()
-    SQLiteStore(db).close()  # a second open finds nothing to add
+    Store(SQLite(db)).close()  # a second open finds nothing to add

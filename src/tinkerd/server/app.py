@@ -21,7 +21,7 @@ from tinkerd.server.metrics import ServerMetrics
 from tinkerd.server.routes import checkpoints, export, futures, rest, sampling, service, training
 from tinkerd.server.scheduler import Scheduler
 from tinkerd.server.state import ServerConfig, ServerState
-from tinkerd.store.sqlite import SQLiteStore
+from tinkerd.store.db import Store, open_store
 
 log = logging.getLogger("tinkerd.http")
 
@@ -35,8 +35,10 @@ async def _purge_expired_checkpoints(state: ServerState, every_seconds: float = 
         await asyncio.sleep(every_seconds)
 
 
-def create_app(config: ServerConfig, trainer: Trainer, sampler: Sampler, store: SQLiteStore | None = None) -> FastAPI:
-    store = store or SQLiteStore(config.data_dir / "tinkerd.sqlite3")
+def create_app(config: ServerConfig, trainer: Trainer, sampler: Sampler, store: Store | None = None) -> FastAPI:
+    """Without `store`, opens `config.store` (a URL; None: SQLite in the data dir) and closes it at shutdown."""
+    owns_store = store is None
+    store = store or open_store(config.store, config.data_dir)
     metrics = ServerMetrics()
 
     @contextlib.asynccontextmanager
@@ -54,6 +56,8 @@ def create_app(config: ServerConfig, trainer: Trainer, sampler: Sampler, store: 
         yield
         janitor.cancel()
         await scheduler.stop()
+        if owns_store:
+            store.close()
 
     app = FastAPI(title="tinkerd", lifespan=lifespan)
     install_error_handlers(app)

@@ -10,11 +10,11 @@ from __future__ import annotations
 import asyncio
 import uuid
 
-from tinkerd.store.sqlite import SQLiteStore
+from tinkerd.store.db import Store
 
 
 class FutureBoard:
-    def __init__(self, store: SQLiteStore) -> None:
+    def __init__(self, store: Store) -> None:
         self.store = store
         self._events: dict[str, asyncio.Event] = {}
         self._loop: asyncio.AbstractEventLoop | None = None

@@ -13,7 +13,7 @@ from tinkerd.engine.interface import BaseModelInfo, Sampler, Trainer
 from tinkerd.server.futures import FutureBoard
 from tinkerd.server.scheduler import Scheduler
 from tinkerd.server.sequence_records import SequenceRecords
-from tinkerd.store.sqlite import SQLiteStore
+from tinkerd.store.db import Store
 
 
 class NotFound(LookupError):
@@ -27,12 +27,13 @@ class ServerConfig:
     long_poll_seconds: float = 25.0
     max_pending_samples: int = 1024
     max_body_bytes: int = 256 * 1024 * 1024
+    store: str | None = None  # `--store` URL; None: SQLite at DATA_DIR/tinkerd.sqlite3
 
 
 @dataclass
 class ServerState:
     config: ServerConfig
-    store: SQLiteStore
+    store: Store
     trainer: Trainer
     sampler: Sampler
     board: FutureBoard

@@ -1,20 +1,27 @@
-"""The SQLite `Store`: sessions, training models, sampling sessions, futures and checkpoints.
+"""The `Store`: sessions, training models, sampling sessions, futures and checkpoints.
 
-One file in WAL mode under the data dir. Every write commits at once, so what a client was told
-survives a crash. Rows are plain dicts; JSON columns are decoded on read. Knows nothing about
-tensors or HTTP, and nothing about what a future's payload means. Checkpoints carry `public` and
-`expires_at`: the Store records them and lists expired rows, but does not enforce either and never
-touches checkpoint files (the REST layer, `tinkerd.server.routes.rest`, does).
+SQLite by default (one file in WAL mode under the data dir), or PostgreSQL with the same schema
+(`open_store`, `tinkerd serve --store URL`); `dialects` holds the little that differs. Every write
+commits at once, so what a client was told survives a crash. Rows are plain dicts; JSON columns are
+decoded on read. Knows nothing about tensors or HTTP, and nothing about what a future's payload
+means. Checkpoints carry `public` and `expires_at`: the Store records them and lists expired rows,
+but does not enforce either and never touches checkpoint files (the REST layer,
+`tinkerd.server.routes.rest`, does).
 """
 
 from __future__ import annotations
 
 import json
-import sqlite3
 import threading
 import time
 from pathlib import Path
 from typing import Any
+
+from tinkerd.store.dialects import PostgreSQL, SQLite, StoreError, parse_store_url
+
+DEFAULT_FILE = "tinkerd.sqlite3"  # the default store, in the data dir
+
+__all__ = ["DEFAULT_FILE", "Store", "StoreError", "open_store"]
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS sessions (
@@ -63,39 +70,50 @@ CREATE INDEX IF NOT EXISTS checkpoints_expiry ON checkpoints(expires_at) WHERE e
 _JSON_COLUMNS = {"tags", "user_metadata", "lora_config", "result_json"}
 
 
-class SQLiteStore:
-    def __init__(self, path: Path) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self._db = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None)
-        self._db.row_factory = sqlite3.Row
+def open_store(url: str | None, data_dir: Path) -> "Store":
+    """The Store a `--store` URL names; None: the SQLite file `DATA_DIR/tinkerd.sqlite3`.
+    Raises `StoreError` for a bad URL or a database that cannot be reached."""
+    if not url:
+        return Store(SQLite(data_dir / DEFAULT_FILE))
+    kind, where = parse_store_url(url)
+    return Store(SQLite(where) if kind == "sqlite" else PostgreSQL(where))
+
+
+class Store:
+    def __init__(self, db: SQLite | PostgreSQL) -> None:
+        self._db = db
+        self.description = f"{db.name} {db.description}"
         self._lock = threading.Lock()
-        with self._lock:
-            self._db.execute("PRAGMA journal_mode=WAL")
-            self._db.execute("PRAGMA synchronous=NORMAL")
-            self._db.executescript(SCHEMA)
+        with self._lock, db.schema_lock():
+            for statement in _statements(SCHEMA):
+                db.execute(db.ddl(statement))
             self._add_missing_columns()
-            self._db.executescript(INDEXES)
+            for statement in _statements(INDEXES):
+                db.execute(statement)
 
     def _add_missing_columns(self) -> None:
         for table, columns in _ADDED_COLUMNS.items():
-            have = {row["name"] for row in self._db.execute(f"PRAGMA table_info({table})")}
+            have = {row["name"] for row in self._db.execute(self._db.columns_sql, (table,)).fetchall()}
             for name, decl in columns.items():
                 if name not in have:
-                    self._db.execute(f"ALTER TABLE {table} ADD COLUMN {name} {decl}")
-
+                    self._db.execute(self._db.ddl(f"ALTER TABLE {table} ADD COLUMN {name} {decl}"))
 
     def close(self) -> None:
         with self._lock:
             self._db.close()
 
-    def _execute(self, sql: str, args: tuple = ()) -> sqlite3.Cursor:
+    def _execute(self, sql: str, args: tuple = ()) -> int:
+        """Runs one statement; the number of rows it changed."""
         with self._lock:
-            return self._db.execute(sql, args)
+            return self._db.execute(sql, args).rowcount
 
-    def _insert(self, table: str, row: dict[str, Any], replace: bool = False) -> None:
+    def _insert(self, table: str, row: dict[str, Any], key: str | None = None) -> None:
+        """INSERT; with `key`, an upsert: a row with the same key gets every column of `row`."""
         values = tuple(json.dumps(v) if k in _JSON_COLUMNS and v is not None else v for k, v in row.items())
-        verb = "INSERT OR REPLACE" if replace else "INSERT"
-        self._execute(f"{verb} INTO {table} ({', '.join(row)}) VALUES ({', '.join('?' * len(row))})", values)
+        sql = f"INSERT INTO {table} ({', '.join(row)}) VALUES ({', '.join('?' * len(row))})"
+        if key is not None:
+            sql += f" ON CONFLICT ({key}) DO UPDATE SET " + ", ".join(f"{c} = excluded.{c}" for c in row if c != key)
+        self._execute(sql, values)
 
     def _one(self, sql: str, args: tuple) -> dict | None:
         with self._lock:
@@ -110,7 +128,7 @@ class SQLiteStore:
     def _page(self, table: str, where: str, args: tuple, limit: int, offset: int) -> tuple[list[dict], int]:
         """One page of rows, newest first, and the total number of matching rows."""
         with self._lock:
-            total = self._db.execute(f"SELECT COUNT(*) FROM {table} WHERE {where}", args).fetchone()[0]
+            total = self._db.execute(f"SELECT COUNT(*) AS n FROM {table} WHERE {where}", args).fetchone()["n"]
             rows = self._db.execute(f"SELECT * FROM {table} WHERE {where} ORDER BY created DESC, rowid DESC "
                                     "LIMIT ? OFFSET ?", (*args, limit, offset)).fetchall()
         return [_decode(r) for r in rows], total
@@ -160,16 +178,15 @@ class SQLiteStore:
 
     def model_last_request(self, model_id: str) -> float | None:
         """When the newest request (future) for this model was made, or None if there was none."""
-        with self._lock:
-            row = self._db.execute("SELECT MAX(created) FROM futures WHERE model_id = ?", (model_id,)).fetchone()
-        return row[0]
+        row = self._one("SELECT MAX(created) AS latest FROM futures WHERE model_id = ?", (model_id,))
+        return row["latest"] if row else None
 
     # sampling sessions
     def add_sampling_session(self, sampler_id: str, session_id: str, owner: str, base_model: str,
                              model_path: str | None, adapter_uri: str | None) -> None:
         self._insert("sampling_sessions", dict(id=sampler_id, session_id=session_id, owner=owner, base_model=base_model,
                                                model_path=model_path, adapter_uri=adapter_uri, created=time.time()),
-                     replace=True)
+                     key="id")
 
     def sampling_session(self, sampler_id: str) -> dict | None:
         return self._one("SELECT * FROM sampling_sessions WHERE id = ?", (sampler_id,))
@@ -198,11 +215,10 @@ class SQLiteStore:
 
     def fail_unfinished_futures(self, error: str) -> int:
         """At start-up: requests that were in flight when the server stopped get a clear error."""
-        cursor = self._execute(
+        return self._execute(
             "UPDATE futures SET state = 'error', error = ?, category = 'server', finished = ? WHERE state = 'pending'",
             (error, time.time()),
         )
-        return cursor.rowcount
 
     # checkpoints
     def add_checkpoint(self, path: str, model_id: str, owner: str, kind: str, name: str, directory: str,
@@ -210,8 +226,8 @@ class SQLiteStore:
         """Adds (or, on overwrite, replaces) a checkpoint row; a replaced row is private again and has no TTL."""
         self._insert("checkpoints", dict(path=path, model_id=model_id, owner=owner, kind=kind, name=name,
                                          directory=directory, base_model=base_model, created=time.time(),
-                                         user_metadata=user_metadata),
-                     replace=True)
+                                         public=0, expires_at=None, user_metadata=user_metadata),
+                     key="path")
 
     def checkpoint(self, path: str) -> dict | None:
         """The row, expired or not (`expires_at` is a Unix time or None); callers decide what expiry means."""
@@ -238,7 +254,6 @@ class SQLiteStore:
     def delete_checkpoint(self, path: str) -> None:
         self._execute("DELETE FROM checkpoints WHERE path = ?", (path,))
 
-
     # operator views across every API key (the CLI)
     def all_models(self) -> list[dict]:
         return self._all("SELECT * FROM models ORDER BY created, rowid")
@@ -249,8 +264,14 @@ class SQLiteStore:
     def all_checkpoints(self) -> list[dict]:
         return self._all("SELECT * FROM checkpoints ORDER BY created DESC, rowid DESC")
 
-def _decode(row: sqlite3.Row) -> dict:
+
+def _statements(script: str) -> list[str]:
+    return [s.strip() for s in script.split(";") if s.strip()]
+
+
+def _decode(row: Any) -> dict:
     out = dict(row)
+    out.pop("rowid", None)  # PostgreSQL's explicit insertion order; SQLite's is implicit
     for key in _JSON_COLUMNS & out.keys():
         if out[key] is not None:
             out[key] = json.loads(out[key])
