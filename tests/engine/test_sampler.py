@@ -65,7 +65,7 @@ def test_batched_kv_cache_decode_equals_full_recomputation(engine):
         key = None if request.adapter.uri is None else request.adapter.uri[len("mem://"):]
         for seq in results[request.request_id].sequences:
             lp = _full_logprobs(runtime, key, request.prompt + seq.tokens)[len(request.prompt) - 1:]
-            np.testing.assert_allclose(seq.logprobs, lp.numpy(), atol=2e-5)
+            np.testing.assert_allclose(seq.logprobs, lp.numpy(), atol=5e-5)  # fp32 reduction order
 
 
 def test_same_seed_same_tokens_alone_or_in_a_batch_and_samples_differ(engine):

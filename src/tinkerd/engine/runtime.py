@@ -1,8 +1,8 @@
 """One loaded base model: frozen weights in the compute dtype, its tokenizer, and its LoRA adapters.
 
-Gives the trainer and the sampler the two passes they need: full-sequence logits for training
-and scoring, and incremental (KV-cached) steps for decoding. Knows nothing about losses,
-optimizers or sampling rules.
+Gives the trainer and the sampler full-sequence logits and target logprobs (the sampler's
+incremental decoding over a KV cache is `decoder`). Knows nothing about losses, optimizers or
+sampling rules.
 """
 
 from __future__ import annotations
@@ -93,20 +93,6 @@ class ModelRuntime:
                 piece = _chunk_logprobs if not torch.is_grad_enabled() else _checkpointed_chunk_logprobs
                 pieces.append(piece(self, flat_hidden[start:end], flat_targets[start:end], chunk_adapters))
             return torch.cat(pieces).reshape(B, T, -1)
-
-    def step(self, tokens_B_T: torch.Tensor, cache, adapters: list[str | None], *, mask_B_L: torch.Tensor | None = None,
-             positions_B_T: torch.Tensor | None = None, all_positions: bool = False):
-        """Run new tokens through the KV cache (None = start one).
-
-        Returns fp32 logits of the last position (B, V), or of every new position (B, T, V) with
-        `all_positions`, and the cache. `mask_B_L` covers cached plus new columns (0 = padding);
-        `positions_B_T` are the rotary positions of the new tokens when rows are left-padded.
-        """
-        with self.lora.router.route(adapters):
-            out = self.backbone(input_ids=tokens_B_T, past_key_values=cache, use_cache=True,
-                                attention_mask=mask_B_L, position_ids=positions_B_T)
-            hidden = out.last_hidden_state if all_positions else out.last_hidden_state[:, -1]
-            return self.head(hidden).float(), out.past_key_values
 
 
 def _chunk_logprobs(runtime: ModelRuntime, hidden_N_H: torch.Tensor, targets_N_K: torch.Tensor,

@@ -1,8 +1,8 @@
 """The in-process `Sampler`: continuous batching over a shared KV cache, per-row adapters.
 
-A request is validated and prefilled once (queued requests are prefilled together, left-padded);
-its prompt cache is repeated for its `num_samples` rows, which join the running decode batch of
-their base model (left-padded to a common length).
+A request is validated and prefilled once (queued requests are prefilled together); its prompt
+cache is repeated for its `num_samples` rows, which join the running decode batch of their base
+model in a preallocated slot cache (see `decoder` and `kv_cache`).
 Each `step()` draws one token for every active row, retires finished rows, and runs one forward
 for the rest, so new requests join between steps and rows of different adapters decode together.
 
@@ -24,10 +24,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from tinkerd.engine import kv_cache
 from tinkerd.engine.adapter_files import read_peft_adapter
 from tinkerd.engine.batching import check_token_range
+from tinkerd.engine.decoder import Decoder
 from tinkerd.engine.interface import AdapterRef, SampleRequest
+from tinkerd.engine.kv_cache import SlotKVCache
 from tinkerd.engine.runtime import ModelRuntime
 from tinkerd.protocol.types import BadRequest, SampledSequence, SampleResult, SamplingParams
 
@@ -51,24 +52,24 @@ class DecodeRow:
     pending: Pending
     sample: int
     generator: torch.Generator
-    position: int  # rotary position of the next token to feed
     tokens: list[int] = field(default_factory=list)
     logprobs: list[float] = field(default_factory=list)
 
 
 @dataclass
 class DecodeBatch:
-    """The running rows of one base model: their cache, padding mask and next-token logits."""
+    """The running rows of one base model: row i of `rows` is row i of the cache and of `logits`."""
 
-    rows: list[DecodeRow]
-    cache: object
-    mask: torch.Tensor  # (B, L) 1 = real cached token
-    logits: torch.Tensor  # (B, V) fp32, for the token each row draws next
+    decoder: Decoder
+    cache: SlotKVCache
+    rows: list[DecodeRow] = field(default_factory=list)
+    logits: torch.Tensor | None = None  # (rows, V) fp32, for the token each row draws next
 
 
 class LocalSampler:
     def __init__(self, runtimes: dict[str, ModelRuntime]) -> None:
         self.runtimes = runtimes
+        self.decoders = {name: Decoder(runtime) for name, runtime in runtimes.items()}
         self.incoming: queue.SimpleQueue[SampleRequest] = queue.SimpleQueue()
         self.waiting: collections.deque[SampleRequest] = collections.deque()
         self.batches: dict[str, DecodeBatch] = {}
@@ -97,7 +98,7 @@ class LocalSampler:
         for name in list(self.batches):
             self._decode(self.runtimes[name], self.batches[name], finished)
             if not self.batches[name].rows:
-                self._release(self.batches.pop(name))
+                del self.batches[name]  # frees its cache
         return finished
 
     def sample(self, adapter: AdapterRef, prompt: list[int], num_samples: int, params: SamplingParams,
@@ -195,19 +196,15 @@ class LocalSampler:
             self._prefill(self.runtimes[name], chunk)
 
     def _prefill(self, runtime: ModelRuntime, items: list[tuple[SampleRequest, str | None]]) -> None:
-        """One forward over the left-padded prompts; each request's cache row is repeated per sample."""
-        width = max(len(r.prompt) for r, _ in items)
-        tokens = torch.zeros(len(items), width, dtype=torch.long)
-        mask = torch.zeros(len(items), width, dtype=torch.long)
-        for i, (request, _) in enumerate(items):
-            tokens[i, width - len(request.prompt):] = torch.tensor(request.prompt)
-            mask[i, width - len(request.prompt):] = 1
-        tokens, mask = tokens.to(runtime.device), mask.to(runtime.device)
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        """One forward over the prompts into new cache rows; each request's row is repeated per sample."""
+        batch = self.batches.get(runtime.name)
+        if batch is None:
+            decoder = self.decoders[runtime.name]
+            batch = self.batches[runtime.name] = DecodeBatch(decoder, decoder.new_cache())
         want_prompt = len(items) == 1 and (items[0][0].prompt_logprobs or items[0][0].topk_prompt_logprobs > 0)
-        logits, cache = runtime.step(tokens, None, [key for _, key in items], mask_B_L=mask, positions_B_T=positions,
-                                     all_positions=want_prompt)
-        rows, repeats = [], []
+        logits, rows = batch.decoder.prefill(batch.cache, [r.prompt for r, _ in items], [key for _, key in items],
+                                             all_positions=want_prompt)
+        new_rows, repeats = [], []
         for i, (request, key) in enumerate(items):
             result = SampleResult(sequences=[None] * request.num_samples)  # type: ignore[list-item]
             if want_prompt:
@@ -215,29 +212,14 @@ class LocalSampler:
             pending = Pending(request, result, request.num_samples, key)
             runtime.lora.pin(key)
             seed = request.params.seed if request.params.seed is not None else secrets.randbits(62)
-            rows += [DecodeRow(pending, j, torch.Generator().manual_seed(seed + j), len(request.prompt))
-                     for j in range(request.num_samples)]
+            new_rows += [DecodeRow(pending, j, torch.Generator().manual_seed(seed + j)) for j in range(request.num_samples)]
             repeats.append(request.num_samples)
         if want_prompt:
             logits = logits[:, -1]
-        index = torch.repeat_interleave(torch.arange(len(items)), torch.tensor(repeats)).to(runtime.device)
-        kv_cache.select_rows(cache, index)
-        self._join(runtime.name, DecodeBatch(rows, cache, mask.index_select(0, index), logits.index_select(0, index)))
-
-    def _join(self, name: str, new: DecodeBatch) -> None:
-        batch = self.batches.get(name)
-        if batch is None:
-            self.batches[name] = new
-            return
-        width = max(batch.mask.shape[1], new.mask.shape[1])
-        for part in (batch, new):
-            missing = width - part.mask.shape[1]
-            kv_cache.left_pad(part.cache, missing)
-            part.mask = torch.nn.functional.pad(part.mask, (missing, 0))
-        kv_cache.append_rows(batch.cache, new.cache)
-        batch.mask = torch.cat([batch.mask, new.mask])
-        batch.logits = torch.cat([batch.logits, new.logits])
-        batch.rows += new.rows
+        batch.cache.repeat_rows(rows, repeats)
+        logits = logits.index_select(0, torch.repeat_interleave(torch.arange(len(items)), torch.tensor(repeats)))
+        batch.logits = logits if batch.logits is None else torch.cat([batch.logits, logits])
+        batch.rows += new_rows
 
     # decoding
 
@@ -260,23 +242,12 @@ class LocalSampler:
             else:
                 self._retire(runtime, row, reason, finished)
         if len(keep) < len(batch.rows):
-            index = torch.tensor(keep, dtype=torch.long)
-            kv_cache.select_rows(batch.cache, index)
-            batch.rows = [batch.rows[i] for i in keep]
-            batch.mask = batch.mask.index_select(0, index)
-            chosen = chosen.index_select(0, index)
-            unused = int((batch.mask.sum(0) == 0).cumprod(0).sum()) if batch.rows else 0
-            kv_cache.trim_left(batch.cache, unused)
-            batch.mask = batch.mask[:, unused:]
+            order = batch.cache.keep(keep)
+            batch.rows = [batch.rows[i] for i in order]
+            chosen = chosen.index_select(0, torch.tensor(order, dtype=torch.long))
         if not batch.rows:
             return
-        ones = torch.ones(len(batch.rows), 1, dtype=batch.mask.dtype, device=batch.mask.device)
-        batch.mask = torch.cat([batch.mask, ones], dim=1)
-        positions = torch.tensor([[r.position] for r in batch.rows], device=batch.mask.device)
-        batch.logits, batch.cache = runtime.step(chosen[:, None], batch.cache, [r.pending.adapter_key for r in batch.rows],
-                                                 mask_B_L=batch.mask, positions_B_T=positions)
-        for row in batch.rows:
-            row.position += 1
+        batch.logits = batch.decoder.decode(batch.cache, chosen, [r.pending.adapter_key for r in batch.rows])
 
     def _retire(self, runtime: ModelRuntime, row: DecodeRow, reason: str | None, finished: list) -> None:
         pending = row.pending
@@ -290,9 +261,6 @@ class LocalSampler:
                 self.cancelled.discard(request_id)
             else:
                 finished.append((request_id, pending.result))
-
-    def _release(self, batch: DecodeBatch) -> None:
-        batch.cache = None
 
 
 def stop_reason(runtime: ModelRuntime, params: SamplingParams, tokens: list[int]) -> str | None:
