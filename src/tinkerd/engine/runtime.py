@@ -19,6 +19,10 @@ from tinkerd.engine.lora import LoRAAdapters
 log = logging.getLogger(__name__)
 
 LOGPROB_CHUNK = 64  # positions per unembedding chunk: 64 x 49k vocab x 4 bytes = 12.6 MB for SmolLM2 (stays in cache)
+# Under autograd each chunk keeps its fp32 log-softmax for the backward pass while the whole pass
+# keeps at most this many bytes of them; past it, chunks are recomputed in the backward instead
+# (one more unembedding matmul per chunk, O(chunk x vocab) memory).
+KEEP_LOGSOFTMAX_BYTES = 1 << 30
 
 DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp32": torch.float32, "float32": torch.float32}
 
@@ -75,9 +79,10 @@ class ModelRuntime:
                         targets_B_T_K: torch.Tensor) -> torch.Tensor:
         """log p(target) for every position, (B, T, K) fp32, without materialising (B, T, V) logits.
 
-        The unembedding and log-softmax run over chunks of positions; under autograd each chunk
-        is recomputed in the backward pass (checkpointed), so memory stays O(chunk x vocab) and
-        the vocabulary-wide elementwise work stays in cache.
+        The unembedding and log-softmax run over chunks of positions, so the vocabulary-wide
+        elementwise work stays in cache. Under autograd the chunks' log-softmax is kept for the
+        backward pass up to KEEP_LOGSOFTMAX_BYTES per pass; bigger passes recompute each chunk in
+        the backward instead (checkpointed), so memory stays O(chunk x vocab).
         """
         with self.lora.router.route(adapters):
             hidden = self.backbone(input_ids=tokens_B_T, attention_mask=mask_B_T).last_hidden_state
@@ -87,10 +92,11 @@ class ModelRuntime:
             route = [(s, min(s + rows, B * T)) for s in range(0, B * T, rows)]
             # Each chunk keeps its rows' adapters: rows of the flattened batch map back to batch rows.
             row_adapters = [adapters[i // T] for i in range(B * T)] if len(set(adapters)) > 1 else None
+            keep = B * T * self.vocab_size * 4 <= KEEP_LOGSOFTMAX_BYTES
+            piece = _chunk_logprobs if keep or not torch.is_grad_enabled() else _checkpointed_chunk_logprobs
             pieces = []
             for start, end in route:
                 chunk_adapters = row_adapters[start:end] if row_adapters is not None else adapters[:1]
-                piece = _chunk_logprobs if not torch.is_grad_enabled() else _checkpointed_chunk_logprobs
                 pieces.append(piece(self, flat_hidden[start:end], flat_targets[start:end], chunk_adapters))
             return torch.cat(pieces).reshape(B, T, -1)
 
@@ -98,8 +104,8 @@ class ModelRuntime:
 def _chunk_logprobs(runtime: ModelRuntime, hidden_N_H: torch.Tensor, targets_N_K: torch.Tensor,
                     adapters: list[str | None]) -> torch.Tensor:
     with runtime.lora.router.route(adapters):
-        logits = runtime.head(hidden_N_H).float()  # (N, V)
-    return logits.gather(-1, targets_N_K) - logits.logsumexp(-1, keepdim=True)
+        logits = runtime.head(hidden_N_H)  # (N, V) in the compute dtype
+    return torch.log_softmax(logits, -1, dtype=torch.float32).gather(-1, targets_N_K)  # one fused pass each way
 
 
 def _checkpointed_chunk_logprobs(runtime: ModelRuntime, hidden_N_H, targets_N_K, adapters):
