@@ -139,3 +139,39 @@ def test_cancel_frees_rows_and_bad_requests_are_named(engine):
         sampler.sample(BASE, [1] * 60, 1, SamplingParams(max_tokens=10))
     with pytest.raises(BadRequest, match="sampling_params.top_p"):
         SamplingParams(top_p=0)
+
+
+def test_last_n_targets_alt_tokens_and_sampled_topk_agree_with_full_recomputation(engine):
+    trainer, sampler, refs = engine
+    runtime = trainer.runtimes["tiny"]
+    prompt = [3, 9, 4, 1, 5, 9, 2, 6]
+    targets = np.array([[5, -1], [7, 8], [-1, -1], [1, 2], [0, 3], [9, 9], [4, -1]], dtype=np.int64)
+    out = sampler.sample(refs["a2"], prompt, 2, SamplingParams(max_tokens=6, seed=4, stop_at_eos=False),
+                         prompt_logprobs=True, topk_prompt_logprobs=3, prompt_logprobs_last_n=3,
+                         target_prompt_logprobs=targets, prompt_alt_tokens_k=4, topk_sample_logprobs=2)
+    full = torch.tensor([prompt])
+    with torch.no_grad():
+        logp = runtime.logits(full, torch.ones_like(full), ["a2"])[0, :-1].log_softmax(-1)  # row i scores prompt[i+1]
+    # last_n = 3: only the last three positions are scored, in both the logprobs and the top-k rows.
+    assert all(math.isnan(x) for x in out.prompt_logprobs[:5])
+    np.testing.assert_allclose(out.prompt_logprobs[5:], logp[4:].gather(-1, torch.tensor(prompt[5:])[:, None])[:, 0],
+                               atol=1e-5)
+    ids, lps = out.topk_prompt_logprobs
+    assert (lps[:5] == -99999.0).all() and (np.diff(lps[5:], axis=1) <= 0).all()
+    np.testing.assert_allclose(lps[5:], logp[4:].topk(3).values.numpy(), atol=1e-5)
+    # target ids: scored at every position (no last_n), 0.0 where -1 asked for nothing.
+    want = logp.gather(-1, torch.from_numpy(targets).clamp(min=0)).numpy()
+    np.testing.assert_allclose(out.target_prompt_logprobs, np.where(targets >= 0, want, 0.0), atol=1e-5)
+    # alternative draws: k per position, their logprobs are the model's.
+    alt_ids, alt_lps = out.prompt_alt_tokens
+    assert alt_ids.shape == alt_lps.shape == (len(prompt) - 1, 4)
+    np.testing.assert_allclose(alt_lps, logp.gather(-1, torch.from_numpy(alt_ids)).numpy(), atol=1e-5)
+    # top-k at every sampled position: sorted, and the sampled token's logprob never beats the best.
+    for seq in out.sequences:
+        top_ids, top_lps = seq.topk_logprobs
+        assert top_ids.shape == top_lps.shape == (len(seq.tokens), 2)
+        assert (top_lps[:, 0] >= top_lps[:, 1]).all() and (top_lps[:, 0] >= np.array(seq.logprobs) - 1e-5).all()
+    with pytest.raises(BadRequest, match=r"prompt_logprobs_last_n must be in \[1, len\(prompt\) - 1 = 7\]"):
+        sampler.sample(BASE, prompt, 1, SamplingParams(), prompt_logprobs=True, prompt_logprobs_last_n=8)
+    with pytest.raises(BadRequest, match="target_prompt_logprobs: expected shape"):
+        sampler.sample(BASE, prompt, 1, SamplingParams(), target_prompt_logprobs=targets[:3])

@@ -11,6 +11,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
+import numpy as np
+
 from tinkerd.protocol.types import (
     AdamParams,
     ForwardBackwardCall,
@@ -86,6 +88,16 @@ class SampleRequest:
     params: SamplingParams
     prompt_logprobs: bool = False
     topk_prompt_logprobs: int = 0
+    prompt_logprobs_last_n: int | None = None  # score only the last n prompt tokens (prompt and top-k)
+    target_prompt_logprobs: np.ndarray | None = None  # int64 (len(prompt) - 1, K): ids to score, -1 = none
+    prompt_alt_tokens_k: int = 0  # draws per prompt position from the model's next-token distribution
+    topk_sample_logprobs: int = 0  # top-k logprobs at every sampled position
+
+    @property
+    def scores_prompt(self) -> bool:
+        """Whether the prefill must keep every position's logits."""
+        return (self.prompt_logprobs or self.topk_prompt_logprobs > 0 or self.target_prompt_logprobs is not None
+                or self.prompt_alt_tokens_k > 0)
 
 
 class Sampler(Protocol):

@@ -30,9 +30,9 @@ from tinkerd.engine.decoder import Decoder
 from tinkerd.engine.interface import AdapterRef, SampleRequest
 from tinkerd.engine.kv_cache import SlotKVCache
 from tinkerd.engine.runtime import ModelRuntime
-from tinkerd.protocol.types import BadRequest, SampledSequence, SampleResult, SamplingParams
+from tinkerd.protocol.types import TOPK_SENTINEL_LOGPROB, BadRequest, SampledSequence, SampleResult, SamplingParams
 
-TOPK_SENTINEL_LOGPROB = -99999.0
+MAX_PROMPT_ALT_TOKENS = 1024
 PREFILL_TOKENS_PER_STEP = 4096  # prompt tokens admitted per step (then running rows decode again)
 PREFILL_TOKENS_PER_FORWARD = 2048  # padded tokens in one prefill forward
 
@@ -54,6 +54,7 @@ class DecodeRow:
     generator: torch.Generator
     tokens: list[int] = field(default_factory=list)
     logprobs: list[float] = field(default_factory=list)
+    topk: list[tuple[np.ndarray, np.ndarray]] = field(default_factory=list)  # with topk_sample_logprobs
 
 
 @dataclass
@@ -102,11 +103,11 @@ class LocalSampler:
         return finished
 
     def sample(self, adapter: AdapterRef, prompt: list[int], num_samples: int, params: SamplingParams,
-               prompt_logprobs: bool = False, topk_prompt_logprobs: int = 0) -> SampleResult:
-        """Run one request to completion (tests and in-process use); other queued work advances too."""
+               **scoring) -> SampleResult:
+        """Run one request to completion (tests and in-process use); other queued work advances too.
+        `scoring`: the `SampleRequest` fields after `params` (prompt_logprobs, topk_sample_logprobs, ...)."""
         request_id = f"local-{secrets.token_hex(6)}"
-        self.submit(SampleRequest(request_id, adapter, list(prompt), num_samples, params, prompt_logprobs,
-                                  topk_prompt_logprobs))
+        self.submit(SampleRequest(request_id, adapter, list(prompt), num_samples, params, **scoring))
         while True:
             for done_id, outcome in self.step():
                 if done_id == request_id:
@@ -155,6 +156,24 @@ class LocalSampler:
             raise BadRequest("sampling_params.stop: stop strings need a tokenizer, and this model has none")
         if not 0 <= request.topk_prompt_logprobs <= runtime.vocab_size:
             raise BadRequest(f"topk_prompt_logprobs must be in [0, {runtime.vocab_size}]")
+        if not 0 <= request.topk_sample_logprobs <= runtime.vocab_size:
+            raise BadRequest(f"topk_sample_logprobs must be in [0, {runtime.vocab_size}]")
+        if not 0 <= request.prompt_alt_tokens_k <= MAX_PROMPT_ALT_TOKENS:
+            raise BadRequest(f"prompt_alt_tokens_k must be in [0, {MAX_PROMPT_ALT_TOKENS}], got {request.prompt_alt_tokens_k}")
+        scorable = len(request.prompt) - 1
+        last_n = request.prompt_logprobs_last_n
+        if last_n is not None:
+            if not (request.prompt_logprobs or request.topk_prompt_logprobs > 0):
+                raise BadRequest("prompt_logprobs_last_n applies to prompt logprobs; set prompt_logprobs")
+            if not 1 <= last_n <= scorable:
+                raise BadRequest(f"prompt_logprobs_last_n must be in [1, len(prompt) - 1 = {scorable}], got {last_n}")
+        targets = request.target_prompt_logprobs
+        if targets is not None:
+            if targets.ndim != 2 or targets.shape[0] != scorable:
+                raise BadRequest(f"target_prompt_logprobs: expected shape [len(prompt) - 1, K] = [{scorable}, K], "
+                                 f"got {list(targets.shape)}")
+            if targets.size and (targets.min() < -1 or targets.max() >= runtime.vocab_size):
+                raise BadRequest(f"target_prompt_logprobs: token ids must be -1 (none) or in [0, {runtime.vocab_size})")
 
     def _admit_waiting(self, finished: list) -> None:
         """Validate queued requests and prefill them, many prompts per forward pass.
@@ -179,7 +198,7 @@ class LocalSampler:
             except BadRequest as exc:
                 finished.append((request.request_id, exc))
                 continue
-            if request.prompt_logprobs or request.topk_prompt_logprobs > 0:
+            if request.scores_prompt:
                 self._prefill(runtime, [(request, key)])
             else:
                 groups.setdefault(runtime.name, []).append((request, key))
@@ -201,17 +220,17 @@ class LocalSampler:
         if batch is None:
             decoder = self.decoders[runtime.name]
             batch = self.batches[runtime.name] = DecodeBatch(decoder, decoder.new_cache())
-        want_prompt = len(items) == 1 and (items[0][0].prompt_logprobs or items[0][0].topk_prompt_logprobs > 0)
+        want_prompt = len(items) == 1 and items[0][0].scores_prompt
         logits, rows = batch.decoder.prefill(batch.cache, [r.prompt for r, _ in items], [key for _, key in items],
                                              all_positions=want_prompt)
         new_rows, repeats = [], []
         for i, (request, key) in enumerate(items):
             result = SampleResult(sequences=[None] * request.num_samples)  # type: ignore[list-item]
+            seed = request.params.seed if request.params.seed is not None else secrets.randbits(62)
             if want_prompt:
-                fill_prompt_logprobs(result, logits[0], request)
+                fill_prompt_scores(result, logits[0], request, torch.Generator().manual_seed(seed + request.num_samples))
             pending = Pending(request, result, request.num_samples, key)
             runtime.lora.pin(key)
-            seed = request.params.seed if request.params.seed is not None else secrets.randbits(62)
             new_rows += [DecodeRow(pending, j, torch.Generator().manual_seed(seed + j)) for j in range(request.num_samples)]
             repeats.append(request.num_samples)
         if want_prompt:
@@ -226,7 +245,11 @@ class LocalSampler:
     def _decode(self, runtime: ModelRuntime, batch: DecodeBatch, finished: list) -> None:
         chosen = choose_tokens(batch.logits, [r.pending.request.params for r in batch.rows],
                                [r.generator for r in batch.rows])
-        chosen_lp = batch.logits.log_softmax(-1).gather(-1, chosen[:, None])[:, 0].tolist()
+        logp = batch.logits.log_softmax(-1)
+        chosen_lp = logp.gather(-1, chosen[:, None])[:, 0].tolist()
+        top_k = max(r.pending.request.topk_sample_logprobs for r in batch.rows)
+        if top_k > 0:
+            top_lp, top_ids = (t.numpy() for t in logp.topk(top_k, dim=-1))
         keep = []
         for i, row in enumerate(batch.rows):
             pending = row.pending
@@ -236,6 +259,8 @@ class LocalSampler:
             token = int(chosen[i])
             row.tokens.append(token)
             row.logprobs.append(chosen_lp[i])
+            if top_k > 0 and (k := pending.request.topk_sample_logprobs) > 0:
+                row.topk.append((top_ids[i, :k].astype(np.int32), top_lp[i, :k]))
             reason = stop_reason(runtime, pending.request.params, row.tokens)
             if reason is None:
                 keep.append(i)
@@ -252,7 +277,10 @@ class LocalSampler:
     def _retire(self, runtime: ModelRuntime, row: DecodeRow, reason: str | None, finished: list) -> None:
         pending = row.pending
         if reason is not None:
-            pending.result.sequences[row.sample] = SampledSequence(row.tokens, row.logprobs, reason)
+            topk = None
+            if pending.request.topk_sample_logprobs > 0:
+                topk = (np.stack([ids for ids, _ in row.topk]), np.stack([lp for _, lp in row.topk]))
+            pending.result.sequences[row.sample] = SampledSequence(row.tokens, row.logprobs, reason, topk)
         pending.remaining -= 1
         if pending.remaining == 0:
             runtime.lora.unpin(pending.adapter_key)
@@ -277,20 +305,37 @@ def stop_reason(runtime: ModelRuntime, params: SamplingParams, tokens: list[int]
     return None
 
 
-def fill_prompt_logprobs(result: SampleResult, logits_T_V: torch.Tensor, request: SampleRequest) -> None:
-    """Position t scores prompt[t] given prompt[:t]; position 0 has no score (NaN / sentinel row)."""
-    logp = logits_T_V[:-1].log_softmax(-1)  # (T-1, V)
-    prompt = torch.tensor(request.prompt[1:], dtype=torch.long, device=logp.device)
+def fill_prompt_scores(result: SampleResult, logits_T_V: torch.Tensor, request: SampleRequest,
+                       generator: torch.Generator) -> None:
+    """What a request asks of its prompt. Position t is scored given prompt[:t]; position 0, and
+    positions before the last `prompt_logprobs_last_n`, get NaN (top-k: a sentinel row)."""
+    logp = logits_T_V[:-1].log_softmax(-1)  # row i scores prompt[i + 1]
+    n = len(request.prompt)
+    first = 1 if request.prompt_logprobs_last_n is None else n - request.prompt_logprobs_last_n
+    scored = logp[first - 1:]
     if request.prompt_logprobs:
-        result.prompt_logprobs = [math.nan] + logp.gather(-1, prompt[:, None])[:, 0].tolist()
+        prompt = torch.tensor(request.prompt[first:], dtype=torch.long, device=logp.device)
+        result.prompt_logprobs = [math.nan] * first + scored.gather(-1, prompt[:, None])[:, 0].tolist()
     k = request.topk_prompt_logprobs
     if k > 0:
-        values, ids = logp.topk(k, dim=-1)  # sorted, best first
-        top_ids = np.zeros((len(request.prompt), k), dtype=np.int32)
-        top_lp = np.full((len(request.prompt), k), TOPK_SENTINEL_LOGPROB, dtype=np.float32)
-        top_ids[1:] = ids.numpy()
-        top_lp[1:] = values.numpy()
+        values, ids = scored.topk(k, dim=-1)  # sorted, best first
+        top_ids = np.zeros((n, k), dtype=np.int32)
+        top_lp = np.full((n, k), TOPK_SENTINEL_LOGPROB, dtype=np.float32)
+        top_ids[first:] = ids.numpy()
+        top_lp[first:] = values.numpy()
         result.topk_prompt_logprobs = (top_ids, top_lp)
+    if request.target_prompt_logprobs is not None:
+        ids = torch.from_numpy(request.target_prompt_logprobs).to(logp.device)
+        scores = logp.gather(-1, ids.clamp(min=0))
+        result.target_prompt_logprobs = torch.where(ids >= 0, scores, 0.0).numpy().astype(np.float32)
+    k = request.prompt_alt_tokens_k
+    if k > 0:
+        temperature = request.params.temperature
+        if temperature == 0 or n == 1:
+            draws = logp.argmax(-1, keepdim=True).expand(-1, k)
+        else:
+            draws = torch.multinomial((logp / temperature).softmax(-1), k, replacement=True, generator=generator)
+        result.prompt_alt_tokens = (draws.numpy().astype(np.int64), logp.gather(-1, draws).numpy().astype(np.float32))
 
 
 def choose_tokens(logits_N_V: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator]) -> torch.Tensor:

@@ -93,6 +93,10 @@ class SampleRequest(Body):
     model_path: str | None = None
     prompt_logprobs: bool | None = None
     topk_prompt_logprobs: int = 0
+    topk_sample_logprobs: int = 0
+    target_prompt_logprobs: dict[str, Any] | None = None  # TensorData, int64 [len(prompt) - 1, K]
+    prompt_alt_tokens_k: int = 0
+    prompt_logprobs_last_n: int | None = None
     seq_id: int | None = None
     record_stability_info: bool | None = None
 

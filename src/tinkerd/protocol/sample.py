@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from tinkerd.protocol.types import BadRequest, SampleResult, SamplingParams
+from tinkerd.protocol.tensors import tensor_to_pb
+from tinkerd.protocol.types import TOPK_SENTINEL_LOGPROB, BadRequest, SampleResult, SamplingParams
 from tinkerd.protocol.wire_pb import pb
 
 
@@ -52,21 +53,33 @@ def sampling_params(obj: dict | None) -> SamplingParams:
         raise BadRequest(f"sampling_params: {exc}") from exc
 
 
-def encode_sample_pb(result: SampleResult) -> bytes:
+def _topk_to_pb(topk: tuple[np.ndarray, np.ndarray], out) -> None:
+    ids, logprobs = topk
+    out.token_ids = np.ascontiguousarray(ids, dtype="<i4").tobytes()
+    out.logprobs = np.ascontiguousarray(logprobs, dtype="<f4").tobytes()
+    out.k = ids.shape[1]
+    out.length = ids.shape[0]
+
+
+def encode_sample_pb(result: SampleResult, target_layout: tuple[np.ndarray, np.ndarray] | None = None) -> bytes:
+    """`target_layout`: the CSR indices of a sparse `target_prompt_logprobs` request, answered alike."""
     msg = pb.SampleResponse()
     for seq in result.sequences:
         out = msg.sequences.add()
         out.stop_reason = pb.STOP_REASON_STOP if seq.stop_reason == "stop" else pb.STOP_REASON_LENGTH
         out.tokens = np.asarray(seq.tokens, dtype="<i4").tobytes()
         out.logprobs = np.asarray(seq.logprobs, dtype="<f4").tobytes()
+        if seq.topk_logprobs is not None:
+            _topk_to_pb(seq.topk_logprobs, out.topk_sampled_logprobs)
     if result.prompt_logprobs is not None:
         msg.prompt_logprobs = np.asarray(result.prompt_logprobs, dtype="<f4").tobytes()
     if result.topk_prompt_logprobs is not None:
-        ids, logprobs = result.topk_prompt_logprobs
-        msg.topk_prompt_logprobs.token_ids = np.ascontiguousarray(ids, dtype="<i4").tobytes()
-        msg.topk_prompt_logprobs.logprobs = np.ascontiguousarray(logprobs, dtype="<f4").tobytes()
-        msg.topk_prompt_logprobs.k = ids.shape[1]
-        msg.topk_prompt_logprobs.length = ids.shape[0]
+        _topk_to_pb(result.topk_prompt_logprobs, msg.topk_prompt_logprobs)
+    if result.target_prompt_logprobs is not None:
+        tensor_to_pb(result.target_prompt_logprobs, msg.target_prompt_logprobs, target_layout)
+    if result.prompt_alt_tokens is not None:
+        tensor_to_pb(result.prompt_alt_tokens[0], msg.prompt_alt_tokens.tokens)
+        tensor_to_pb(result.prompt_alt_tokens[1], msg.prompt_alt_tokens.logprobs)
     return msg.SerializeToString()
 
 
@@ -81,7 +94,7 @@ def sample_to_json(result: SampleResult) -> dict:
                       for s in result.sequences],
         "prompt_logprobs": prompt,
         "topk_prompt_logprobs": None if result.topk_prompt_logprobs is None else [
-            None if i == 0 else list(zip(ids.tolist(), lps.tolist()))
+            None if lps[0] == TOPK_SENTINEL_LOGPROB else list(zip(ids.tolist(), lps.tolist()))
             for i, (ids, lps) in enumerate(zip(*result.topk_prompt_logprobs))],
     }
 

@@ -1,7 +1,8 @@
 """Tensors on the wire: the protobuf `Tensor` / `BatchedTensor` and the JSON `TensorData`, as numpy.
 
 Sparse CSR tensors (the SDK sparsifies 2-D targets and weights when that is smaller) are
-densified here, with unlisted cells 0. Errors name the field they were decoding.
+densified here, with unlisted cells 0 (or the caller's `fill`). Errors name the field they were
+decoding.
 """
 
 from __future__ import annotations
@@ -23,13 +24,14 @@ def _shaped(values: np.ndarray, shape: list[int], field: str) -> np.ndarray:
     return values.reshape(shape)
 
 
-def _densify(values: np.ndarray, crow: np.ndarray, col: np.ndarray, shape: list[int], field: str) -> np.ndarray:
+def _densify(values: np.ndarray, crow: np.ndarray, col: np.ndarray, shape: list[int], field: str,
+             fill: int = 0) -> np.ndarray:
     if len(shape) != 2:
         raise BadRequest(f"{field}: a sparse CSR tensor needs a 2-D shape, got {tuple(shape)}")
     rows, cols = shape
     if len(crow) != rows + 1 or len(col) != len(values) or (len(col) and (col.min() < 0 or col.max() >= cols)):
         raise BadRequest(f"{field}: inconsistent sparse CSR indices for shape {tuple(shape)}")
-    dense = np.zeros(shape, dtype=values.dtype)
+    dense = np.full(shape, fill, dtype=values.dtype)
     row_of = np.repeat(np.arange(rows), np.diff(crow))
     dense[row_of, col] = values
     return dense
@@ -54,7 +56,7 @@ def tensor_from_pb(msg, field: str) -> np.ndarray:
         raise BadRequest(f"{field}: {exc}") from exc
 
 
-def tensor_from_json(obj, field: str) -> np.ndarray:
+def tensor_from_json(obj, field: str, fill: int = 0) -> np.ndarray:
     if not isinstance(obj, dict) or "data" not in obj:
         raise BadRequest(f"{field}: expected a TensorData object with 'data' and 'dtype'")
     dtype = _JSON_DTYPES.get(obj.get("dtype", "float32"))
@@ -68,8 +70,31 @@ def tensor_from_json(obj, field: str) -> np.ndarray:
     if obj.get("sparse_crow_indices") is not None:
         crow = np.asarray(obj["sparse_crow_indices"], dtype=np.int64)
         col = np.asarray(obj.get("sparse_col_indices") or [], dtype=np.int64)
-        return _densify(values, crow, col, shape, field)
+        return _densify(values, crow, col, shape, field, fill)
     return _shaped(values, shape, field)
+
+
+def csr_layout(obj) -> tuple[np.ndarray, np.ndarray] | None:
+    """The (crow, col) indices of a sparse JSON TensorData, to answer in the same layout; None if dense."""
+    if not isinstance(obj, dict) or obj.get("sparse_crow_indices") is None:
+        return None
+    return np.asarray(obj["sparse_crow_indices"], dtype=np.int64), np.asarray(obj.get("sparse_col_indices") or [], dtype=np.int64)
+
+
+def tensor_to_pb(array: np.ndarray, out, csr: tuple[np.ndarray, np.ndarray] | None = None) -> None:
+    """Fill a `Tensor`: dense, or the cells `csr` lists (crow, col) of a 2-D array."""
+    dtype = {np.dtype(np.float32): pb.DTYPE_FLOAT32, np.dtype(np.int64): pb.DTYPE_INT64,
+             np.dtype(np.int32): pb.DTYPE_INT32}[array.dtype]
+    out.dtype = dtype
+    out.shape.extend(array.shape)
+    if csr is None:
+        out.dense = np.ascontiguousarray(array).tobytes()
+        return
+    crow, col = csr
+    rows = np.repeat(np.arange(array.shape[0]), np.diff(crow))
+    out.sparse_csr.values = np.ascontiguousarray(array[rows, col]).tobytes()
+    out.sparse_csr.crow_indices = crow.astype("<i8").tobytes()
+    out.sparse_csr.col_indices = col.astype("<i8").tobytes()
 
 
 def batched_tensor_to_pb(arrays: list[np.ndarray], out) -> None:

@@ -100,11 +100,15 @@ class SamplingParams:
             raise BadRequest(f"sampling_params.top_p must be in (0, 1], got {self.top_p}")
 
 
+TOPK_SENTINEL_LOGPROB = -99999.0  # top-k prompt rows with no score (position 0, or before prompt_logprobs_last_n)
+
+
 @dataclass
 class SampledSequence:
     tokens: list[int]
     logprobs: list[float]
     stop_reason: str  # "stop" or "length"
+    topk_logprobs: tuple[np.ndarray, np.ndarray] | None = None  # ids int32 (T, K), logprobs float32 (T, K)
 
 
 @dataclass
@@ -112,3 +116,5 @@ class SampleResult:
     sequences: list[SampledSequence]
     prompt_logprobs: list[float] | None = None  # NaN at position 0
     topk_prompt_logprobs: tuple[np.ndarray, np.ndarray] | None = None  # ids int32 (N, K), logprobs float32 (N, K)
+    target_prompt_logprobs: np.ndarray | None = None  # float32 (N - 1, K), 0.0 where nothing was asked
+    prompt_alt_tokens: tuple[np.ndarray, np.ndarray] | None = None  # ids int64 (N - 1, k), logprobs float32 (N - 1, k)
