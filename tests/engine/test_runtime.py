@@ -26,3 +26,10 @@ def test_target_logprobs_match_full_log_softmax_values_and_grads(monkeypatch, ke
 
     torch.testing.assert_close(ours, reference, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(grad_ours, grad_reference, atol=1e-5, rtol=1e-4)
+
+
+def test_chunks_cover_every_row_once_and_never_hold_exactly_32():
+    for total in range(1, 300):
+        bounds = runtime_module.chunk_bounds(total, 64)
+        assert [i for start, end in bounds for i in range(start, end)] == list(range(total))
+        assert all(end - start != 32 for start, end in bounds)

@@ -88,8 +88,7 @@ class ModelRuntime:
             hidden = self.backbone(input_ids=tokens_B_T, attention_mask=mask_B_T).last_hidden_state
             B, T, H = hidden.shape
             flat_hidden, flat_targets = hidden.reshape(B * T, H), targets_B_T_K.reshape(B * T, -1)
-            rows = flat_hidden.shape[0] if flat_hidden.shape[0] <= LOGPROB_CHUNK else LOGPROB_CHUNK
-            route = [(s, min(s + rows, B * T)) for s in range(0, B * T, rows)]
+            route = chunk_bounds(B * T, LOGPROB_CHUNK)
             # Each chunk keeps its rows' adapters: rows of the flattened batch map back to batch rows.
             row_adapters = [adapters[i // T] for i in range(B * T)] if len(set(adapters)) > 1 else None
             keep = B * T * self.vocab_size * 4 <= KEEP_LOGSOFTMAX_BYTES
@@ -99,6 +98,20 @@ class ModelRuntime:
                 chunk_adapters = row_adapters[start:end] if row_adapters is not None else adapters[:1]
                 pieces.append(piece(self, flat_hidden[start:end], flat_targets[start:end], chunk_adapters))
             return torch.cat(pieces).reshape(B, T, -1)
+
+
+def chunk_bounds(total: int, size: int) -> list[tuple[int, int]]:
+    """[start, end) of consecutive chunks of at most `size` rows, none of exactly 32 rows: oneDNN 3.12's
+    AMX bf16 kernel dies with SIGFPE on a single thread for (32 x 49152) @ (49152 x n), the
+    unembedding backward of 49152-token vocabularies such as SmolLM2's."""
+    bounds = [(start, min(start + size, total)) for start in range(0, total, size)]
+    if bounds and bounds[-1][1] - bounds[-1][0] == 32:
+        start, end = bounds.pop()
+        if bounds:
+            bounds[-1] = (bounds[-1][0], end)  # fold into the previous chunk
+        else:
+            bounds = [(start, end - 1), (end - 1, end)]
+    return bounds
 
 
 def _chunk_logprobs(runtime: ModelRuntime, hidden_N_H: torch.Tensor, targets_N_K: torch.Tensor,
