@@ -1,6 +1,8 @@
-"""`tinkerd runs | checkpoints | export` as subprocesses, on a data dir a tiny-model server filled in-process."""
+"""`tinkerd runs | checkpoints | export` as subprocesses, on a data dir a tiny-model server filled in-process;
+`tinkerd serve`'s thread settings on a tiny model folder."""
 
 import json
+import os
 import subprocess
 import sys
 
@@ -115,3 +117,38 @@ def test_export_merged_writes_a_model_with_the_adapter_folded_in(populated, tmp_
     with torch.no_grad():
         expected = runtime.logits(tokens, torch.ones_like(tokens), [populated["runs"][0]])
         torch.testing.assert_close(merged(input_ids=tokens).logits, expected, atol=1e-4, rtol=1e-4)
+
+
+def _tiny_model_folder(folder):
+    """The tiny random model plus a word-level tokenizer ("t0".."t127"), servable by `tinkerd serve`."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    make_tiny_model(4).save_pretrained(folder)
+    tokenizer = Tokenizer(models.WordLevel({f"t{i}": i for i in range(128)}, unk_token="t0"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=tokenizer, unk_token="t0", eos_token="t1").save_pretrained(folder)
+    return folder
+
+
+def test_serve_threads_are_parsed_and_applied_with_a_passive_wait_policy(tmp_path, monkeypatch):
+    from tinkerd.cli import _parser, configure_threads
+    from tinkerd.local_server import LocalServer
+
+    args = _parser().parse_args(["serve", "--threads", "1", "--session-timeout", "60", "--parked-state-ttl", "0"])
+    assert (args.threads, args.session_timeout, args.parked_state_ttl) == (1, 60.0, 0.0)
+    assert _parser().parse_args(["serve"]).threads is None
+    with pytest.raises(SystemExit, match="--threads must be >= 1"):
+        configure_threads(0)
+    monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
+    folder = _tiny_model_folder(tmp_path / "tiny")
+    with LocalServer(tmp_path / "data", "--base-model", str(folder), "--threads", "1") as server:
+        log = server.log_tail()
+    assert "torch threads 1, inter-op threads 1, OMP_WAIT_POLICY=PASSIVE)" in log, log
+
+
+def test_a_wait_policy_from_the_environment_is_kept():
+    code = "from tinkerd.cli import configure_threads; print(configure_threads(None))"
+    env = {**os.environ, "OMP_WAIT_POLICY": "ACTIVE"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True).stdout
+    assert out.strip().endswith("OMP_WAIT_POLICY=ACTIVE"), out

@@ -44,6 +44,16 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--device", default="cpu")
     serve.add_argument("--max-pending-samples", type=int, default=1024,
                        help="sampling requests in flight before asample answers 429 (the SDK backs off and retries)")
+    serve.add_argument("--threads", type=int, default=None, metavar="N",
+                       help="torch compute threads (and inter-op threads); default: torch's (one per core). "
+                            "Lower it when other processes share the cores")
+    serve.add_argument("--session-timeout", type=float, default=600.0, metavar="SECONDS",
+                       help="a session with no heartbeat and no training request this long has its training runs "
+                            "unloaded from memory, their exact state kept on disk and restored on their next request "
+                            "(default 600; 0: never)")
+    serve.add_argument("--parked-state-ttl", type=float, default=86400.0, metavar="SECONDS",
+                       help="how long that state is kept after the session's last sign of life (default 86400; "
+                            "0: keep none, later requests on those runs answer 410)")
     serve.add_argument("--log-level", default="info")
 
     runs = sub.add_parser("runs", help="list training runs (every API key's) with their checkpoint counts")
@@ -72,6 +82,28 @@ def _data_dir_arg(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--store", metavar="URL", default=None, help="the server's --store, if it was given one")
 
 
+def configure_threads(threads: int | None) -> str:
+    """Before torch loads: a passive OpenMP wait policy (unless the environment sets one), so idle
+    worker threads sleep instead of spinning on cores that other processes need; then `threads`
+    compute and inter-op threads. Returns a summary for the log."""
+    if threads is not None and threads < 1:
+        raise SystemExit(f"tinkerd serve: --threads must be >= 1, got {threads}")
+    late = "torch" in sys.modules  # in-process callers (tests): the OpenMP runtime has read its environment
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    import torch
+
+    if threads is not None:
+        torch.set_num_threads(threads)
+        try:
+            torch.set_num_interop_threads(threads)
+        except RuntimeError:  # inter-op threads can only be set before any inter-op work ran
+            logging.getLogger("tinkerd").warning("--threads: inter-op threads were already started; left at %d",
+                                                 torch.get_num_interop_threads())
+    policy = os.environ["OMP_WAIT_POLICY"] + (" (set after torch was imported: no effect)" if late else "")
+    return (f"torch threads {torch.get_num_threads()}, inter-op threads {torch.get_num_interop_threads()}, "
+            f"OMP_WAIT_POLICY={policy}")
+
+
 def serve(args: argparse.Namespace) -> None:
     from tinkerd.store.db import StoreError, open_store
 
@@ -80,6 +112,7 @@ def serve(args: argparse.Namespace) -> None:
         store = open_store(args.store, data_dir)
     except StoreError as exc:
         raise SystemExit(f"tinkerd serve: --store: {exc}") from None
+    threads = configure_threads(args.threads)  # before anything else imports torch
 
     import uvicorn
 
@@ -99,10 +132,11 @@ def serve(args: argparse.Namespace) -> None:
         files = resolve_base_model(spec, model_cache)
         runtimes[files.name] = ModelRuntime.load(files, dtype=args.dtype, device=args.device)
     config = ServerConfig(data_dir=data_dir, api_keys=frozenset(keys), max_pending_samples=args.max_pending_samples,
-                          store=args.store)
+                          store=args.store, session_timeout_seconds=args.session_timeout,
+                          parked_state_ttl_seconds=args.parked_state_ttl)
     app = create_app(config, LocalTrainer(runtimes), LocalSampler(runtimes), store)
-    logging.getLogger("tinkerd").info("serving %s on http://%s:%d (store: %s)", ", ".join(runtimes), args.host,
-                                      args.port, store.description)
+    logging.getLogger("tinkerd").info("serving %s on http://%s:%d (store: %s; %s)", ", ".join(runtimes), args.host,
+                                      args.port, store.description, threads)
     try:
         uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, access_log=False)
     finally:

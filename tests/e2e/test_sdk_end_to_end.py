@@ -81,3 +81,29 @@ def test_wrong_api_key_is_refused_when_keys_are_configured(tmp_path):
         assert ok.create_sampling_client(base_model=EMBEDDED).result() is not None
     finally:
         server.stop()
+
+
+def test_prompt_scoring_options_reach_the_sdk(server):
+    """prompt_logprobs_last_n, target_prompt_logprobs (dense and sparse), prompt_alt_tokens_k and
+    topk_sample_logprobs through the SDK's own parsing and checks."""
+    service = tinker.ServiceClient(base_url=server.url, api_key="tml-e2e")
+    sampler = service.create_sampling_client(base_model=EMBEDDED).result()
+    tokens = sampler.get_tokenizer().encode("The quick brown fox jumps over the lazy dog")
+    prompt = types.ModelInput.from_ints(tokens)
+    n = len(tokens)
+    full = sampler.compute_logprobs(prompt).result()
+    dense = types.TensorData(data=[tokens[i + 1] for i in range(n - 1)], dtype="int64", shape=[n - 1, 1])
+    out = sampler.sample(prompt, 1, types.SamplingParams(max_tokens=3, seed=1), include_prompt_logprobs=True,
+                         topk_prompt_logprobs=2, prompt_logprobs_last_n=2, target_prompt_logprobs=dense,
+                         prompt_alt_tokens_k=3, topk_sample_logprobs=4).result()
+    assert out.prompt_logprobs[: n - 2] == [None] * (n - 2)
+    assert out.prompt_logprobs[-2:] == pytest.approx(full[-2:], abs=1e-4)
+    assert out.target_prompt_logprobs.to_numpy()[:, 0].tolist() == pytest.approx(full[1:], abs=1e-4)
+    assert out.prompt_alt_tokens.tokens.to_numpy().shape == (n - 1, 3)
+    assert out.sequences[0].topk_logprobs is not None and len(out.sequences[0].topk_logprobs) == 3
+    # A sparse request (one cell: the last position's actual token) is answered in the same layout.
+    sparse = types.TensorData(data=[tokens[-1]], dtype="int64", shape=[n - 1, 2],
+                              sparse_crow_indices=[0] * (n - 1) + [1], sparse_col_indices=[1])
+    answer = sampler.sample(prompt, 1, types.SamplingParams(max_tokens=1), target_prompt_logprobs=sparse).result()
+    scored = answer.target_prompt_logprobs
+    assert scored.sparse_crow_indices is not None and scored.to_numpy()[-1, 1] == pytest.approx(full[-1], abs=1e-4)

@@ -6,7 +6,13 @@ each batch row uses for the current pass, so one forward can serve several tenan
 no adapter see the plain base model). Adapter weights are fp32 masters; they are cast to the
 activation dtype (bf16 on CPU) inside the forward, and gradients flow back to the fp32 copies.
 
-`LoRAAdapters` creates, seeds, exports and loads adapters. Knows nothing of optimizers or losses.
+`LoRAAdapters` creates, seeds, exports, loads and removes adapters. Removal respects pins: an
+adapter in use by running samples is removed when its last pin is released. Read-only adapters
+loaded from files (`load(..., trainable=False)`, e.g. the sampler's checkpoint folders) form a
+cache that is evicted least-recently-used beyond `cache_max_adapters` / `cache_max_bytes`;
+eviction never touches a pinned adapter, nor one loaded in the last `CACHE_GRACE_SECONDS` that
+nobody has pinned yet (loaded for a request that is about to pin it). Knows nothing of
+optimizers, losses, sessions or files.
 """
 
 from __future__ import annotations
@@ -14,14 +20,20 @@ from __future__ import annotations
 import contextlib
 import math
 import secrets
+import time
+from collections import OrderedDict
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from tinkerd.engine.interface import AdapterSpec
+from tinkerd.engine.memory import release_freed_memory
 
 ATTN, MLP, UNEMBED = "attn", "mlp", "unembed"
+CACHE_MAX_ADAPTERS = 16  # read-only adapters loaded from files kept in memory (least recently used go first)
+CACHE_MAX_BYTES = 1 << 30  # ... and at most this many bytes of them
+CACHE_GRACE_SECONDS = 60.0  # a freshly loaded adapter nobody pinned yet is safe from eviction this long
 
 
 class AdapterRouter:
@@ -114,6 +126,9 @@ class LoRAAdapters:
         self.specs: dict[str, AdapterSpec] = {}
         self.pins: dict[str, int] = {}  # adapters in use by running samples: removal waits for them
         self._doomed: set[str] = set()
+        self.cache_max_adapters = CACHE_MAX_ADAPTERS
+        self.cache_max_bytes = CACHE_MAX_BYTES
+        self._cached: OrderedDict[str, _CacheEntry] = OrderedDict()  # evictable adapters, least recently used first
         targets = [
             (name, module, classify_linear(name))
             for name, module in model.named_modules()
@@ -154,16 +169,21 @@ class LoRAAdapters:
     def pin(self, key: str | None) -> None:
         if key is not None:
             self.pins[key] = self.pins.get(key, 0) + 1
+            self._touch(key)
 
     def unpin(self, key: str | None) -> None:
+        """Release one pin; the last one removes a doomed adapter and lets the cache shrink to its limits."""
         if key is None or key not in self.pins:
             return
         self.pins[key] -= 1
         if self.pins[key] == 0:
             del self.pins[key]
+            self._touch(key)
             if key in self._doomed:
                 self._doomed.discard(key)
                 self.remove(key)
+                release_freed_memory()
+            self.evict_cached()
 
     def remove(self, key: str) -> None:
         """Delete adapter `key` now, or once the samples using it are done."""
@@ -176,6 +196,50 @@ class LoRAAdapters:
         for module in self.modules.values():
             module.adapters.pop(key, None)
         self.specs.pop(key, None)
+        self._cached.pop(key, None)
+
+    # the cache of read-only adapters
+
+    def _touch(self, key: str) -> None:
+        entry = self._cached.get(key)
+        if entry is not None:
+            entry.used = True
+            self._cached.move_to_end(key)
+
+    def cached_keys(self) -> list[str]:
+        """Evictable adapters, least recently used first."""
+        return list(self._cached)
+
+    def evict_cached(self, now: float | None = None) -> list[str]:
+        """Remove least recently used cached adapters until the cache is within its limits; returns their keys.
+
+        Pinned adapters are never evicted, nor unpinned ones loaded less than CACHE_GRACE_SECONDS
+        ago that were never pinned (a request loaded them and has not started yet); while they
+        stay, the cache may exceed its limits.
+        """
+        now = time.monotonic() if now is None else now
+        count, size = len(self._cached), sum(e.nbytes for e in self._cached.values())
+        evicted = []
+        for key, entry in list(self._cached.items()):
+            if count <= self.cache_max_adapters and size <= self.cache_max_bytes:
+                break
+            if key in self.pins or (not entry.used and now - entry.loaded_at < CACHE_GRACE_SECONDS):
+                continue
+            self._delete(key)
+            count, size = count - 1, size - entry.nbytes
+            evicted.append(key)
+        if evicted:
+            release_freed_memory()
+        return evicted
+
+    def nbytes(self, key: str | None = None) -> int:
+        """Bytes held by adapter `key` (every adapter with None): weights and their gradients."""
+        total = 0
+        for module in self.modules.values():
+            for k, w in module.adapters.items():
+                if key is None or k == key:
+                    total += sum(t.nbytes + (t.grad.nbytes if t.grad is not None else 0) for t in (w.A, w.B))
+        return total
 
     def parameters(self, key: str) -> list[torch.Tensor]:
         return [p for _, p in self.named_parameters(key)]
@@ -190,6 +254,7 @@ class LoRAAdapters:
 
     def clone(self, source: str, key: str) -> None:
         """Freeze a copy of adapter `source` under `key` (a sampler snapshot)."""
+        self._doomed.discard(key)  # a new copy under a key whose old copy awaits removal: keep the new one
         for module in self.modules.values():
             w = module.adapters.get(source)
             if w is not None:
@@ -206,8 +271,13 @@ class LoRAAdapters:
                 state[f"base_model.model.{name}.lora_B.weight"] = w.B.detach().T.contiguous()
         return state
 
-    def load(self, key: str, spec: AdapterSpec, state: dict[str, torch.Tensor], trainable: bool = False) -> None:
-        """Install PEFT-named tensors (as written by `export`) as adapter `key` (replacing it if present)."""
+    def load(self, key: str, spec: AdapterSpec, state: dict[str, torch.Tensor], trainable: bool = False,
+             evictable: bool | None = None) -> None:
+        """Install PEFT-named tensors (as written by `export`) as adapter `key` (replacing it if present).
+
+        `evictable` (default: not `trainable`) puts it in the cache of read-only adapters, which
+        then evicts its least recently used members beyond its limits (see `evict_cached`).
+        """
         self._delete(key)
         self._doomed.discard(key)
         for name, module in self.modules.items():
@@ -219,3 +289,15 @@ class LoRAAdapters:
             B = b.T.contiguous().float().requires_grad_(trainable)
             module.adapters[key] = LoRAWeights(A, B, spec.alpha / spec.rank)
         self.specs[key] = spec
+        if evictable is None:
+            evictable = not trainable
+        if evictable:
+            self._cached[key] = _CacheEntry(self.nbytes(key), time.monotonic())
+            self.evict_cached()
+
+
+@dataclass
+class _CacheEntry:
+    nbytes: int
+    loaded_at: float  # time.monotonic()
+    used: bool = False  # pinned at least once

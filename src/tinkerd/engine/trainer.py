@@ -22,6 +22,7 @@ from tinkerd.engine.adapter_files import read_peft_adapter, read_training_extras
 from tinkerd.engine.batching import Row, collate, merge_metrics, plan_micro_batches, token_budget, validate_datums
 from tinkerd.engine.interface import AdapterRef, AdapterSpec, BaseModelInfo
 from tinkerd.engine.losses import Loss, get_loss
+from tinkerd.engine.memory import release_freed_memory
 from tinkerd.engine.runtime import ModelRuntime
 from tinkerd.protocol.types import AdamParams, BadRequest, ForwardBackwardCall, ForwardBackwardResult
 
@@ -80,15 +81,24 @@ class LocalTrainer:
         self.adapters[model_id] = TrainedAdapter(runtime, spec, torch.optim.AdamW(params, lr=0.0, foreach=True))
 
     def drop_adapter(self, model_id: str) -> None:
+        """Free the adapter, its gradients, AdamW state and sampler snapshots (pinned snapshots once
+        their samples finish), and hand the memory back to the OS."""
+        if self._drop(model_id):
+            release_freed_memory()
+
+    def _drop(self, model_id: str) -> bool:
         adapter = self.adapters.pop(model_id, None)
-        if adapter is not None:
-            for key in [model_id, *adapter.snapshots]:
-                adapter.runtime.lora.remove(key)
+        if adapter is None:
+            return False
+        for key in [model_id, *adapter.snapshots]:
+            adapter.runtime.lora.remove(key)
+        return True
 
     def _adapter(self, model_id: str) -> TrainedAdapter:
         adapter = self.adapters.get(model_id)
         if adapter is None:
-            raise BadRequest(f"model_id {model_id!r} is not loaded in this engine")
+            raise BadRequest(f"model_id {model_id!r} is not loaded in this engine (it was unloaded or never created); "
+                             "resume it from a checkpoint with create_training_client_from_state")
         return adapter
 
     # forward / backward
@@ -198,8 +208,12 @@ class LocalTrainer:
         write_peft_adapter(directory, lora.export(model_id), adapter.spec, adapter.runtime.name,
                            lora.target_names(adapter.spec))
 
-    def save_state(self, model_id: str, directory: Path) -> None:
-        """Adapter (PEFT layout) plus AdamW moments and step, for an exact resume."""
+    def save_state(self, model_id: str, directory: Path, with_gradients: bool = False) -> None:
+        """Adapter (PEFT layout) plus AdamW moments and step, for an exact resume.
+
+        `with_gradients` also keeps gradients accumulated since the last optim_step (for unloading a
+        run mid-accumulation); `load_state` with the optimizer restores them.
+        """
         adapter = self._adapter(model_id)
         lora = adapter.runtime.lora
         optimizer = {}
@@ -209,12 +223,15 @@ class LocalTrainer:
                 if key in state:
                     optimizer[f"{name}.{key}"] = torch.as_tensor(state[key]).detach().float().reshape(-1).clone() \
                         if key == "step" else state[key].detach().clone()
+            if with_gradients and param.grad is not None:
+                optimizer[f"{name}.grad"] = param.grad.detach().clone()
         write_peft_adapter(directory, lora.export(model_id), adapter.spec, adapter.runtime.name,
                            lora.target_names(adapter.spec), optimizer=optimizer,
                            meta={"version": adapter.version, "base_model": adapter.runtime.name})
 
     def load_state(self, model_id: str, base_model: str | None, directory: Path, with_optimizer: bool) -> AdapterSpec:
-        """Create (or overwrite) adapter `model_id` from a checkpoint folder; pending gradients are dropped."""
+        """Create (or overwrite) adapter `model_id` from a checkpoint folder; pending gradients are dropped
+        (with the optimizer, a checkpoint saved `with_gradients` restores its own)."""
         spec, state = read_peft_adapter(directory)
         check_spec(spec)
         optimizer_state, meta = read_training_extras(directory)
@@ -222,7 +239,7 @@ class LocalTrainer:
             raise BadRequest("path: this checkpoint has no optimizer state (sampler weights cannot resume training "
                              "with the optimizer; load it without optimizer)")
         runtime = self._runtime(base_model or meta.get("base_model") or "")
-        self.drop_adapter(model_id)
+        self._drop(model_id)
         runtime.lora.load(model_id, spec, state, trainable=True)
         named = runtime.lora.named_parameters(model_id)
         optimizer = torch.optim.AdamW([p for _, p in named], lr=0.0, foreach=True)
@@ -234,6 +251,8 @@ class LocalTrainer:
                         "exp_avg": optimizer_state[f"{name}.exp_avg"].clone(),
                         "exp_avg_sq": optimizer_state[f"{name}.exp_avg_sq"].clone(),
                     }
+                if f"{name}.grad" in optimizer_state:
+                    param.grad = optimizer_state[f"{name}.grad"].clone()
         self.adapters[model_id] = TrainedAdapter(runtime, spec, optimizer, version=int(meta.get("version", 0)))
         return spec
 

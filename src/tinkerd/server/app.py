@@ -2,6 +2,8 @@
 
 Logs one line per request with its duration. At start-up, futures that were still pending when
 the previous process stopped are failed with a clear error instead of hanging their pollers.
+Background tasks: expired checkpoints are purged, and training runs of finished or lapsed
+sessions are unloaded (`lifecycle`).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from tinkerd.engine.interface import Sampler, Trainer
 from tinkerd.server.checkpoint_access import purge_expired
 from tinkerd.server.errors import install_error_handlers
 from tinkerd.server.futures import FutureBoard
+from tinkerd.server.lifecycle import sweep_forever
 from tinkerd.server.metrics import ServerMetrics
 from tinkerd.server.routes import checkpoints, export, futures, rest, sampling, service, training
 from tinkerd.server.scheduler import Scheduler
@@ -53,8 +56,10 @@ def create_app(config: ServerConfig, trainer: Trainer, sampler: Sampler, store: 
         app.state.tinkerd = ServerState(config, store, trainer, sampler, board, scheduler,
                                         {m.name: m for m in trainer.base_models()})
         janitor = asyncio.get_running_loop().create_task(_purge_expired_checkpoints(app.state.tinkerd))
+        sweeper = asyncio.get_running_loop().create_task(sweep_forever(app.state.tinkerd))
         yield
         janitor.cancel()
+        sweeper.cancel()
         await scheduler.stop()
         if owns_store:
             store.close()

@@ -38,7 +38,7 @@ class Outcome:
 
 @dataclass
 class Job:
-    future_id: str
+    future_id: str | None  # None: internal work (unloading, restoring) with no client waiting; failures are logged
     kind: str
     run: Callable[[], Outcome] | None = None  # called on the engine thread
     call: ForwardBackwardCall | None = None  # batchable forward / forward_backward
@@ -80,6 +80,11 @@ class Scheduler:
 
     def open_model(self, model_id: str, next_seq: int = 1) -> None:
         self.models.setdefault(model_id, ModelQueue(next_seq=next_seq))
+
+    def close_model(self, model_id: str) -> list[Job]:
+        """Stop accepting requests for a model; returns its jobs still waiting for a lower seq_id (never run)."""
+        queue = self.models.pop(model_id, None)
+        return [] if queue is None else [queue.waiting[seq] for seq in sorted(queue.waiting)]
 
     @property
     def pending_samples(self) -> int:
@@ -197,9 +202,14 @@ class Scheduler:
     async def _run_one(self, loop: asyncio.AbstractEventLoop, job: Job) -> None:
         try:
             outcome = await loop.run_in_executor(self._executor, job.run)
-            self.board.complete(job.future_id, outcome.json, outcome.pb)
+            if job.future_id is not None:
+                self.board.complete(job.future_id, outcome.json, outcome.pb)
         except BadRequest as exc:
-            self.board.fail(job.future_id, str(exc), "user")
+            if job.future_id is None:
+                log.warning("engine job %s: %s", job.kind, exc)
+            else:
+                self.board.fail(job.future_id, str(exc), "user")
         except Exception as exc:  # noqa: BLE001 - any engine failure becomes that request's error
             log.exception("engine job %s (%s) failed", job.future_id, job.kind)
-            self.board.fail(job.future_id, f"{type(exc).__name__}: {exc}", "server")
+            if job.future_id is not None:
+                self.board.fail(job.future_id, f"{type(exc).__name__}: {exc}", "server")

@@ -20,6 +20,10 @@ class NotFound(LookupError):
     """An id that does not exist for this caller (reported as 404 with a JSON body)."""
 
 
+class Gone(LookupError):
+    """A training run (or its in-memory sampler weights) that was unloaded because its session ended (410)."""
+
+
 @dataclass
 class ServerConfig:
     data_dir: Path
@@ -28,6 +32,18 @@ class ServerConfig:
     max_pending_samples: int = 1024
     max_body_bytes: int = 256 * 1024 * 1024
     store: str | None = None  # `--store` URL; None: SQLite at DATA_DIR/tinkerd.sqlite3
+    session_timeout_seconds: float = 600.0  # no heartbeat nor training request this long: unload the session's runs
+    parked_state_ttl_seconds: float = 86400.0  # how long the unsaved state of such runs is kept; 0: not kept
+
+
+@dataclass
+class Runs:
+    """Training runs of this process that hold engine memory, or did (see `tinkerd.server.lifecycle`)."""
+
+    session_of: dict[str, str] = field(default_factory=dict)  # loaded or parked run -> its session
+    last_request: dict[str, float] = field(default_factory=dict)  # run -> time of its newest training request
+    parked: dict[str, float] = field(default_factory=dict)  # run unloaded after its session lapsed -> when
+    released: dict[str, str] = field(default_factory=dict)  # run unloaded for good -> why (finished, lapsed, expired)
 
 
 @dataclass
@@ -40,6 +56,7 @@ class ServerState:
     scheduler: Scheduler
     base_models: dict[str, BaseModelInfo] = field(default_factory=dict)
     sequences: SequenceRecords = field(default_factory=SequenceRecords)
+    runs: Runs = field(default_factory=Runs)
 
     def owned(self, row: dict | None, owner: str, what: str, ident: str) -> dict:
         if row is None or row["owner"] != owner:
@@ -60,3 +77,7 @@ class ServerState:
 
     def checkpoint_dir(self, model_id: str, kind: str, name: str) -> Path:
         return self.config.data_dir / "checkpoints" / model_id.replace(":", "_") / kind / name
+
+    def parked_dir(self, model_id: str) -> Path:
+        """Where the state of a run unloaded after its session lapsed waits for the session to come back."""
+        return self.config.data_dir / "unloaded" / model_id.replace(":", "_")

@@ -14,6 +14,7 @@ from fastapi import APIRouter, Depends, Request
 from tinkerd.protocol.requests import LoadWeightsRequest, SaveWeightsRequest
 from tinkerd.protocol.sample import parse_tinker_path
 from tinkerd.protocol.types import BadRequest
+from tinkerd.server import lifecycle
 from tinkerd.server.auth import caller
 from tinkerd.server.checkpoint_access import readable_checkpoint
 from tinkerd.server.routes.training import CHECKPOINT_NAME, submit_training
@@ -73,6 +74,7 @@ async def load_weights(body: LoadWeightsRequest, request: Request, owner: str = 
     existing = st.store.future_for_seq(model_id, 0)
     if existing is not None:
         return {"request_id": existing["id"], "model_id": model_id}
+    lifecycle.check_session_open(session)
 
     def create_from_state() -> Outcome:
         spec = st.trainer.load_state(model_id, base_model, directory, body.optimizer)
@@ -82,6 +84,6 @@ async def load_weights(body: LoadWeightsRequest, request: Request, owner: str = 
         return Outcome(json={"path": body.path, "model_id": model_id, "type": "load_weights"})
 
     future_id = st.board.create(owner, "load_weights", model_id, 0)
-    st.scheduler.open_model(model_id)
+    lifecycle.open_run(st, model_id, session["id"])
     st.scheduler.submit(Job(future_id, "load_weights", create_from_state))
     return {"request_id": future_id, "model_id": model_id}

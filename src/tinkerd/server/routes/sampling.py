@@ -8,7 +8,9 @@ from fastapi.responses import JSONResponse
 from tinkerd.engine.interface import AdapterRef, SampleRequest as EngineSampleRequest
 from tinkerd.protocol.requests import CreateSamplingSessionRequest, RetrieveFutureRequest, SampleRequest
 from tinkerd.protocol.sample import encode_sample_pb, parse_tinker_path, prompt_tokens, sample_to_json, sampling_params
+from tinkerd.protocol.tensors import csr_layout, tensor_from_json
 from tinkerd.protocol.types import BadRequest
+from tinkerd.server import lifecycle
 from tinkerd.server.auth import caller
 from tinkerd.server.checkpoint_access import readable_checkpoint
 from tinkerd.server.scheduler import Outcome
@@ -60,11 +62,18 @@ async def asample(body: SampleRequest, request: Request, owner: str = Depends(ca
         row = st.owned(st.store.sampling_session(body.sampling_session_id), owner, "sampling_session_id",
                        body.sampling_session_id)
         ref = AdapterRef(uri=row["adapter_uri"], base_model=row["base_model"])
+        lifecycle.check_snapshot(st, ref.uri)
     else:
         ref = adapter_for(st, owner, body.model_path, body.base_model, "asample")
     if not 1 <= body.num_samples <= MAX_SAMPLES_PER_REQUEST:
         raise BadRequest(f"num_samples must be in [1, {MAX_SAMPLES_PER_REQUEST}], got {body.num_samples}")
     tokens, params = prompt_tokens(body.prompt), sampling_params(body.sampling_params)
+    targets = target_layout = None
+    if body.target_prompt_logprobs is not None:
+        targets = tensor_from_json(body.target_prompt_logprobs, "target_prompt_logprobs", fill=-1)
+        if targets.dtype != "int64":
+            raise BadRequest("target_prompt_logprobs: expected an int64 tensor of token ids")
+        target_layout = csr_layout(body.target_prompt_logprobs)
 
     future_id = st.board.create(owner, "sample")
     sequence_ids = [f"{future_id}:{i}" for i in range(body.num_samples)]
@@ -73,10 +82,11 @@ async def asample(body: SampleRequest, request: Request, owner: str = Depends(ca
         if body.record_stability_info:
             for sequence_id, sequence in zip(sequence_ids, result.sequences):
                 st.sequences.record(sequence_id, sequence.logprobs)
-        return Outcome(json=sample_to_json(result), pb=encode_sample_pb(result))
+        return Outcome(json=sample_to_json(result), pb=encode_sample_pb(result, target_layout))
 
-    st.scheduler.submit_sample(EngineSampleRequest(future_id, ref, tokens, body.num_samples, params,
-                                                   bool(body.prompt_logprobs), body.topk_prompt_logprobs), encode)
+    st.scheduler.submit_sample(EngineSampleRequest(
+        future_id, ref, tokens, body.num_samples, params, bool(body.prompt_logprobs), body.topk_prompt_logprobs,
+        body.prompt_logprobs_last_n, targets, body.prompt_alt_tokens_k, body.topk_sample_logprobs), encode)
     return {"request_id": future_id, "sample_sequence_ids": sequence_ids}
 
 

@@ -8,6 +8,7 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse
 
 from tinkerd.protocol.requests import CreateSessionRequest, SessionRequest
+from tinkerd.server import lifecycle
 from tinkerd.server.auth import caller
 
 router = APIRouter(prefix="/api/v1")
@@ -61,8 +62,10 @@ async def heartbeat(body: SessionRequest, request: Request, owner: str = Depends
 
 @router.post("/sessions/{session_id}/finish")
 async def finish_session(session_id: str, request: Request, owner: str = Depends(caller)):
+    """The session's training runs are unloaded (after the work already queued for them)."""
     state(request).session(session_id, owner)
     state(request).store.finish_session(session_id)
+    lifecycle.release_session(state(request), session_id)
     return {}
 
 

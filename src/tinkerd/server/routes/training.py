@@ -18,6 +18,7 @@ from tinkerd.protocol.forward_backward import (
 )
 from tinkerd.protocol.requests import CreateModelRequest, LoraConfig, ModelRequest, OptimStepRequest, SaveWeightsForSamplerRequest
 from tinkerd.protocol.types import AdamParams, BadRequest, ForwardBackwardCall
+from tinkerd.server import lifecycle
 from tinkerd.server.auth import caller
 from tinkerd.server.scheduler import Job, Outcome
 from tinkerd.server.state import NotFound, ServerState
@@ -28,14 +29,18 @@ CHECKPOINT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
 def submit_training(st: ServerState, owner: str, model_id: str, seq_id: int | None, kind: str,
                     run: Callable[[], Outcome] | None = None, **batchable) -> dict:
-    """Queue a training op in its model's seq_id order; a retried seq_id gets its existing future."""
+    """Queue a training op in its model's seq_id order; a retried seq_id gets its existing future.
+
+    A run unloaded because its session finished answers 410; one unloaded because its session
+    lapsed is restored first (see `lifecycle`)."""
     st.model(model_id, owner)
-    if model_id not in st.scheduler.models:
-        raise NotFound(f"model_id {model_id!r} is not loaded (the server restarted); load it from a checkpoint")
     if seq_id:
         existing = st.store.future_for_seq(model_id, seq_id)
         if existing is not None:
             return {"request_id": existing["id"], "model_id": model_id}
+    lifecycle.before_training_request(st, model_id)
+    if model_id not in st.scheduler.models:
+        raise NotFound(f"model_id {model_id!r} is not loaded (the server restarted); load it from a checkpoint")
     future_id = st.board.create(owner, kind, model_id, seq_id or None)
     st.scheduler.submit_ordered(model_id, seq_id, Job(future_id, kind, run, **batchable))
     return {"request_id": future_id, "model_id": model_id}
@@ -50,6 +55,7 @@ async def create_model(body: CreateModelRequest, request: Request, owner: str = 
     existing = st.store.future_for_seq(model_id, 0)
     if existing is not None:
         return {"request_id": existing["id"], "model_id": model_id}
+    lifecycle.check_session_open(session)
     lora = body.lora_config or LoraConfig()
     spec = AdapterSpec(rank=lora.rank, seed=lora.seed, train_attn=lora.train_attn, train_mlp=lora.train_mlp,
                        train_unembed=lora.train_unembed)
@@ -60,7 +66,7 @@ async def create_model(body: CreateModelRequest, request: Request, owner: str = 
         return Outcome(json={"model_id": model_id, "type": "create_model"})
 
     future_id = st.board.create(owner, "create_model", model_id, 0)
-    st.scheduler.open_model(model_id)
+    lifecycle.open_run(st, model_id, session["id"])
     st.scheduler.submit(Job(future_id, "create_model", run))
     return {"request_id": future_id, "model_id": model_id}
 

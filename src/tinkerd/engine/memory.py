@@ -1,0 +1,44 @@
+"""Giving freed memory back to the operating system, and reading how much the process holds.
+
+Adapters, AdamW moments and snapshots are many small tensors; once freed, glibc keeps their pages
+in its heaps (fragmented by tensors that live on), so the process's RSS does not go down.
+`malloc_trim(0)` returns those free pages (~25 ms after freeing a few GB). A no-op where the C
+library is not glibc. Knows nothing about what was freed.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import functools
+import logging
+
+log = logging.getLogger(__name__)
+
+
+@functools.cache
+def _malloc_trim():
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        return libc.malloc_trim
+    except (OSError, AttributeError):
+        return None
+
+
+def release_freed_memory() -> None:
+    """Hand free heap pages back to the OS (after dropping adapters or optimizer state)."""
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
+
+
+def rss_bytes() -> int | None:
+    """Resident set size of this process (Linux), or None where /proc is unavailable."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None

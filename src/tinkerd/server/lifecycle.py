@@ -1,0 +1,211 @@
+"""Training runs give their engine memory back when their session ends.
+
+A training run (model_id) holds engine memory (LoRA weights and gradients, AdamW moments, up to 8
+sampler snapshots) from create_model / load_weights until its session ends:
+
+- **finished** (`POST /sessions/{id}/finish`, what `ServiceClient.close()` sends): the run is
+  *released*. An engine job, queued behind the work already submitted, drops it. Its Store rows
+  and checkpoints stay; later training requests on it answer 410 with the newest state checkpoint
+  to resume from (the SDK documents that a finished session rejects further operations).
+- **lapsed** (no heartbeat and no training request for `session_timeout_seconds`; the SDK
+  heartbeats every 10 s): the run is *parked*. An engine job writes its exact state (weights, AdamW
+  moments and step count, gradients accumulated since the last optim_step) to
+  `DATA_DIR/unloaded/`, then drops it. The next training request on the run first restores that
+  state (an engine job queued ahead of it) and deletes the folder, so a client that was suspended
+  or offline carries on as if nothing happened. Parked state is kept `parked_state_ttl_seconds`
+  after the session's last sign of life; then it is deleted and the run released.
+
+In-memory sampler snapshots go with their run (a running sample keeps its snapshot until it
+finishes); sampling from them afterwards answers 410. Engine memory is only touched by scheduler
+jobs on the engine thread; the bookkeeping here (`ServerState.runs`) lives on the event loop.
+Nothing here is persisted: after a restart no run is loaded anyway.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import shutil
+import time
+
+from tinkerd.server.scheduler import Job, Outcome
+from tinkerd.server.state import Gone, ServerState
+
+log = logging.getLogger(__name__)
+
+FINISHED, LAPSED, EXPIRED = "finished", "lapsed", "expired"
+ORPHAN_MIN_AGE_SECONDS = 3600.0
+
+
+def open_run(st: ServerState, model_id: str, session_id: str) -> None:
+    """A run of `session_id` is being created (create_model, load_weights into a new model)."""
+    st.scheduler.open_model(model_id)
+    st.runs.session_of[model_id] = session_id
+    st.runs.last_request[model_id] = time.time()
+    st.runs.released.pop(model_id, None)
+
+
+def check_session_open(session: dict) -> None:
+    """New runs only in sessions that are not finished (410)."""
+    if session["finished"]:
+        raise Gone(f"session {session['id']!r} is finished; create a new ServiceClient to start new runs")
+
+
+def before_training_request(st: ServerState, model_id: str) -> None:
+    """Called before queueing a training operation: 410 for a released run; a parked run is restored first."""
+    runs = st.runs
+    if model_id in runs.released:
+        raise Gone(released_message(st, model_id))
+    runs.last_request[model_id] = time.time()
+    if model_id in runs.parked:
+        _restore(st, model_id)
+
+
+def check_snapshot(st: ServerState, adapter_uri: str | None) -> None:
+    """410 when a `mem://` sampler snapshot belonged to a run that was unloaded."""
+    if not adapter_uri or not adapter_uri.startswith("mem://"):
+        return
+    key = adapter_uri[len("mem://"):]
+    model_id = key.rsplit("@", 1)[0]
+    if model_id in st.runs.parked:
+        raise Gone(f"sampler weights {key!r} were dropped from memory when training run {model_id!r} was unloaded "
+                   f"(its session sent no heartbeat for {st.config.session_timeout_seconds:g} s); call "
+                   "save_weights_and_get_sampling_client again (the training run resumes where it was)")
+    if model_id in st.runs.released:
+        raise Gone(f"sampler weights {key!r} were dropped from memory: {released_message(st, model_id)}")
+
+
+def released_message(st: ServerState, model_id: str) -> str:
+    reason = st.runs.released[model_id]
+    session = model_id.split(":train:", 1)[0]
+    timeout, ttl = st.config.session_timeout_seconds, st.config.parked_state_ttl_seconds
+    why = {
+        FINISHED: f"its session {session!r} finished (ServiceClient.close, or the end of its `with` block)",
+        LAPSED: f"its session {session!r} sent no heartbeat for {timeout:g} s",
+        EXPIRED: f"its session {session!r} sent no heartbeat for {timeout:g} s and its unsaved state was kept "
+                 f"for {ttl:g} s",
+    }[reason]
+    newest = next((c for c in st.store.model_checkpoints(model_id) if c["kind"] == "weights"), None)
+    if newest is None:
+        resume = "it has no save_state checkpoint to resume from"
+    else:
+        resume = (f"to continue training it, call ServiceClient().create_training_client_from_state_with_optimizer"
+                  f"({newest['path']!r}) (its newest save_state checkpoint)")
+    return f"training run {model_id!r} was unloaded from memory because {why}; {resume}"
+
+
+# unloading and restoring (engine work as scheduler jobs, in order with the run's requests)
+
+def release(st: ServerState, model_id: str, reason: str) -> None:
+    """Unload a run for good: drop it (or its parked state); waiting requests fail with the reason."""
+    runs = st.runs
+    was_parked = runs.parked.pop(model_id, None) is not None
+    runs.session_of.pop(model_id, None)
+    runs.last_request.pop(model_id, None)
+    runs.released[model_id] = reason
+    waiting = st.scheduler.close_model(model_id)
+    if waiting:
+        message = released_message(st, model_id)
+        for job in waiting:
+            st.board.fail(job.future_id, message, "user")
+    directory = st.parked_dir(model_id)
+
+    def run() -> Outcome:
+        if was_parked:
+            shutil.rmtree(directory, ignore_errors=True)
+        else:
+            st.trainer.drop_adapter(model_id)
+        log.info("unloaded training run %s (%s)", model_id, reason)
+        return Outcome()
+
+    st.scheduler.submit(Job(None, "unload", run))
+
+
+def release_session(st: ServerState, session_id: str, reason: str = FINISHED) -> None:
+    for model_id, owner_session in list(st.runs.session_of.items()):
+        if owner_session == session_id:
+            release(st, model_id, reason)
+
+
+def park(st: ServerState, model_id: str) -> None:
+    """Unload a run whose session lapsed, keeping its exact state on disk for a transparent restore."""
+    st.runs.parked[model_id] = time.time()
+    directory = st.parked_dir(model_id)
+
+    def run() -> Outcome:
+        st.trainer.save_state(model_id, directory, with_gradients=True)  # BadRequest if it was never created
+        st.trainer.drop_adapter(model_id)  # only once its state is safely on disk
+        log.info("unloaded training run %s (session lapsed); state kept in %s", model_id, directory)
+        return Outcome()
+
+    st.scheduler.submit(Job(None, "park", run))
+
+
+def _restore(st: ServerState, model_id: str) -> None:
+    st.runs.parked.pop(model_id, None)
+    directory = st.parked_dir(model_id)
+
+    def run() -> Outcome:
+        if directory.is_dir():  # else parking failed and the run is still loaded
+            st.trainer.load_state(model_id, None, directory, with_optimizer=True)
+            shutil.rmtree(directory, ignore_errors=True)
+            log.info("restored training run %s", model_id)
+        return Outcome()
+
+    st.scheduler.submit(Job(None, "restore", run))
+
+
+# the sweep
+
+async def sweep(st: ServerState, now: float | None = None) -> None:
+    """Release runs of finished sessions, park runs of lapsed ones, expire old parked state."""
+    runs, config = st.runs, st.config
+    session_ids = set(runs.session_of.values())
+    rows = await asyncio.to_thread(lambda: {sid: st.store.session(sid) for sid in session_ids})
+    now = time.time() if now is None else now
+    for model_id, session_id in list(runs.session_of.items()):
+        if session_id not in rows:  # opened while the Store was read
+            continue
+        row = rows[session_id]
+        if row is None or row["finished"]:
+            release(st, model_id, FINISHED)
+            continue
+        alive = max(row["last_seen"], runs.last_request.get(model_id, 0.0))
+        if model_id in runs.parked:
+            if now - max(alive, runs.parked[model_id]) > config.parked_state_ttl_seconds:
+                release(st, model_id, EXPIRED)
+        elif config.session_timeout_seconds > 0 and now - alive > config.session_timeout_seconds:
+            if config.parked_state_ttl_seconds > 0:
+                park(st, model_id)
+            else:
+                release(st, model_id, LAPSED)
+    mine = {st.parked_dir(m).name for m in runs.parked}
+    older_than = now - max(config.parked_state_ttl_seconds, ORPHAN_MIN_AGE_SECONDS)
+    await asyncio.to_thread(_delete_orphans, st.config.data_dir / "unloaded", mine, older_than)
+
+
+def _delete_orphans(root, keep: set[str], older_than: float) -> None:
+    """Parked state no parked run refers to (left by an earlier process) goes after the TTL (and at
+    least ORPHAN_MIN_AGE_SECONDS, so a folder with a restore still queued is never taken)."""
+    if not root.is_dir():
+        return
+    for folder in root.iterdir():
+        try:
+            if folder.name not in keep and folder.stat().st_mtime < older_than:
+                shutil.rmtree(folder, ignore_errors=True)
+        except OSError:
+            pass
+
+
+def sweep_interval(config) -> float:
+    timeout = config.session_timeout_seconds
+    return min(30.0, max(0.05, timeout / 4)) if timeout > 0 else 30.0
+
+
+async def sweep_forever(st: ServerState) -> None:
+    while True:
+        await asyncio.sleep(sweep_interval(st.config))
+        try:
+            await sweep(st)
+        except Exception:  # noqa: BLE001 - a failed sweep (e.g. the Store briefly unreachable) is retried
+            log.exception("session sweep failed")
