@@ -250,3 +250,23 @@ def test_parked_state_left_by_an_earlier_process_is_deleted_after_the_ttl(api):
     os.utime(old, (past, past))
     api.portal.call(lifecycle.sweep, api.st)
     assert not old.exists() and recent.is_dir()
+
+
+def test_samples_of_a_lapsed_session_are_cancelled_and_free_their_rows(api):
+    st = api.st
+    gone, alive = Run(api, seed=1), Run(api, seed=2)
+    samplers = {run: run.sampler(0) for run in (gone, alive)}
+    api.sampler.hold.set()
+    futures = {run: _sample(api, samplers[run], max_tokens=40).json()["request_id"] for run in (gone, alive)}
+    _wait(api.sampler.holding.is_set, "samples decoding")
+    st.config.session_timeout_seconds = 0.5
+    time.sleep(0.6)
+    alive.heartbeat()
+    api.portal.call(lifecycle.sweep, st)  # `gone` sent no heartbeat for 0.6 s
+    st.config.session_timeout_seconds = 600
+    api.sampler.hold.clear()
+    api.sampler.holding.clear()
+    api.portal.call(st.scheduler._ready.set)  # wake the engine loop
+    assert "sent no heartbeat" in future_result(api, futures[gone])["error"]
+    assert len(future_result(api, futures[alive])["sequences"][0]["tokens"]) == 40
+    _wait(lambda: api.sampler.active_rows() == 0, "the cancelled rows to be dropped")

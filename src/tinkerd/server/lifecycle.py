@@ -158,11 +158,18 @@ def _restore(st: ServerState, model_id: str) -> None:
 # the sweep
 
 async def sweep(st: ServerState, now: float | None = None) -> None:
-    """Release runs of finished sessions, park runs of lapsed ones, expire old parked state."""
+    """Release runs of finished sessions, park runs of lapsed ones, expire old parked state; cancel
+    the sample requests of lapsed sessions (a finished session's running samples still complete)."""
     runs, config = st.runs, st.config
-    session_ids = set(runs.session_of.values())
+    sampling = st.scheduler.sample_sessions()
+    session_ids = set(runs.session_of.values()) | sampling
     rows = await asyncio.to_thread(lambda: {sid: st.store.session(sid) for sid in session_ids})
     now = time.time() if now is None else now
+    for session_id in sampling:  # sample requests of a client that is gone free their rows
+        row = rows[session_id]
+        if row is not None and config.session_timeout_seconds > 0 and now - row["last_seen"] > config.session_timeout_seconds:
+            st.scheduler.cancel_session_samples(
+                session_id, f"abandoned: session {session_id!r} sent no heartbeat for {config.session_timeout_seconds:g} s")
     for model_id, session_id in list(runs.session_of.items()):
         if session_id not in rows:  # opened while the Store was read
             continue

@@ -54,6 +54,12 @@ class ModelQueue:
 BatchRunner = Callable[[list[ForwardBackwardCall]], list[ForwardBackwardResult | BadRequest]]
 
 
+@dataclass
+class PendingSample:
+    encode: Callable[[SampleResult], Outcome]  # the result's wire forms, made on the engine thread
+    session_id: str | None  # the sampling session's client session, if any
+
+
 class Scheduler:
     def __init__(self, board: FutureBoard, run_forward_batch: BatchRunner, sampler: Sampler,
                  metrics: ServerMetrics | None = None) -> None:
@@ -65,7 +71,7 @@ class Scheduler:
         self.sampler = sampler
         self.models: dict[str, ModelQueue] = {}
         self.jobs: collections.deque[Job] = collections.deque()
-        self.samples: dict[str, Callable[[SampleResult], Outcome]] = {}  # request id -> result encoder
+        self.samples: dict[str, PendingSample] = {}  # request id -> how to answer it
         self._ready = asyncio.Event()
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tinkerd-engine")
         self._worker: asyncio.Task | None = None
@@ -94,15 +100,25 @@ class Scheduler:
         self.jobs.append(job)
         self._ready.set()
 
-    def submit_sample(self, request: SampleRequest, encode: Callable[[SampleResult], Outcome]) -> None:
-        self.samples[request.request_id] = encode
+    def submit_sample(self, request: SampleRequest, encode: Callable[[SampleResult], Outcome],
+                      session_id: str | None = None) -> None:
+        self.samples[request.request_id] = PendingSample(encode, session_id)
         self.sampler.submit(request)
         self._ready.set()
 
-    def cancel_sample(self, request_id: str) -> None:
+    def cancel_sample(self, request_id: str, reason: str = "cancelled by the client") -> None:
         if self.samples.pop(request_id, None) is not None:
             self.sampler.cancel(request_id)
-            self.board.fail(request_id, "cancelled by the client", "user")
+            self.board.fail(request_id, reason, "user")
+            self._ready.set()  # the next step drops its rows
+
+    def sample_sessions(self) -> set[str]:
+        return {p.session_id for p in self.samples.values() if p.session_id is not None}
+
+    def cancel_session_samples(self, session_id: str, reason: str) -> None:
+        """Abandoned requests: the rows of a session that ended stop decoding at the next step."""
+        for request_id in [r for r, p in self.samples.items() if p.session_id == session_id]:
+            self.cancel_sample(request_id, reason)
 
     def submit_ordered(self, model_id: str, seq_id: int | None, job: Job) -> None:
         """Queue a training job; it runs once every lower seq_id of its model has been handed over."""
@@ -174,10 +190,10 @@ class Scheduler:
         def run() -> list[tuple[str, Outcome | Exception]]:
             out = []
             for request_id, result in self.sampler.step():
-                encode = self.samples.get(request_id)
-                if encode is not None and not isinstance(result, Exception):
+                pending = self.samples.get(request_id)
+                if pending is not None and not isinstance(result, Exception):
                     self.metrics.tokens_sampled.inc(sum(len(seq.tokens) for seq in result.sequences))
-                    result = encode(result)
+                    result = pending.encode(result)
                 out.append((request_id, result))
             return out
 

@@ -63,8 +63,10 @@ async def asample(body: SampleRequest, request: Request, owner: str = Depends(ca
                        body.sampling_session_id)
         ref = AdapterRef(uri=row["adapter_uri"], base_model=row["base_model"])
         lifecycle.check_snapshot(st, ref.uri)
+        session_id = row["session_id"]
     else:
         ref = adapter_for(st, owner, body.model_path, body.base_model, "asample")
+        session_id = None
     if not 1 <= body.num_samples <= MAX_SAMPLES_PER_REQUEST:
         raise BadRequest(f"num_samples must be in [1, {MAX_SAMPLES_PER_REQUEST}], got {body.num_samples}")
     tokens, params = prompt_tokens(body.prompt), sampling_params(body.sampling_params)
@@ -86,7 +88,8 @@ async def asample(body: SampleRequest, request: Request, owner: str = Depends(ca
 
     st.scheduler.submit_sample(EngineSampleRequest(
         future_id, ref, tokens, body.num_samples, params, bool(body.prompt_logprobs), body.topk_prompt_logprobs,
-        body.prompt_logprobs_last_n, targets, body.prompt_alt_tokens_k, body.topk_sample_logprobs), encode)
+        body.prompt_logprobs_last_n, targets, body.prompt_alt_tokens_k, body.topk_sample_logprobs), encode,
+        session_id)
     return {"request_id": future_id, "sample_sequence_ids": sequence_ids}
 
 
