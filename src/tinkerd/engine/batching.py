@@ -8,12 +8,12 @@ killed. `collate` pads one micro-batch. Knows nothing about adapters' weights or
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
+from tinkerd.engine.memory import available_memory_bytes
 from tinkerd.protocol.types import BadRequest, Datum
 
 TOKEN_BUDGET_CAP = 16384
@@ -84,20 +84,6 @@ def validate_datums(data: list[Datum], required: tuple[str, ...], optional: tupl
                 )
             if not np.isfinite(value).all():
                 raise BadRequest(f"data[{i}].loss_fn_inputs.{name} contains NaN or infinite values")
-
-
-def available_memory_bytes(device: torch.device) -> int:
-    if device.type == "cuda":
-        free, _ = torch.cuda.mem_get_info(device)
-        return int(free)
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES"))
 
 
 def token_budget(config, device: torch.device, dtype_bytes: int) -> int:

@@ -1,4 +1,4 @@
-"""Giving freed memory back to the operating system, and reading how much the process holds.
+"""Giving freed memory back to the operating system, and reading how much is available.
 
 Adapters, AdamW moments and snapshots are many small tensors; once freed, glibc keeps their pages
 in its heaps (fragmented by tensors that live on), so the process's RSS does not go down.
@@ -12,6 +12,9 @@ import ctypes
 import ctypes.util
 import functools
 import logging
+import os
+
+import torch
 
 log = logging.getLogger(__name__)
 
@@ -32,13 +35,24 @@ def release_freed_memory() -> None:
         trim(0)
 
 
-def rss_bytes() -> int | None:
-    """Resident set size of this process (Linux), or None where /proc is unavailable."""
+def _proc_kib(path: str, key: str) -> int | None:
+    """A `Key:   N kB` line of a /proc file, in bytes; None where /proc is unavailable (not Linux)."""
     try:
-        with open("/proc/self/status") as f:
+        with open(path) as f:
             for line in f:
-                if line.startswith("VmRSS:"):
+                if line.startswith(key + ":"):
                     return int(line.split()[1]) * 1024
     except OSError:
         pass
     return None
+
+
+def available_memory_bytes(device: torch.device) -> int:
+    """What a new allocation on `device` can still get: free GPU memory, or the OS's MemAvailable."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free)
+    available = _proc_kib("/proc/meminfo", "MemAvailable")
+    if available is not None:
+        return available
+    return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES"))
