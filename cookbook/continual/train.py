@@ -89,7 +89,9 @@ def main(config: Config) -> dict:
             n = epochs * len(a_train) // config.batch_size
             return n if config.max_steps is None else min(n, config.max_steps)
 
-        # Phase A: one adapter learns Quillmark.
+        # Phase A: one adapter learns Quillmark (a fresh adapter scores like the base model).
+        fa, da = nll(model_a, "a_test")
+        before_a = nll_per_token(fa.result().loss_fn_outputs, da)
         n_a = steps(config.epochs_a)
         for step in tqdm(range(1, n_a + 1), desc="task A", unit="step"):
             batch = rng.sample(data["a_train"], config.batch_size)
@@ -126,12 +128,15 @@ def main(config: Config) -> dict:
         final = dict(logger.rows[-1])
         logger.close(panels={"task A held-out NLL (retention)": [f"{n}_a_test_nll" for n in names],
                              "task B held-out NLL": [f"{n}_b_test_nll" for n in names]})
-        summary = {"after_task_a": {"a_test_nll": after_a["a_test_nll"], "b_test_nll": after_a["b_test_nll"],
+        summary = {"before_task_a": {"a_test_nll": before_a},
+                   "after_task_a": {"a_test_nll": after_a["a_test_nll"], "b_test_nll": after_a["b_test_nll"],
                                     "a_recall": recall_after_a}}
+        gain_a = before_a - after_a["a_test_nll"]
         for name, client in clients.items():
             sampler = client.save_weights_and_get_sampling_client().result()
             summary[f"after_task_b_{name}"] = {
                 "a_test_nll": final[f"{name}_a_test_nll"], "b_test_nll": final[f"{name}_b_test_nll"],
+                "a_gain_retained": (before_a - final[f"{name}_a_test_nll"]) / gain_a,  # of the NLL drop task A made
                 "a_recall": recall(greedy_answers(sampler, tok, [r["question"] for r in a_test]), a_test)
                 if config.recall else None,
                 "b_recall": recall(greedy_answers(sampler, tok, [r["question"] for r in b_test]), b_test)
