@@ -131,7 +131,7 @@ def _tiny_model_folder(folder):
     return folder
 
 
-def test_serve_threads_are_parsed_and_applied_with_a_passive_wait_policy(tmp_path, monkeypatch):
+def test_serve_threads_are_parsed_and_applied_with_a_short_openmp_spin(tmp_path, monkeypatch):
     from tinkerd.cli import _parser, configure_threads
     from tinkerd.local_server import LocalServer
 
@@ -141,10 +141,11 @@ def test_serve_threads_are_parsed_and_applied_with_a_passive_wait_policy(tmp_pat
     with pytest.raises(SystemExit, match="--threads must be >= 1"):
         configure_threads(0)
     monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
+    monkeypatch.delenv("GOMP_SPINCOUNT", raising=False)
     folder = _tiny_model_folder(tmp_path / "tiny")
     with LocalServer(tmp_path / "data", "--base-model", str(folder), "--threads", "1") as server:
         log = server.log_tail()
-    assert "torch threads 1, inter-op threads 1, OMP_WAIT_POLICY=PASSIVE)" in log, log
+    assert "torch threads 1, inter-op threads 1, GOMP_SPINCOUNT=10000)" in log, log
 
 
 def test_a_wait_policy_from_the_environment_is_kept():
