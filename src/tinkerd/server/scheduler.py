@@ -43,6 +43,7 @@ class Job:
     run: Callable[[], Outcome] | None = None  # called on the engine thread
     call: ForwardBackwardCall | None = None  # batchable forward / forward_backward
     encode: Callable[[ForwardBackwardResult], Outcome] | None = None
+    model_id: str | None = None  # the model whose order it keeps (set by `submit_ordered`)
 
 
 @dataclass
@@ -123,6 +124,7 @@ class Scheduler:
     def submit_ordered(self, model_id: str, seq_id: int | None, job: Job) -> None:
         """Queue a training job; it runs once every lower seq_id of its model has been handed over."""
         queue = self.models[model_id]
+        job.model_id = model_id
         if not seq_id:  # older SDKs send no seq_id: arrival order
             self.submit(job)
             return
@@ -134,10 +136,25 @@ class Scheduler:
             queue.next_seq += 1
 
     def _take_forward_batch(self, first: Job) -> list[Job]:
-        """`first` plus the forward jobs queued right behind it, up to the next training barrier."""
-        batch = [first]
-        while self.jobs and self.jobs[0].call is not None:
-            batch.append(self.jobs.popleft())
+        """`first` plus every queued forward job that no earlier job of its model must precede.
+
+        Tenants submit forward_backward and optim_step back to back, so the queue interleaves them;
+        a forward job of model B may pass model A's optim_step (their order is independent), but not
+        one of B's own. Jobs of no model (unloading, restoring) are barriers for everyone.
+        """
+        batch, rest, blocked = [first], collections.deque(), set()
+        while self.jobs:
+            job = self.jobs.popleft()
+            if job.call is not None and job.call.model_id not in blocked:
+                batch.append(job)
+                continue
+            rest.append(job)
+            if job.model_id is None:
+                rest.extend(self.jobs)
+                self.jobs.clear()
+            else:
+                blocked.add(job.model_id)
+        self.jobs = rest
         return batch
 
     async def _work(self) -> None:

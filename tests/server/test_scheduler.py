@@ -1,0 +1,72 @@
+"""The scheduler against a fake engine: per-model seq_id order (gaps wait, reuse is refused) and
+forward batches that gather every tenant's ready forward_backward without reordering any model."""
+
+import asyncio
+
+import pytest
+
+from tinkerd.protocol.types import BadRequest, ForwardBackwardCall, ForwardBackwardResult
+from tinkerd.server.futures import FutureBoard
+from tinkerd.server.scheduler import Job, Outcome, Scheduler
+from tinkerd.store.db import open_store
+
+
+class NoSampler:
+    def has_work(self):
+        return False
+
+
+def _run(tmp_path, submissions):
+    """Submit (model, seq, kind) in order while the engine is stopped, then run; returns what the
+    engine did, in order: ("batch", [(model, seq), ...]) or (kind, model, seq)."""
+    done: list = []
+
+    def forward_batch(calls):
+        done.append(("batch", [(c.model_id, c.seq_id) for c in calls]))
+        return [ForwardBackwardResult([], {}) for _ in calls]
+
+    async def main():
+        board = FutureBoard(open_store(None, tmp_path))
+        board.bind_loop(asyncio.get_running_loop())
+        scheduler = Scheduler(board, forward_batch, NoSampler())
+        futures = []
+        for model, seq, kind in submissions:
+            if model not in scheduler.models:
+                scheduler.open_model(model)
+            future_id = board.create("owner", kind)  # the Store's own (model, seq) uniqueness is tested elsewhere
+            if kind == "forward_backward":
+                job = Job(future_id, kind, call=ForwardBackwardCall(model, seq, "cross_entropy", {}, False, []),
+                          encode=lambda result: Outcome(json={}))
+            else:
+                job = Job(future_id, kind, run=lambda m=model, s=seq, k=kind: done.append((k, m, s)) or Outcome(json={}))
+            scheduler.submit_ordered(model, seq, job)
+            futures.append(future_id)
+        scheduler.start()
+        for _ in range(200):
+            if all(board.store.future(f)["state"] != "pending" for f in futures):
+                break
+            await asyncio.sleep(0.01)
+        await scheduler.stop()
+        return [board.store.future(f)["state"] for f in futures]
+
+    states = asyncio.run(main())
+    return done, states
+
+
+def test_interleaved_tenants_are_batched_without_reordering_any_model(tmp_path):
+    # Each tenant sends forward_backward then optim_step back to back, as the SDK does.
+    done, states = _run(tmp_path, [("a", 1, "forward_backward"), ("a", 2, "optim_step"),
+                                   ("b", 1, "forward_backward"), ("b", 2, "optim_step"),
+                                   ("c", 1, "forward_backward"), ("a", 3, "forward_backward"),
+                                   ("c", 2, "optim_step")])
+    assert states == ["done"] * 7
+    assert done[0] == ("batch", [("a", 1), ("b", 1), ("c", 1)])  # a's second step waits for its optim_step
+    assert done[1:4] == [("optim_step", "a", 2), ("optim_step", "b", 2), ("batch", [("a", 3)])]
+    assert done[4] == ("optim_step", "c", 2)
+
+
+def test_a_gap_waits_for_the_missing_seq_id_and_a_reused_seq_id_is_refused(tmp_path):
+    done, states = _run(tmp_path, [("a", 2, "optim_step"), ("a", 1, "forward_backward")])
+    assert done == [("batch", [("a", 1)]), ("optim_step", "a", 2)] and states == ["done"] * 2
+    with pytest.raises(BadRequest, match="seq_id 1 for model a was already used"):
+        _run(tmp_path / "again", [("a", 1, "forward_backward"), ("a", 1, "forward_backward")])
