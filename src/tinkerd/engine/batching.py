@@ -101,14 +101,18 @@ def token_budget(config, device: torch.device, dtype_bytes: int) -> int:
 
 
 def plan_micro_batches(rows: list[Row], budget: int) -> list[list[Row]]:
-    """Greedy packing, longest rows first, keeping len(chunk) * longest <= budget (a lone row always fits)."""
+    """Greedy packing, longest rows first, keeping len(chunk) * longest <= budget (a lone row always fits).
+    Within a chunk, rows of one adapter are contiguous, so each adapter's LoRA runs on a slice."""
     chunks: list[list[Row]] = []
     for row in sorted(rows, key=lambda r: r.length, reverse=True):
         if chunks and (len(chunks[-1]) + 1) * chunks[-1][0].length <= budget:
             chunks[-1].append(row)
         else:
             chunks.append([row])
-    return chunks
+    first_seen = {}
+    for row in rows:
+        first_seen.setdefault(row.adapter, len(first_seen))
+    return [sorted(chunk, key=lambda r: first_seen[r.adapter]) for chunk in chunks]
 
 
 def collate(rows: list[Row], input_names: set[str], device: torch.device) -> Batch:

@@ -37,10 +37,11 @@ CACHE_GRACE_SECONDS = 60.0  # a freshly loaded adapter nobody pinned yet is safe
 
 
 class AdapterRouter:
-    """Per-pass routing: a list of (adapter key, row indices or None for every row)."""
+    """Per-pass routing: a list of (adapter key, its rows: None for every row, a slice when they are
+    contiguous, else an index tensor)."""
 
     def __init__(self) -> None:
-        self.groups: list[tuple[str, torch.Tensor | None]] = []
+        self.groups: list[tuple[str, torch.Tensor | slice | None]] = []
 
     @contextlib.contextmanager
     def route(self, keys_per_row: list[str | None]):
@@ -49,11 +50,7 @@ class AdapterRouter:
         if len(distinct) == 1:
             groups = [] if distinct[0] is None else [(distinct[0], None)]
         else:
-            groups = [
-                (key, torch.tensor([i for i, k in enumerate(keys_per_row) if k == key]))
-                for key in distinct
-                if key is not None
-            ]
+            groups = [(key, _rows_of(keys_per_row, key)) for key in distinct if key is not None]
         previous, self.groups = self.groups, groups
         try:
             yield
@@ -61,11 +58,22 @@ class AdapterRouter:
             self.groups = previous
 
 
+def _rows_of(keys_per_row: list[str | None], key: str) -> torch.Tensor | slice:
+    rows = [i for i, k in enumerate(keys_per_row) if k == key]
+    if rows[-1] - rows[0] + 1 == len(rows):
+        return slice(rows[0], rows[-1] + 1)
+    return torch.tensor(rows)
+
+
 @dataclass
 class LoRAWeights:
     A: torch.Tensor  # (in, r) fp32
     B: torch.Tensor  # (r, out) fp32
     scale: float
+
+    def delta(self, x: torch.Tensor) -> torch.Tensor:
+        """scale * (x A) B in x's dtype; the gradient reaches the fp32 masters through the casts."""
+        return ((x @ self.A.to(x.dtype)) * self.scale) @ self.B.to(x.dtype)
 
 
 class LoRALinear(nn.Module):
@@ -92,17 +100,35 @@ class LoRALinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base(x)
-        for key, rows in self.router.groups:
-            w = self.adapters.get(key)
-            if w is None:
-                continue
-            A, B = w.A.to(x.dtype), w.B.to(x.dtype)
+        groups = [(self.adapters[key], rows) for key, rows in self.router.groups if key in self.adapters]
+        if groups and all(isinstance(rows, slice) for _, rows in groups):
+            return y + self._sliced_deltas(x, groups)
+        for w, rows in groups:
+            # Scale the rank-r intermediate, and add in place (the base linear's backward needs not its output).
             if rows is None:
-                y = y.add_(((x @ A) * w.scale) @ B)  # scale the rank-r intermediate; add in place
+                y.add_(w.delta(x))
             else:
-                delta = ((x.index_select(0, rows) @ A) * w.scale) @ B
-                y = y.index_add(0, rows, delta.to(y.dtype))
+                y.index_add_(0, rows, w.delta(x.index_select(0, rows)).to(y.dtype))
         return y
+
+    def _sliced_deltas(self, x: torch.Tensor, groups: list[tuple["LoRAWeights", slice]]) -> torch.Tensor:
+        """Each adapter on its own contiguous rows, rows of no adapter zeros. One split and one
+        concatenation: their backward passes are one concatenation and one split (indexing each
+        slice separately would accumulate a full-size gradient of x per adapter)."""
+        sizes, owners, at = [], [], 0
+        for w, rows in sorted(groups, key=lambda g: g[1].start):
+            if rows.start > at:
+                sizes.append(rows.start - at)
+                owners.append(None)
+            sizes.append(rows.stop - rows.start)
+            owners.append(w)
+            at = rows.stop
+        if at < x.shape[0]:
+            sizes.append(x.shape[0] - at)
+            owners.append(None)
+        parts = [w.delta(xs) if w is not None else xs.new_zeros(*xs.shape[:-1], self.out_features)
+                 for w, xs in zip(owners, x.split(sizes))]
+        return torch.cat(parts)
 
 
 def classify_linear(name: str) -> str | None:
