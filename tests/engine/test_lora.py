@@ -41,3 +41,27 @@ def test_train_flags_choose_target_modules():
     rt.lora.add("all", AdapterSpec(rank=2))
     kinds = {m.kind for m in rt.lora.modules.values() if "all" in m.adapters}
     assert kinds == {"attn", "mlp", "unembed"}
+
+
+def test_interleaved_adapters_match_each_alone_with_gradients():
+    """Rows [a, b, a, None]: a's rows are not contiguous, b's are (a slice): the mixed routing path."""
+    rt = make_tiny_runtime()
+    tokens = torch.tensor([[5, 9, 3, 7], [4, 4, 8, 1], [2, 6, 1, 3], [7, 7, 2, 5]])
+    mask = torch.ones_like(tokens)
+    for key, seed in (("a", 1), ("b", 2)):
+        rt.lora.add(key, AdapterSpec(rank=4, seed=seed))
+        for module in rt.lora.modules.values():
+            module.adapters[key].B.data.normal_(generator=torch.Generator().manual_seed(seed))
+    mixed = rt.logits(tokens, mask, ["a", "b", "a", None])
+    mixed.square().mean().backward()
+    grads = {k: [m.adapters[k].B.grad.clone() for m in rt.lora.modules.values()] for k in "ab"}
+    for m in rt.lora.modules.values():
+        for k in "ab":
+            m.adapters[k].B.grad = None
+    alone = torch.cat([rt.logits(tokens[[0, 2]], mask[[0, 2]], ["a", "a"]),
+                       rt.logits(tokens[[1]], mask[[1]], ["b"]), rt.logits(tokens[[3]], mask[[3]], [None])])
+    alone[[0, 2, 1, 3]].square().mean().backward()  # the same loss over the same rows
+    assert torch.allclose(mixed[[0, 2, 1, 3]], alone, atol=1e-5)
+    for k in "ab":
+        for got, want in zip(grads[k], [m.adapters[k].B.grad for m in rt.lora.modules.values()]):
+            assert torch.allclose(got, want, atol=1e-5)

@@ -107,8 +107,9 @@ class LoRALinear(nn.Module):
             # Scale the rank-r intermediate, and add in place (the base linear's backward needs not its output).
             if rows is None:
                 y.add_(w.delta(x))
-            else:
-                y.index_add_(0, rows, w.delta(x.index_select(0, rows)).to(y.dtype))
+            else:  # interleaved rows: some adapters' rows may still be contiguous (a slice)
+                index = torch.arange(rows.start, rows.stop) if isinstance(rows, slice) else rows
+                y.index_add_(0, index, w.delta(x.index_select(0, index)).to(y.dtype))
         return y
 
     def _sliced_deltas(self, x: torch.Tensor, groups: list[tuple["LoRAWeights", slice]]) -> torch.Tensor:
