@@ -8,7 +8,7 @@ DEMO_PORT ?= 8765
 export HF_HUB_OFFLINE := 1
 export TINKER_TELEMETRY := 0
 
-.PHONY: setup demo test serve bench clean
+.PHONY: setup demo test serve bench cookbook-report clean
 
 setup: $(STAMP)
 
@@ -31,6 +31,14 @@ test: setup
 bench: setup
 	$(PY) -m pip install --quiet --disable-pip-version-check -e ".[bench]"
 	$(PY) -m bench.run_all
+
+# Every cookbook recipe's full run (hours on a 2-core CPU; not part of make test), then the results table
+# of cookbook/README.md from their summaries. One recipe: `python -m cookbook.<name>.train` then `python -m cookbook.report`.
+COOKBOOK_RECIPES ?= sft rl_math dpo distill ppo_value selfplay continual chat_pipeline
+cookbook-report: setup
+	@set -euo pipefail; for recipe in $(COOKBOOK_RECIPES); do \
+		echo "== cookbook.$$recipe"; $(PY) -m cookbook.$$recipe.train; done
+	$(PY) -m cookbook.report
 
 serve: setup
 	$(VENV)/bin/tinkerd serve --port $(DEMO_PORT)

@@ -127,6 +127,21 @@ def sft_datum(prompt: list[int], completion: list[int]) -> types.Datum:
                        loss_fn_inputs={"target_tokens": tokens[1:], "weights": weights})
 
 
+def rl_datum(prompt: list[int], tokens: list[int], logprobs: list[float], advantages) -> types.Datum:
+    """A policy-gradient datum (`importance_sampling` / `ppo` losses): the sampled tokens after the prompt, the
+    sampler's logprobs of them and an advantage per sampled token (one number: the same on every token);
+    prompt positions carry advantage 0."""
+    n, tokens = len(prompt) - 1, list(tokens)
+    advantages = [float(advantages)] * len(tokens) if isinstance(advantages, (int, float)) else list(advantages)
+    return types.Datum(model_input=types.ModelInput.from_ints(prompt + tokens[:-1]),
+                       loss_fn_inputs={"target_tokens": prompt[1:] + tokens, "logprobs": [0.0] * n + list(logprobs),
+                                       "advantages": [0.0] * n + advantages})
+
+
+def adam(learning_rate: float) -> types.AdamParams:
+    return types.AdamParams(learning_rate=learning_rate, beta1=0.9, beta2=0.95, eps=1e-8)
+
+
 def stop_params(tokenizer, max_tokens: int, temperature: float, seed: int | None = None) -> types.SamplingParams:
     return types.SamplingParams(max_tokens=max_tokens, temperature=temperature, seed=seed,
                                 stop=[tokenizer.eos_token_id])

@@ -1,0 +1,96 @@
+"""Regenerate the results table of cookbook/README.md from the recipes' full runs.
+
+    python -m cookbook.report [runs_dir=runs]        # `make cookbook-report` runs every recipe first
+
+Each row is formatted from `<runs_dir>/<recipe>/summary.json`. A recipe without one keeps the row the
+README already has, so re-running a single recipe only changes its own row.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+from pathlib import Path
+
+README = Path(__file__).parent / "README.md"
+HEADER = "| recipe | what | measured (held out) |"
+
+
+def pct(x: float) -> str:
+    return f"{100 * x:.1f}".rstrip("0").rstrip(".") + " %"
+
+
+def _ppo_value(s: dict) -> str:
+    b, a, v = s["before"], s["after"], s["mean_adv_var"]
+    return (f"reward at temperature 1: {b['test_reward_critic']:.2f} -> {a['test_reward_critic']:.2f} with the critic, "
+            f"{a['test_reward_nobaseline']:.2f} without; advantage variance {v['critic']:.3f} vs "
+            f"{v['nobaseline']:.3f}")
+
+
+def _selfplay(s: dict) -> str:
+    b, a, ref = s["before"], s["after"], s["reference_vs_random"]
+    return (f"win rate vs a random player (greedy) {pct(b['eval_win_vs_random_t0'])} -> "
+            f"{pct(a['eval_win_vs_random_t0'])} (optimal play: {pct(ref['optimal'])})")
+
+
+def _chat_pipeline(s: dict) -> str:
+    base, sft, rl = s["base"], s["sft"], s["rl"]
+    return (f"addition accuracy {pct(base['eval_add_acc'])} -> SFT {pct(sft['eval_add_acc'])} -> RL "
+            f"{pct(rl['eval_add_acc'])}; knows its name {pct(base['eval_identity'])} -> {pct(rl['eval_identity'])}")
+
+
+# recipe: (what it does, how its summary.json reads as a result)
+RECIPES = {
+    "sft": ("chat SFT on an invented knowledge set (200 Q/A)",
+            lambda s: f"NLL per answer token {s['test_nll_before']:.2f} -> {s['test_nll_after']:.3f}; right fact "
+                      f"named {pct(s['recall_before'])} -> {pct(s['recall_after'])}"),
+    "rl_math": ("GRPO-style RL, exact-match verifier, two-digit additions",
+                lambda s: f"greedy accuracy {pct(s['before']['eval_greedy_acc'])} -> {pct(s['after']['eval_greedy_acc'])}"
+                          f" (temperature 1: {pct(s['before']['eval_t1_acc'])} -> {pct(s['after']['eval_t1_acc'])})"),
+    "dpo": ("DPO via `forward_backward_custom`, generated preference pairs",
+            lambda s: f"preference accuracy {pct(s['before']['test_pref_acc'])} -> {pct(s['after']['test_pref_acc'])}"),
+    "distill": ("on-policy distillation of a system prompt (teacher scores with `compute_logprobs`)",
+                lambda s: f"reverse KL per token {s['before']['test_reverse_kl']:.3f} -> "
+                          f"{s['after']['test_reverse_kl']:.3f}"),
+    "continual": ("task A then task B with LoRA: sequential vs 25 % replay",
+                  lambda s: f"A retained (right fact named): {pct(s['after_task_b_sequential']['a_recall'])} vs "
+                            f"{pct(s['after_task_b_replay']['a_recall'])} ({pct(s['after_task_a']['a_recall'])} "
+                            f"before B)"),
+    "ppo_value": ("PPO with a critic LoRA (value head from two token logits) vs no baseline, sequence continuation",
+                  _ppo_value),
+    "selfplay": ("self-play on Nim against frozen snapshots of itself", _selfplay),
+    "chat_pipeline": ("base -> SFT -> RL in one script, then a chat REPL on the final checkpoint", _chat_pipeline),
+}
+
+
+def table(runs_dir: Path, old_rows: dict[str, str]) -> list[str]:
+    lines = [HEADER, "|---|---|---|"]
+    for name, (what, fmt) in RECIPES.items():
+        path = runs_dir / name / "summary.json"
+        if path.exists():
+            lines.append(f"| [`{name}`]({name}/) | {what} | {fmt(json.loads(path.read_text()))} |")
+        else:
+            lines.append(old_rows.get(name, f"| [`{name}`]({name}/) | {what} | (not run yet) |"))
+    return lines
+
+
+def main(argv: list[str]) -> None:
+    runs_dir = Path("runs")
+    for arg in argv:
+        key, _, value = arg.partition("=")
+        if key != "runs_dir":
+            raise SystemExit(f"bad argument {arg!r}: expected runs_dir=PATH")
+        runs_dir = Path(value)
+    text = README.read_text().splitlines()
+    start = text.index(HEADER)
+    end = next((i for i in range(start, len(text)) if not text[i].startswith("|")), len(text))
+    old_rows = {m.group(1): line for line in text[start + 2:end] if (m := re.match(r"\| \[`(\w+)`\]", line))}
+    text[start:end] = table(runs_dir, old_rows)
+    README.write_text("\n".join(text) + "\n")
+    found = [n for n in RECIPES if (runs_dir / n / "summary.json").exists()]
+    print(f"{README}: table rebuilt from {runs_dir}/<recipe>/summary.json for {', '.join(found) or 'no recipe'}")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
