@@ -55,6 +55,7 @@ def main() -> None:
     parser.add_argument("--tenants", default="1,2,4,8")
     parser.add_argument("--seq", type=int, default=256)
     parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--batch-gather-ms", type=float, default=None, help="the server's (default: its own)")
     args = parser.parse_args()
     import tinker
     from tinker import types
@@ -65,7 +66,8 @@ def main() -> None:
     rng = np.random.default_rng(0)
     rows = rng.integers(3, 49152, size=(max(counts), args.seq + 1))
     figures: dict[str, float] = {"seq": args.seq}
-    with tempfile.TemporaryDirectory() as tmp, LocalServer(Path(tmp), model_cache=MODEL_CACHE) as server:
+    extra = [] if args.batch_gather_ms is None else ["--batch-gather-ms", str(args.batch_gather_ms)]
+    with tempfile.TemporaryDirectory() as tmp, LocalServer(Path(tmp), *extra, model_cache=MODEL_CACHE) as server:
         service = tinker.ServiceClient(base_url=server.url, api_key="tml-bench")
         for n in counts:
             ideal = run_clients(service, types, [[datum(types, r) for r in rows[:n]]], args.steps)

@@ -54,6 +54,9 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--parked-state-ttl", type=float, default=86400.0, metavar="SECONDS",
                        help="how long that state is kept after the session's last sign of life (default 86400; "
                             "0: keep none, later requests on those runs answer 410)")
+    serve.add_argument("--batch-gather-ms", type=float, default=50.0, metavar="MS",
+                       help="how long a multi-tenant forward batch waits for the next request of each tenant of the "
+                            "previous batch before it runs without it (default 50; 0: never wait)")
     serve.add_argument("--log-level", default="info")
 
     runs = sub.add_parser("runs", help="list training runs (every API key's) with their checkpoint counts")
@@ -141,7 +144,8 @@ def serve(args: argparse.Namespace) -> None:
         runtimes[files.name] = ModelRuntime.load(files, dtype=args.dtype, device=args.device)
     config = ServerConfig(data_dir=data_dir, api_keys=frozenset(keys), max_pending_samples=args.max_pending_samples,
                           store=args.store, session_timeout_seconds=args.session_timeout,
-                          parked_state_ttl_seconds=args.parked_state_ttl)
+                          parked_state_ttl_seconds=args.parked_state_ttl,
+                          batch_gather_seconds=args.batch_gather_ms / 1000)
     app = create_app(config, LocalTrainer(runtimes), LocalSampler(runtimes), store)
     logging.getLogger("tinkerd").info("serving %s on http://%s:%d (store: %s; %s)", ", ".join(runtimes), args.host,
                                       args.port, store.description, threads)

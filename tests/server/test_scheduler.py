@@ -70,3 +70,57 @@ def test_a_gap_waits_for_the_missing_seq_id_and_a_reused_seq_id_is_refused(tmp_p
     assert done == [("batch", [("a", 1)]), ("optim_step", "a", 2)] and states == ["done"] * 2
     with pytest.raises(BadRequest, match="seq_id 1 for model a was already used"):
         _run(tmp_path / "again", [("a", 1, "forward_backward"), ("a", 1, "forward_backward")])
+
+
+def _staggered(tmp_path, gather_seconds: float, close_b_before_round_3: bool = False):
+    """Round 1: a and b's forward_backward queued together. Round 2: a's next one, b's 50 ms later.
+    Round 3 (optional): b's model is closed, then a sends one more. Returns the batches run."""
+    batches: list = []
+
+    def forward_batch(calls):
+        batches.append([(c.model_id, c.seq_id) for c in calls])
+        return [ForwardBackwardResult([], {}) for _ in calls]
+
+    async def main():
+        board = FutureBoard(open_store(None, tmp_path))
+        board.bind_loop(asyncio.get_running_loop())
+        scheduler = Scheduler(board, forward_batch, NoSampler(), gather_seconds=gather_seconds)
+        scheduler.start()
+
+        async def send(model, seq):
+            if model not in scheduler.models:
+                scheduler.open_model(model)
+            future_id = board.create("owner", "forward_backward")
+            scheduler.submit_ordered(model, seq, Job(future_id, "forward_backward",
+                                                     call=ForwardBackwardCall(model, seq, "cross_entropy", {}, False, []),
+                                                     encode=lambda result: Outcome(json={})))
+            return future_id
+
+        async def settle(futures):
+            for _ in range(500):
+                if all(board.store.future(f)["state"] != "pending" for f in futures):
+                    return
+                await asyncio.sleep(0.01)
+            raise AssertionError("requests still pending")
+
+        await settle([await send("a", 1), await send("b", 1)])
+        first = await send("a", 2)
+        await asyncio.sleep(0.05)
+        await settle([first, await send("b", 2)])
+        if close_b_before_round_3:
+            scheduler.close_model("b")
+            await asyncio.wait_for(settle([await send("a", 3)]), 2.0)  # never waits for a closed tenant
+        await scheduler.stop()
+
+    asyncio.run(main())
+    return batches
+
+
+def test_a_tenant_answered_first_waits_briefly_for_the_others_of_its_last_batch(tmp_path):
+    assert _staggered(tmp_path, gather_seconds=5.0) == [[("a", 1), ("b", 1)], [("a", 2), ("b", 2)]]
+    assert _staggered(tmp_path / "off", gather_seconds=0.0) == [[("a", 1), ("b", 1)], [("a", 2)], [("b", 2)]]
+
+
+def test_the_gather_window_ignores_closed_tenants(tmp_path):
+    batches = _staggered(tmp_path, gather_seconds=10.0, close_b_before_round_3=True)
+    assert batches[-1] == [("a", 3)]

@@ -51,7 +51,7 @@ def create_app(config: ServerConfig, trainer: Trainer, sampler: Sampler, store: 
             log.warning("failed %d requests left in flight by the previous server process", stale)
         board = FutureBoard(store)
         board.bind_loop(asyncio.get_running_loop())
-        scheduler = Scheduler(board, trainer.forward_backward_many, sampler, metrics)
+        scheduler = Scheduler(board, trainer.forward_backward_many, sampler, metrics, config.batch_gather_seconds)
         scheduler.start()
         app.state.tinkerd = ServerState(config, store, trainer, sampler, board, scheduler,
                                         {m.name: m for m in trainer.base_models()})

@@ -5,7 +5,9 @@ The scheduler holds each model's requests until the gap below them fills, then q
 the engine worker in order. The worker runs on one dedicated engine thread (the engine owns the
 cores). When it picks a forward/forward_backward job it also takes every other forward job that
 is queued before the next barrier (optim_step, saves, loads...), from any tenant, and runs them
-together as one multi-tenant batch, never reordering training. Between training jobs the worker
+together as one multi-tenant batch, never reordering training. Tenants of the previous batch
+whose next request has not arrived yet get a short gather window (`gather_seconds`), so a tenant
+whose result came back first does not run alone. Between training jobs the worker
 advances the sampler one decode step at a time (continuous batching: new requests join the
 running batch), alternating with training when both have work. Knows nothing about torch or the wire format.
 """
@@ -63,8 +65,10 @@ class PendingSample:
 
 class Scheduler:
     def __init__(self, board: FutureBoard, run_forward_batch: BatchRunner, sampler: Sampler,
-                 metrics: ServerMetrics | None = None) -> None:
+                 metrics: ServerMetrics | None = None, gather_seconds: float = 0.0) -> None:
         self.board = board
+        self.gather_seconds = gather_seconds
+        self._partners: set[str] = set()  # the models of the last forward batch
         self.metrics = metrics or ServerMetrics()
         self.metrics.training_queue.set_function(lambda: len(self.jobs))
         self.metrics.sampling_requests.set_function(lambda: len(self.samples))
@@ -170,6 +174,8 @@ class Scheduler:
                 await self._sample_step(loop)
                 self.metrics.engine_seconds.labels("sample_step").observe(time.perf_counter() - started)
                 continue
+            if self.jobs[0].call is not None and self.gather_seconds > 0:
+                await self._await_partners(self.jobs[0].call.model_id)
             job = self.jobs.popleft()
             started = time.perf_counter()
             if job.call is not None:
@@ -183,7 +189,26 @@ class Scheduler:
             self.metrics.engine_seconds.labels("forward_batch" if job.call is not None else job.kind).observe(seconds)
             log.info("engine %s %.1f ms", label, seconds * 1e3)
 
+    async def _await_partners(self, model_id: str) -> None:
+        """Wait up to `gather_seconds` until every still-open model of the last forward batch has a
+        request queued. Their clients are answered one by one, so without this the first to send its
+        next step would run alone and the rest in a second batch. A lone tenant never waits, nor does
+        anyone while the sampler has rows to advance."""
+        deadline = time.monotonic() + self.gather_seconds
+        while not self.sampler.has_work():
+            queued = {job.model_id for job in self.jobs} | {model_id}
+            missing = [m for m in self._partners if m in self.models and m not in queued]
+            remaining = deadline - time.monotonic()
+            if not missing or remaining <= 0:
+                return
+            self._ready.clear()
+            try:
+                await asyncio.wait_for(self._ready.wait(), remaining)
+            except asyncio.TimeoutError:
+                return
+
     async def _run_forward(self, loop: asyncio.AbstractEventLoop, batch: list[Job]) -> None:
+        self._partners = {job.call.model_id for job in batch}
         def run() -> list[Outcome | BadRequest]:
             results = self.run_forward_batch([j.call for j in batch])
             return [r if isinstance(r, Exception) else j.encode(r) for j, r in zip(batch, results)]

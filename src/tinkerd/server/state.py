@@ -33,6 +33,7 @@ class ServerConfig:
     max_body_bytes: int = 256 * 1024 * 1024
     store: str | None = None  # `--store` URL; None: SQLite at DATA_DIR/tinkerd.sqlite3
     session_timeout_seconds: float = 600.0  # no heartbeat nor training request this long: unload the session's runs
+    batch_gather_seconds: float = 0.05  # how long a forward batch waits for the tenants of the previous one
     parked_state_ttl_seconds: float = 86400.0  # how long the unsaved state of such runs is kept; 0: not kept
 
 
