@@ -1,4 +1,5 @@
-"""The layering rules of ARCHITECTURE.md: server/store/protocol never import torch; engine never imports HTTP."""
+"""The layering rules of ARCHITECTURE.md: server/store/protocol (and the vLLM client) never import torch;
+engine never imports HTTP."""
 
 import re
 import subprocess
@@ -17,7 +18,7 @@ def _imports(package: str) -> dict[str, set[str]]:
 
 
 def test_front_end_layers_never_import_torch():
-    for package in ("server", "store", "protocol"):
+    for package in ("server", "store", "protocol", "vllm"):
         for path, names in _imports(package).items():
             assert not {n for n in names if n.split(".")[0] in ("torch", "transformers")}, path
 
@@ -30,5 +31,6 @@ def test_engine_never_imports_http():
 
 
 def test_importing_the_server_loads_no_torch():
-    code = "import sys, tinkerd.server.app; assert 'torch' not in sys.modules, 'torch was imported'"
+    code = ("import sys, tinkerd.server.app, tinkerd.vllm.sampler; "
+            "assert 'torch' not in sys.modules, 'torch was imported'")
     subprocess.run([sys.executable, "-c", code], check=True)
