@@ -2,19 +2,25 @@
 
     python -m cookbook.report [runs_dir=runs]        # `make cookbook-report` runs every recipe first
 
-Each row is formatted from `<runs_dir>/<recipe>/summary.json`. A recipe without one keeps the row the
-README already has, so re-running a single recipe only changes its own row.
+Each row is formatted from `<runs_dir>/<recipe>/summary.json`: the number the recipe reached, the command
+that ran it (the `key=value` arguments that differ from its `Config` defaults, from `config.json`) and the
+wall-clock time (`wall_time_s` of the summary, else the `elapsed_s` of the last row of `metrics.jsonl`).
+A recipe without a summary keeps the row the README already has, so re-running a single recipe only
+changes its own row.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import importlib
 import json
 import re
 import sys
 from pathlib import Path
 
 README = Path(__file__).parent / "README.md"
-HEADER = "| recipe | what | measured (held out) |"
+HEADER = "| recipe | what | measured (held out) | command | wall clock |"
+NOT_ARGUMENTS = {"base_url", "log_dir"}  # where it ran, not how
 
 
 def pct(x: float) -> str:
@@ -40,6 +46,14 @@ def _chat_pipeline(s: dict) -> str:
             f"{pct(rl['eval_add_acc'])}; knows its name {pct(base['eval_identity'])} -> {pct(rl['eval_identity'])}")
 
 
+def _continual(s: dict) -> str:
+    seq, replay = s["after_task_b_sequential"], s["after_task_b_replay"]
+    return (f"share of A's NLL gain kept after B: {pct(seq['a_gain_retained'])} sequential vs "
+            f"**{pct(replay['a_gain_retained'])}** with replay (A's fact named: {pct(seq['a_recall'])} vs "
+            f"{pct(replay['a_recall'])}, {pct(s['after_task_a']['a_recall'])} before B); B's fact named "
+            f"{pct(replay['b_recall'])}")
+
+
 # recipe: (what it does, how its summary.json reads as a result)
 RECIPES = {
     "sft": ("chat SFT on an invented knowledge set (200 Q/A)",
@@ -53,10 +67,7 @@ RECIPES = {
     "distill": ("on-policy distillation of a system prompt (teacher scores with `compute_logprobs`)",
                 lambda s: f"reverse KL per token {s['before']['test_reverse_kl']:.3f} -> "
                           f"{s['after']['test_reverse_kl']:.3f}"),
-    "continual": ("task A then task B with LoRA: sequential vs 25 % replay",
-                  lambda s: f"A retained (right fact named): {pct(s['after_task_b_sequential']['a_recall'])} vs "
-                            f"{pct(s['after_task_b_replay']['a_recall'])} ({pct(s['after_task_a']['a_recall'])} "
-                            f"before B)"),
+    "continual": ("task A then task B with LoRA: sequential vs 25 % replay", _continual),
     "ppo_value": ("PPO with a critic LoRA (value head from two token logits) vs no baseline, sequence continuation",
                   _ppo_value),
     "selfplay": ("self-play on Nim against frozen snapshots of itself", _selfplay),
@@ -64,14 +75,32 @@ RECIPES = {
 }
 
 
+def command(name: str, run: Path) -> str:
+    """`python -m cookbook.<name>.train` plus the arguments of the run that are not the defaults."""
+    config_class = importlib.import_module(f"cookbook.{name}.train").Config
+    used = json.loads((run / "config.json").read_text())
+    changed = [f"{f.name}={used[f.name]}" for f in dataclasses.fields(config_class)
+               if f.name in used and f.name not in NOT_ARGUMENTS and used[f.name] != f.default]
+    return "`" + " ".join([f"python -m cookbook.{name}.train", *changed]) + "`"
+
+
+def wall_clock(run: Path, summary: dict) -> str:
+    seconds = summary.get("wall_time_s")
+    if seconds is None:
+        seconds = json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])["elapsed_s"]
+    return f"{seconds / 60:.1f} min"
+
+
 def table(runs_dir: Path, old_rows: dict[str, str]) -> list[str]:
-    lines = [HEADER, "|---|---|---|"]
+    lines = [HEADER, "|---|---|---|---|---|"]
     for name, (what, fmt) in RECIPES.items():
-        path = runs_dir / name / "summary.json"
-        if path.exists():
-            lines.append(f"| [`{name}`]({name}/) | {what} | {fmt(json.loads(path.read_text()))} |")
+        run = runs_dir / name
+        if (run / "summary.json").exists():
+            summary = json.loads((run / "summary.json").read_text())
+            lines.append(f"| [`{name}`]({name}/) | {what} | {fmt(summary)} | {command(name, run)} | "
+                         f"{wall_clock(run, summary)} |")
         else:
-            lines.append(old_rows.get(name, f"| [`{name}`]({name}/) | {what} | (not run yet) |"))
+            lines.append(old_rows.get(name, f"| [`{name}`]({name}/) | {what} | (not run yet) | | |"))
     return lines
 
 
@@ -83,7 +112,7 @@ def main(argv: list[str]) -> None:
             raise SystemExit(f"bad argument {arg!r}: expected runs_dir=PATH")
         runs_dir = Path(value)
     text = README.read_text().splitlines()
-    start = text.index(HEADER)
+    start = next(i for i, line in enumerate(text) if line.startswith("| recipe |"))  # the table, whatever its columns
     end = next((i for i in range(start, len(text)) if not text[i].startswith("|")), len(text))
     old_rows = {m.group(1): line for line in text[start + 2:end] if (m := re.match(r"\| \[`(\w+)`\]", line))}
     text[start:end] = table(runs_dir, old_rows)
