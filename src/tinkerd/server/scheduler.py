@@ -22,6 +22,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Callable
 
+from tinkerd.engine.fencing import ordered_op
 from tinkerd.engine.interface import SampleRequest, Sampler
 from tinkerd.protocol.types import BadRequest, ForwardBackwardCall, ForwardBackwardResult, SampleResult
 from tinkerd.server.futures import FutureBoard
@@ -46,6 +47,7 @@ class Job:
     call: ForwardBackwardCall | None = None  # batchable forward / forward_backward
     encode: Callable[[ForwardBackwardResult], Outcome] | None = None
     model_id: str | None = None  # the model whose order it keeps (set by `submit_ordered`)
+    seq_id: int | None = None  # its place in that order, which the engine's fence checks (set by `submit_ordered`)
 
 
 @dataclass
@@ -128,7 +130,7 @@ class Scheduler:
     def submit_ordered(self, model_id: str, seq_id: int | None, job: Job) -> None:
         """Queue a training job; it runs once every lower seq_id of its model has been handed over."""
         queue = self.models[model_id]
-        job.model_id = model_id
+        job.model_id, job.seq_id = model_id, seq_id
         if not seq_id:  # older SDKs send no seq_id: arrival order
             self.submit(job)
             return
@@ -259,7 +261,7 @@ class Scheduler:
 
     async def _run_one(self, loop: asyncio.AbstractEventLoop, job: Job) -> None:
         try:
-            outcome = await loop.run_in_executor(self._executor, job.run)
+            outcome = await loop.run_in_executor(self._executor, _in_order(job))
             if job.future_id is not None:
                 self.board.complete(job.future_id, outcome.json, outcome.pb)
         except BadRequest as exc:
@@ -271,3 +273,11 @@ class Scheduler:
             log.exception("engine job %s (%s) failed", job.future_id, job.kind)
             if job.future_id is not None:
                 self.board.fail(job.future_id, f"{type(exc).__name__}: {exc}", "server")
+
+
+def _in_order(job: Job) -> Callable[[], Outcome]:
+    """The job's work, telling the engine which of its model's operations the trainer calls belong to."""
+    def run() -> Outcome:
+        with ordered_op(job.model_id, job.seq_id):
+            return job.run()
+    return run

@@ -1,0 +1,37 @@
+"""The engines the contract suite runs on: name -> factory. Add an entry to run the suite on yours.
+
+A factory gets the name of the tiny base model to serve and returns an `EngineUnderTest`. The
+model must be `tests.conftest.make_tiny_runtime(name, seed=TINY_SEED)` so tests can compute
+reference values in-process. Factories of optional backends call `pytest.importorskip` first.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import pytest
+
+from tests.conftest import make_tiny_runtime
+
+TINY_SEED = 0
+
+
+@dataclass
+class EngineUnderTest:
+    trainer: Any  # a tinkerd.engine.interface.Trainer, wrapped in the engine's fence
+    sampler: Any  # a tinkerd.engine.interface.Sampler
+    close: Callable[[], None] = lambda: None
+
+
+def embedded(base_model: str) -> EngineUnderTest:
+    from tinkerd.engine.fencing import FencedTrainer
+    from tinkerd.engine.sampler import LocalSampler
+    from tinkerd.engine.trainer import LocalTrainer
+
+    runtimes = {base_model: make_tiny_runtime(base_model, seed=TINY_SEED)}
+    return EngineUnderTest(FencedTrainer(LocalTrainer(runtimes)), LocalSampler(runtimes))
+
+
+IMPLEMENTATIONS: dict[str, Callable[[str], EngineUnderTest]] = {"embedded": embedded}
+MARKS: dict[str, list] = {}
