@@ -57,6 +57,14 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--batch-gather-ms", type=float, default=50.0, metavar="MS",
                        help="how long a multi-tenant forward batch waits for the next request of each tenant of the "
                             "previous batch before it runs without it (default 50; 0: never wait)")
+    serve.add_argument("--sampler", choices=["local", "vllm"], default="local",
+                       help="who samples: the embedded sampler (default), or a vLLM server (--vllm-url) that loads "
+                            "each published adapter version from DATA_DIR/adapters (docs/scale-out.md)")
+    serve.add_argument("--vllm-url", metavar="URL", help="the vLLM OpenAI-compatible server, e.g. http://gpu1:8000")
+    serve.add_argument("--vllm-model", metavar="NAME", help="vLLM's name for the base model (its --served-model-name; "
+                                                           "default: tinkerd's base model name)")
+    serve.add_argument("--vllm-keep-versions", type=int, default=8, metavar="N",
+                       help="published versions per training run that sampling clients may keep using (default 8)")
     serve.add_argument("--log-level", default="info")
 
     runs = sub.add_parser("runs", help="list training runs (every API key's) with their checkpoint counts")
@@ -119,6 +127,9 @@ def serve(args: argparse.Namespace) -> None:
     from tinkerd.store.db import StoreError, open_store
 
     data_dir = args.data_dir.expanduser()
+    if args.sampler == "vllm" and (not args.vllm_url or len(args.base_model or [None]) != 1
+                                   or args.vllm_keep_versions < 1):
+        raise SystemExit("tinkerd serve: --sampler vllm needs --vllm-url, one base model and --vllm-keep-versions >= 1")
     try:  # before loading anything heavy: a bad URL or an unreachable database fails at once
         store = open_store(args.store, data_dir)
     except StoreError as exc:
@@ -146,7 +157,13 @@ def serve(args: argparse.Namespace) -> None:
                           store=args.store, session_timeout_seconds=args.session_timeout,
                           parked_state_ttl_seconds=args.parked_state_ttl,
                           batch_gather_seconds=args.batch_gather_ms / 1000)
-    app = create_app(config, LocalTrainer(runtimes), LocalSampler(runtimes), store)
+    trainer, sampler = LocalTrainer(runtimes), None
+    if args.sampler == "vllm":
+        from tinkerd.vllm.serve import vllm_engine
+
+        trainer, sampler = vllm_engine(trainer, next(iter(runtimes)), data_dir, args.vllm_url, args.vllm_model,
+                                       args.vllm_keep_versions)
+    app = create_app(config, trainer, sampler or LocalSampler(runtimes), store)
     logging.getLogger("tinkerd").info("serving %s on http://%s:%d (store: %s; %s)", ", ".join(runtimes), args.host,
                                       args.port, store.description, threads)
     try:
