@@ -33,5 +33,34 @@ def embedded(base_model: str) -> EngineUnderTest:
     return EngineUnderTest(FencedTrainer(LocalTrainer(runtimes)), LocalSampler(runtimes))
 
 
-IMPLEMENTATIONS: dict[str, Callable[[str], EngineUnderTest]] = {"embedded": embedded}
+def vllm_fake(base_model: str) -> EngineUnderTest:
+    """The embedded trainer publishing adapter folders, sampled through `VllmSampler` and the fake vLLM server."""
+    import shutil
+    import tempfile
+    from pathlib import Path
+
+    from tests.vllm.conftest import FAST_RETRY
+    from tests.vllm.fake_vllm import FakeVllm
+    from tinkerd.engine.adapter_publish import AdapterVersions, PublishingTrainer
+    from tinkerd.engine.fencing import FencedTrainer
+    from tinkerd.engine.sampler import LocalSampler
+    from tinkerd.engine.trainer import LocalTrainer
+    from tinkerd.vllm.sampler import VllmSampler
+
+    data_dir = Path(tempfile.mkdtemp(prefix="tinkerd-vllm-contract-"))
+    served = f"{base_model}-served"
+    fake = FakeVllm(LocalSampler({base_model: make_tiny_runtime(base_model, seed=TINY_SEED)}), served, base_model).start()
+    versions = AdapterVersions(data_dir / "adapters")
+    trainer = PublishingTrainer(LocalTrainer({base_model: make_tiny_runtime(base_model, seed=TINY_SEED)}), versions)
+    sampler = VllmSampler(fake.url, {base_model: served}, versions, retry=FAST_RETRY)
+
+    def close() -> None:
+        sampler.close()
+        fake.stop()
+        shutil.rmtree(data_dir, ignore_errors=True)
+
+    return EngineUnderTest(FencedTrainer(trainer), sampler, close)
+
+
+IMPLEMENTATIONS: dict[str, Callable[[str], EngineUnderTest]] = {"embedded": embedded, "vllm-fake": vllm_fake}
 MARKS: dict[str, list] = {}
