@@ -62,5 +62,13 @@ def vllm_fake(base_model: str) -> EngineUnderTest:
     return EngineUnderTest(FencedTrainer(trainer), sampler, close)
 
 
-IMPLEMENTATIONS: dict[str, Callable[[str], EngineUnderTest]] = {"embedded": embedded, "vllm-fake": vllm_fake}
-MARKS: dict[str, list] = {}
+def ray_one_actor(base_model: str) -> EngineUnderTest:
+    pytest.importorskip("ray")
+    from tests.ray.cluster import tiny_ray_engine
+
+    return tiny_ray_engine(base_model, seed=TINY_SEED)
+
+
+IMPLEMENTATIONS: dict[str, Callable[[str], EngineUnderTest]] = {"embedded": embedded, "vllm-fake": vllm_fake,
+                                                               "ray": ray_one_actor}
+MARKS = {"ray": [pytest.mark.ray]}

@@ -106,3 +106,11 @@ def test_dropping_a_model_forgets_its_sequence():
     assert trainer.status()["last_applied"] == {}
     with ordered_op("a", 1):  # a run re-created under the same id starts over
         assert trainer.optim_step("a", AdamParams()) == {"step": 2}
+
+
+def test_a_caller_ahead_of_the_fence_learns_that_the_backend_restarted():
+    from tinkerd.engine.fencing import Restarted
+
+    trainer = FencedTrainer(CountingTrainer())  # a fresh backend: epoch 0
+    with pytest.raises(Restarted, match="restarted"):
+        trainer.call(3, ("a", 1), "optim_step", "a", AdamParams())

@@ -47,6 +47,10 @@ class OutOfOrder(FenceError):
     pass
 
 
+class Restarted(FenceError):
+    """The caller's epoch is newer than the fence's: the backend restarted and lost its state."""
+
+
 _ordered: contextvars.ContextVar[tuple[str, int] | None] = contextvars.ContextVar("tinkerd_ordered_op", default=None)
 
 
@@ -83,6 +87,9 @@ class Fence:
         return self.epoch
 
     def check_epoch(self, epoch: int) -> None:
+        if epoch > self.epoch:
+            raise Restarted(f"epoch {epoch} is newer than this trainer's ({self.epoch}): it restarted since it "
+                            "was claimed, and the training runs it held are gone; the operation was not run")
         if epoch != self.epoch:
             raise StaleEpoch(f"epoch {epoch} is stale: this trainer was claimed by a newer front end (epoch "
                              f"{self.epoch}); the operation was not run")
