@@ -183,3 +183,26 @@ def test_protocol_step_delivers_results_and_cancel_drops_them(trainer, vllm):
         assert time.time() < deadline
         finished.update(vllm.step())
     assert list(finished) == [keep.request_id] and finished[keep.request_id].sequences[0].tokens
+
+
+def test_after_a_restart_a_reused_name_is_replaced_not_served_stale(trainer, vllm, fake, tmp_path):
+    from tinkerd.engine.adapter_publish import AdapterVersions, PublishingTrainer
+
+    old = trainer.snapshot_for_sampler("run")
+    before = vllm.sample(_request(old)).sequences[0].logprobs
+    vllm.close()
+    # A new tinkerd process: versions restart at 1, and vLLM still has "run@1" from the old one.
+    versions = AdapterVersions(tmp_path / "adapters", keep=1)
+    assert not Path(old.uri).exists()
+    train_steps(trainer.trainer, "run", 2)
+    restarted = PublishingTrainer(trainer.trainer, versions)
+    new = restarted.snapshot_for_sampler("run")
+    assert new.uri == old.uri and "run@1" in fake.loras
+    sampler = VllmSampler(fake.url, {"tiny": "tiny-served"}, versions, retry=FAST_RETRY)
+    try:
+        after = sampler.sample(_request(new)).sequences[0].logprobs
+    finally:
+        sampler.close()
+    assert not np.allclose(after, before, atol=1e-3)  # the new weights, not the old registration
+    assert fake.routes_called("/v1/unload_lora_adapter") == [{"lora_name": "run@1"}]
+    assert [b["lora_name"] for b in fake.routes_called("/v1/load_lora_adapter")] == ["run@1"] * 3

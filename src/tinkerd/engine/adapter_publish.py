@@ -40,7 +40,7 @@ log = logging.getLogger(__name__)
 DEFAULT_KEEP_VERSIONS = 8  # as many as the embedded engine's in-memory sampler snapshots per run
 
 
-@dataclass
+@dataclass(eq=False)  # identity: two versions are never the same
 class Version:
     model_id: str
     number: int

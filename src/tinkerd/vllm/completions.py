@@ -81,10 +81,16 @@ def _token_id(token: str | int) -> int:
     raise ValueError(f"vLLM returned token {token!r} without its id (is return_tokens_as_token_ids supported?)")
 
 
-def _top(entries: dict, k: int, key, value) -> tuple[list[int], list[float]]:
-    """The k best of a {token: logprob-ish} dict, best first."""
-    ranked = sorted(((key(t), value(v)) for t, v in entries.items()), key=lambda item: -item[1])[:k]
-    return [t for t, _ in ranked], [lp for _, lp in ranked]
+def _topk_rows(rows: list[dict | None], k: int, key, value) -> tuple[np.ndarray, np.ndarray]:
+    """(ids int32, logprobs float32), both (len(rows), k): each row's k best {token: entry} items, best
+    first; a missing row (or missing entries) keeps ids 0 and the sentinel logprob."""
+    ids = np.zeros((len(rows), k), dtype=np.int32)
+    values = np.full((len(rows), k), TOPK_SENTINEL_LOGPROB, dtype=np.float32)
+    for t, entries in enumerate(rows):
+        ranked = sorted(((key(tok), value(v)) for tok, v in (entries or {}).items()), key=lambda item: -item[1])[:k]
+        ids[t, :len(ranked)] = [tok for tok, _ in ranked]
+        values[t, :len(ranked)] = [lp for _, lp in ranked]
+    return ids, values
 
 
 def parse_choice(choice: dict, request: SampleRequest) -> SampledSequence:
@@ -99,14 +105,11 @@ def parse_choice(choice: dict, request: SampleRequest) -> SampledSequence:
     if reason not in ("stop", "length"):
         raise ValueError(f"vLLM finished a sample with finish_reason {reason!r}")
     topk = None
-    k = request.topk_sample_logprobs
-    if k > 0:
-        ids = np.zeros((len(tokens), k), dtype=np.int32)
-        values = np.full((len(tokens), k), TOPK_SENTINEL_LOGPROB, dtype=np.float32)
-        for t, entries in enumerate(logprobs.get("top_logprobs") or []):
-            top_ids, top_lp = _top(entries or {}, k, _token_id, float)
-            ids[t, :len(top_ids)], values[t, :len(top_lp)] = top_ids, top_lp
-        topk = (ids, values)
+    if request.topk_sample_logprobs > 0:
+        rows = logprobs.get("top_logprobs") or []
+        if len(rows) != len(tokens):
+            raise ValueError(f"vLLM returned top logprobs for {len(rows)} of {len(tokens)} tokens")
+        topk = _topk_rows(rows, request.topk_sample_logprobs, _token_id, float)
     return SampledSequence([int(t) for t in tokens], [float(x) for x in token_lp], reason, topk)
 
 
@@ -124,14 +127,9 @@ def parse_prompt_logprobs(result: SampleResult, positions: list, request: Sample
                 raise ValueError(f"vLLM's prompt logprobs lack prompt token {request.prompt[t]} at position {t}")
             scores.append(float(entry["logprob"]))
         result.prompt_logprobs = scores
-    k = request.topk_prompt_logprobs
-    if k > 0:
-        ids = np.zeros((n, k), dtype=np.int32)
-        values = np.full((n, k), TOPK_SENTINEL_LOGPROB, dtype=np.float32)
-        for t in range(1, n):
-            top_ids, top_lp = _top(positions[t] or {}, k, int, lambda v: float(v["logprob"]))  # keys: ids
-            ids[t, :len(top_ids)], values[t, :len(top_lp)] = top_ids, top_lp
-        result.topk_prompt_logprobs = (ids, values)
+    if request.topk_prompt_logprobs > 0:  # keys are token ids; position 0 (None) keeps the sentinel row
+        result.topk_prompt_logprobs = _topk_rows(positions, request.topk_prompt_logprobs, int,
+                                                 lambda entry: float(entry["logprob"]))
 
 
 def build_result(responses: list[dict], request: SampleRequest) -> SampleResult:

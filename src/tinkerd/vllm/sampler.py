@@ -78,7 +78,7 @@ def _vllm_message(response: httpx.Response) -> str:
 
 class VllmSampler:
     def __init__(self, url: str, base_models: dict[str, str], versions: AdapterVersions | None = None,
-                 retry: RetryPolicy = RetryPolicy(), poll_seconds: float = 0.05, max_concurrency: int = 64,
+                 retry: RetryPolicy = RetryPolicy(), poll_seconds: float = 0.02, max_concurrency: int = 64,
                  max_idle_checkpoints: int = 8) -> None:
         """`base_models`: our base model name -> vLLM's name for it (`--served-model-name`)."""
         self.url = url.rstrip("/")
