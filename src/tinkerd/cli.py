@@ -65,6 +65,12 @@ def _parser() -> argparse.ArgumentParser:
                                                            "default: tinkerd's base model name)")
     serve.add_argument("--vllm-keep-versions", type=int, default=8, metavar="N",
                        help="published versions per training run that sampling clients may keep using (default 8)")
+    serve.add_argument("--engine", choices=["embedded", "ray"], default="embedded",
+                       help="where the engine runs: in this process (default), or one Ray actor per base model "
+                            "(needs tinkerd[ray]; this process then never imports torch; docs/scale-out.md)")
+    serve.add_argument("--ray-address", metavar="ADDR", default=None,
+                       help="with --engine ray: the Ray cluster to join (e.g. 10.0.0.5:6379 from `ray start --head`); "
+                            "its detached engine actors outlive this process. Default: a private local cluster")
     serve.add_argument("--log-level", default="info")
 
     runs = sub.add_parser("runs", help="list training runs (every API key's) with their checkpoint counts")
@@ -130,18 +136,14 @@ def serve(args: argparse.Namespace) -> None:
     if args.sampler == "vllm" and (not args.vllm_url or len(args.base_model or [None]) != 1
                                    or args.vllm_keep_versions < 1):
         raise SystemExit("tinkerd serve: --sampler vllm needs --vllm-url, one base model and --vllm-keep-versions >= 1")
+    if args.engine == "ray" and args.sampler != "local":
+        raise SystemExit("tinkerd serve: --engine ray samples in its engine actors; --sampler vllm needs --engine embedded")
     try:  # before loading anything heavy: a bad URL or an unreachable database fails at once
         store = open_store(args.store, data_dir)
     except StoreError as exc:
         raise SystemExit(f"tinkerd serve: --store: {exc}") from None
-    threads = configure_threads(args.threads)  # before anything else imports torch
-
     import uvicorn
 
-    from tinkerd.engine.base_models import resolve_base_model
-    from tinkerd.engine.runtime import ModelRuntime
-    from tinkerd.engine.sampler import LocalSampler
-    from tinkerd.engine.trainer import LocalTrainer
     from tinkerd.server.app import create_app
     from tinkerd.server.state import ServerConfig
 
@@ -149,27 +151,48 @@ def serve(args: argparse.Namespace) -> None:
     keys = set(args.api_key)
     if args.api_keys_file:
         keys |= {line.strip() for line in args.api_keys_file.read_text().splitlines() if line.strip()}
-    runtimes = {}
-    for spec in args.base_model or [None]:
-        files = resolve_base_model(spec, model_cache)
-        runtimes[files.name] = ModelRuntime.load(files, dtype=args.dtype, device=args.device)
+    if args.engine == "ray":  # the engine runs in Ray actors: this process never imports torch
+        from tinkerd.engine.ray_engine import connect
+
+        trainer, sampler, where = connect(args.ray_address, args.base_model or [None], str(model_cache), args.dtype,
+                                          args.device, args.threads)
+        names = [m.name for m in trainer.base_models()]
+    else:
+        trainer, sampler, names, where = _embedded_engine(args, data_dir, model_cache)
     config = ServerConfig(data_dir=data_dir, api_keys=frozenset(keys), max_pending_samples=args.max_pending_samples,
                           store=args.store, session_timeout_seconds=args.session_timeout,
                           parked_state_ttl_seconds=args.parked_state_ttl,
                           batch_gather_seconds=args.batch_gather_ms / 1000)
+    app = create_app(config, trainer, sampler, store)
+    logging.getLogger("tinkerd").info("serving %s on http://%s:%d (store: %s; %s)", ", ".join(names), args.host,
+                                      args.port, store.description, where)
+    try:
+        uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, access_log=False)
+    finally:
+        store.close()
+
+
+def _embedded_engine(args: argparse.Namespace, data_dir: Path, model_cache: Path):
+    """The in-process engine: base models loaded here, the fenced trainer and its sampler (or vLLM's)."""
+    threads = configure_threads(args.threads)  # before anything else imports torch
+
+    from tinkerd.engine.base_models import resolve_base_model
+    from tinkerd.engine.fencing import FencedTrainer
+    from tinkerd.engine.runtime import ModelRuntime
+    from tinkerd.engine.sampler import LocalSampler
+    from tinkerd.engine.trainer import LocalTrainer
+
+    runtimes = {}
+    for spec in args.base_model or [None]:
+        files = resolve_base_model(spec, model_cache)
+        runtimes[files.name] = ModelRuntime.load(files, dtype=args.dtype, device=args.device)
     trainer, sampler = LocalTrainer(runtimes), None
     if args.sampler == "vllm":
         from tinkerd.vllm.serve import vllm_engine
 
         trainer, sampler = vllm_engine(trainer, next(iter(runtimes)), data_dir, args.vllm_url, args.vllm_model,
                                        args.vllm_keep_versions)
-    app = create_app(config, trainer, sampler or LocalSampler(runtimes), store)
-    logging.getLogger("tinkerd").info("serving %s on http://%s:%d (store: %s; %s)", ", ".join(runtimes), args.host,
-                                      args.port, store.description, threads)
-    try:
-        uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, access_log=False)
-    finally:
-        store.close()
+    return FencedTrainer(trainer), sampler or LocalSampler(runtimes), list(runtimes), threads
 
 
 class CommandError(Exception):

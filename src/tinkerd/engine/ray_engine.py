@@ -24,12 +24,13 @@ import json
 import logging
 import re
 import threading
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
 import ray
-from ray.exceptions import RayActorError, RayTaskError
+from ray.exceptions import ActorUnavailableError, RayActorError, RayTaskError
 
 from tinkerd.engine.fencing import Restarted, current_op
 from tinkerd.engine.interface import AdapterRef, AdapterSpec, BaseModelInfo, SampleRequest
@@ -38,6 +39,7 @@ from tinkerd.protocol.types import AdamParams, BadRequest, ForwardBackwardCall, 
 log = logging.getLogger(__name__)
 
 NAMESPACE = "tinkerd"
+CLAIM_TIMEOUT_SECONDS = 300.0  # a restarting actor reloads its base model first
 
 
 class EngineLost(RuntimeError):
@@ -59,6 +61,11 @@ def actor_name(key: str) -> str:
     return "engine-" + re.sub(r"[^A-Za-z0-9_.-]+", "_", key)
 
 
+def attach(key: str):
+    """The running actor of `key` (ValueError if there is none)."""
+    return ray.get_actor(actor_name(key), namespace=NAMESPACE)
+
+
 def start_or_attach(placement: ActorPlacement):
     """The named detached actor of `placement.key`, created (with its placement group) if absent."""
     from ray.util.placement_group import get_placement_group, placement_group
@@ -68,7 +75,7 @@ def start_or_attach(placement: ActorPlacement):
 
     name = actor_name(placement.key)
     try:
-        return ray.get_actor(name, namespace=NAMESPACE)
+        return attach(placement.key)
     except ValueError:
         pass
     try:
@@ -90,13 +97,37 @@ def remove(key: str) -> None:
 
     name = actor_name(key)
     try:
-        ray.kill(ray.get_actor(name, namespace=NAMESPACE), no_restart=True)
+        ray.kill(attach(key), no_restart=True)
     except ValueError:
         pass
     try:
         remove_placement_group(get_placement_group(name))
     except ValueError:
         pass
+
+
+def connect(address: str | None, specs: list[str | None], model_cache: str, dtype: str = "bf16",
+            device: str = "cpu", threads: int | None = None) -> tuple["RayTrainer", "RaySampler", str]:
+    """`tinkerd serve --engine ray`: join (or start) the cluster, start or re-attach one actor per
+    `--base-model`, and return the proxies plus a line for the log. An actor gets `threads` CPUs
+    (default 1) and as many torch threads."""
+    import os
+
+    from tinkerd.engine.ray_actor import load_base_model
+
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    if address:
+        ray.init(address=address, namespace=NAMESPACE, logging_level="warning")
+    else:  # a private cluster: its actors end with this process
+        ray.init(namespace=NAMESPACE, include_dashboard=False, object_store_memory=256 * 1024 * 1024,
+                 logging_level="warning")
+    cpus = threads or 1
+    handles = [start_or_attach(ActorPlacement(f"{spec or 'embedded'}@{dtype}", load_base_model,
+                                              (spec, model_cache, dtype, device, cpus), num_cpus=cpus))
+               for spec in specs]
+    trainer = RayTrainer(handles)
+    where = f"engine: {len(handles)} Ray actor(s) of {cpus} CPU(s) on {address or 'a private local cluster'}"
+    return trainer, RaySampler(trainer), where
 
 
 @dataclass
@@ -128,7 +159,16 @@ class RayTrainer:
                          len(described["models"]), actor.epoch)
 
     def _claim(self, actor: _Actor) -> None:
-        actor.epoch = ray.get(actor.handle.claim.remote())
+        """Take the actor's next epoch, waiting out a restart in progress (ActorUnavailableError)."""
+        deadline = time.monotonic() + CLAIM_TIMEOUT_SECONDS
+        while True:
+            try:
+                actor.epoch = ray.get(actor.handle.claim.remote())
+                return
+            except ActorUnavailableError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.25)
 
     def handle(self, base_model: str):
         return self._actors[base_model].handle
@@ -207,7 +247,7 @@ class RayTrainer:
             try:
                 outcomes = self._resolve(base, ref)
             except EngineLost as exc:
-                outcomes = [exc] * len(groups[base])
+                outcomes = [EngineLost(self.lost.get(calls[i].model_id, str(exc))) for i in groups[base]]
             for i, outcome in zip(groups[base], outcomes):
                 results[i] = outcome
         return results

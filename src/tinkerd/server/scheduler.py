@@ -56,7 +56,7 @@ class ModelQueue:
     waiting: dict[int, Job] = field(default_factory=dict)
 
 
-BatchRunner = Callable[[list[ForwardBackwardCall]], list[ForwardBackwardResult | BadRequest]]
+BatchRunner = Callable[[list[ForwardBackwardCall]], list[ForwardBackwardResult | Exception]]
 
 
 @dataclass
@@ -211,7 +211,7 @@ class Scheduler:
 
     async def _run_forward(self, loop: asyncio.AbstractEventLoop, batch: list[Job]) -> None:
         self._partners = {job.call.model_id for job in batch}
-        def run() -> list[Outcome | BadRequest]:
+        def run() -> list[Outcome | Exception]:
             results = self.run_forward_batch([j.call for j in batch])
             return [r if isinstance(r, Exception) else j.encode(r) for j, r in zip(batch, results)]
 
@@ -225,6 +225,8 @@ class Scheduler:
         for job, outcome in zip(batch, outcomes):
             if isinstance(outcome, BadRequest):
                 self.board.fail(job.future_id, str(outcome), "user")
+            elif isinstance(outcome, Exception):  # e.g. the engine lost that request's run
+                self.board.fail(job.future_id, f"{type(outcome).__name__}: {outcome}", "server")
             else:
                 if not job.call.forward_only:
                     self.metrics.tokens_trained.inc(sum(len(d.tokens) for d in job.call.data))
