@@ -32,6 +32,11 @@ def make_tiny_runtime(name: str = "tiny", seed: int = 0, dtype=None):
     return ModelRuntime(name, model)
 
 
+def tiny_runtimes(name: str = "tiny", seed: int = 0) -> dict:
+    """{name: tiny runtime}: the loader of engines that build their runtimes in other processes."""
+    return {name: make_tiny_runtime(name, seed)}
+
+
 @pytest.fixture
 def tiny_runtime():
     return make_tiny_runtime()

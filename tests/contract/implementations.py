@@ -69,6 +69,29 @@ def ray_one_actor(base_model: str) -> EngineUnderTest:
     return tiny_ray_engine(base_model, seed=TINY_SEED)
 
 
+def fsdp_two_ranks(base_model: str) -> EngineUnderTest:
+    """An FSDP2 group of 2 gloo ranks publishing adapter folders, sampled by the embedded sampler in this process."""
+    import shutil
+    import tempfile
+    from pathlib import Path
+
+    from tests.conftest import tiny_runtimes
+    from tinkerd.engine.adapter_publish import AdapterVersions, PublishingTrainer
+    from tinkerd.engine.fencing import FencedTrainer
+    from tinkerd.engine.fsdp_group import FsdpTrainerGroup
+    from tinkerd.engine.sampler import LocalSampler
+
+    data_dir = Path(tempfile.mkdtemp(prefix="tinkerd-fsdp-contract-"))
+    group = FsdpTrainerGroup(2, tiny_runtimes, (base_model, TINY_SEED))
+    trainer = PublishingTrainer(group, AdapterVersions(data_dir / "adapters"))
+
+    def close() -> None:
+        group.close()
+        shutil.rmtree(data_dir, ignore_errors=True)
+
+    return EngineUnderTest(FencedTrainer(trainer), LocalSampler(tiny_runtimes(base_model, TINY_SEED)), close)
+
+
 IMPLEMENTATIONS: dict[str, Callable[[str], EngineUnderTest]] = {"embedded": embedded, "vllm-fake": vllm_fake,
-                                                               "ray": ray_one_actor}
+                                                               "ray": ray_one_actor, "fsdp": fsdp_two_ranks}
 MARKS = {"ray": [pytest.mark.ray]}

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from tests.conftest import make_tiny_runtime
+from tests.conftest import make_tiny_runtime, tiny_runtimes
 from tinkerd.engine.adapter_files import read_peft_adapter, read_training_extras
 from tinkerd.engine.fsdp_group import FsdpTrainerGroup, GroupLost
 from tinkerd.engine.interface import AdapterSpec
@@ -24,11 +24,6 @@ from tinkerd.protocol.types import AdamParams, BadRequest, Datum, ForwardBackwar
 BASE = "tiny"
 SEED = 0
 STEP = AdamParams(learning_rate=5e-2)
-
-
-def tiny_runtimes(name: str, seed: int) -> dict:
-    """The ranks' loader (spawned processes import it by name)."""
-    return {name: make_tiny_runtime(name, seed)}
 
 
 def _datum(tokens, weights=None) -> Datum:
@@ -176,6 +171,11 @@ def test_a_batch_across_two_adapters_matches_the_unsharded_batch_and_a_bad_reque
                               _sampler_weights(reference, model_id, tmp_path / f"r-{model_id}"))
     with pytest.raises(BadRequest, match="not loaded"):
         group.optim_step(_new_id("never-created"), STEP)  # a request error leaves the group serving
+    with pytest.raises(BadRequest, match="not loaded"):  # written by rank 0 only, refused by every rank
+        group.save_sampler_weights(_new_id("never-created"), tmp_path / "never")
+    (tmp_path / "a-file").write_text("not a folder")
+    with pytest.raises(OSError):  # rank 0 alone fails to write: an error for this call, the group serves on
+        group.save_sampler_weights(b, tmp_path / "a-file")
     _both(group, reference, "drop_adapter", a)
     with pytest.raises(BadRequest, match="not loaded"):
         group.forward_backward(_call(a))

@@ -60,6 +60,7 @@ TRAINER_METHODS = {"create_adapter", "drop_adapter", "forward_backward_many", "o
                    "save_sampler_weights", "load_state"}
 PROBES = {"adapter_digest", "base_shard_numel"}  # every rank answers; the caller gets the list
 STOP = "stop"
+FORKSERVER_PRELOAD = ["torch.distributed.fsdp", "transformers", "tinkerd.engine.trainer", "tinkerd.engine.fsdp_group"]
 
 
 class GroupLost(RuntimeError):
@@ -98,6 +99,7 @@ class RankMember:
         if method not in TRAINER_METHODS:
             raise ValueError(f"not a group method: {method}")
         if method in WRITTEN_BY_RANK_0 and self.rank != 0:
+            self.trainer._adapter(args[0])  # fail as rank 0 does when the adapter is missing; write nothing
             return None
         return getattr(self.trainer, method)(*args)
 
@@ -132,7 +134,8 @@ def _outcome(result: Any, error: BaseException | None) -> tuple:
 
 
 def run_everywhere(member: RankMember, world: int, method: str, args: tuple) -> tuple[Any, BaseException | None]:
-    """Rank 0: broadcast one call, run it here, check that every rank ended it the same way.
+    """Rank 0: broadcast one call, run it here, check that every rank ended it the same way (a file
+    written by rank 0 alone may fail there alone: the replicas are unchanged either way).
 
     Returns (rank 0's result, or for a probe every rank's answer by rank; the call's own error or
     None). Raises only when the group itself failed: a collective broke (a rank died) or the ranks
@@ -143,7 +146,7 @@ def run_everywhere(member: RankMember, world: int, method: str, args: tuple) -> 
     result, error = _run_here(member, method, args)
     reports: list = [None] * world
     dist.gather_object((_outcome(result, error), result if method in PROBES else None), reports, dst=0)
-    if len({outcome for outcome, _ in reports}) > 1:
+    if method not in WRITTEN_BY_RANK_0 and len({outcome for outcome, _ in reports}) > 1:
         raise GroupDiverged(f"ranks ended {method} differently: {[outcome for outcome, _ in reports]}")
     return ([answer for _, answer in reports] if method in PROBES else result), error
 
@@ -211,7 +214,7 @@ class FsdpTrainerGroup:
     """A `Trainer` (without `snapshot_for_sampler`) backed by `world_size` rank processes on this machine.
 
     `loader(*loader_args)` runs in every rank and returns {base model name: ModelRuntime}, like the
-    Ray actor's loader; it must be importable by name (ranks are spawned). One call at a time.
+    Ray actor's loader; it must be importable by name (ranks are started from a fork server). One call at a time.
     """
 
     def __init__(self, world_size: int, loader: Callable[..., dict], loader_args: tuple = (),
@@ -220,7 +223,11 @@ class FsdpTrainerGroup:
 
         if world_size < 1:
             raise ValueError(f"world_size must be >= 1, got {world_size}")
-        context = multiprocessing.get_context("spawn")
+        # Ranks fork from a fork server that imported torch, transformers and the trainer once per
+        # process (a second group starts without re-importing); unlike plain fork it never copies a
+        # parent's threads or torch state.
+        context = multiprocessing.get_context("forkserver")
+        context.set_forkserver_preload(FORKSERVER_PRELOAD)
         self.world_size = world_size
         self._lock = threading.Lock()
         self._rendezvous = tempfile.NamedTemporaryFile(prefix="tinkerd-fsdp-", delete=False)
