@@ -13,6 +13,7 @@ import time
 import torch
 from torch import nn
 
+from tinkerd.engine import fused_norm
 from tinkerd.engine.base_models import BaseModelFiles
 from tinkerd.engine.lora import LoRAAdapters
 
@@ -43,14 +44,21 @@ class ModelRuntime:
         self.dtype = next(self.model.parameters()).dtype
 
     @classmethod
-    def load(cls, files: BaseModelFiles, dtype: str = "bf16", device: str = "cpu") -> "ModelRuntime":
+    def load(cls, files: BaseModelFiles, dtype: str = "bf16", device: str = "cpu",
+             compile_norms: bool = True) -> "ModelRuntime":
+        """`compile_norms`: RMSNorm layers as compiled kernels (`tinkerd.engine.fused_norm`), compiled here."""
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         started = time.perf_counter()
         model = AutoModelForCausalLM.from_pretrained(files.folder, dtype=DTYPES[dtype]).to(device)
         tokenizer = AutoTokenizer.from_pretrained(files.folder)
         log.info("loaded %s (%s, %s) in %.1f s", files.name, dtype, device, time.perf_counter() - started)
-        return cls(files.name, model, tokenizer)
+        runtime = cls(files.name, model, tokenizer)
+        if compile_norms and fused_norm.install(model):
+            started = time.perf_counter()
+            fused_norm.warm_up(int(runtime.config.hidden_size), runtime.dtype, runtime.device)
+            log.info("compiled RMSNorm kernels in %.1f s", time.perf_counter() - started)
+        return runtime
 
     @property
     def vocab_size(self) -> int:
