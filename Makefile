@@ -8,7 +8,7 @@ DEMO_PORT ?= 8765
 export HF_HUB_OFFLINE := 1
 export TINKER_TELEMETRY := 0
 
-.PHONY: setup demo test serve bench cookbook-report clean
+.PHONY: setup demo test test-ray serve bench cookbook-report clean
 
 setup: $(STAMP)
 
@@ -26,6 +26,12 @@ $(STAMP): pyproject.toml
 
 test: setup
 	$(PY) -m pytest
+
+# Tier 1, the Ray engine (~75 s here): installs the ray extra, then tests/ray and the contract suite on a local
+# Ray cluster. Without ray installed, make test skips these tests; with it, make test runs them too.
+test-ray: setup
+	$(PY) -m pip install --quiet --disable-pip-version-check -e ".[ray]"
+	RAY_USAGE_STATS_ENABLED=0 $(PY) -m pytest tests/ray tests/contract -m ray
 
 # Benchmarks against the peers in one run (minutes; not part of make test). Writes bench/RESULTS.md.
 bench: setup

@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-from tinkerd.engine.interface import AdapterRef, AdapterSpec, BaseModelInfo
+from tinkerd.engine.interface import AdapterRef, AdapterSpec, BaseModelInfo, forward_backward_one
 from tinkerd.protocol.types import AdamParams, ForwardBackwardCall, ForwardBackwardResult
 
 RESULTS_KEPT_PER_MODEL = 16
@@ -197,10 +197,7 @@ class FencedTrainer:
         return self._here("drop_adapter", model_id)
 
     def forward_backward(self, call: ForwardBackwardCall) -> ForwardBackwardResult:
-        result = self.forward_backward_many([call])[0]
-        if isinstance(result, Exception):
-            raise result
-        return result
+        return forward_backward_one(self, call)
 
     def forward_backward_many(self, calls: list[ForwardBackwardCall]) -> list:
         return self._here("forward_backward_many", calls)

@@ -79,6 +79,14 @@ class Trainer(Protocol):
     def load_state(self, model_id: str, base_model: str | None, directory: Path, with_optimizer: bool) -> AdapterSpec: ...
 
 
+def forward_backward_one(trainer: Trainer, call: ForwardBackwardCall) -> ForwardBackwardResult:
+    """`Trainer.forward_backward` by way of `forward_backward_many`: the result, or its error raised."""
+    result = trainer.forward_backward_many([call])[0]
+    if isinstance(result, Exception):
+        raise result
+    return result
+
+
 @dataclass(frozen=True)
 class SampleRequest:
     request_id: str

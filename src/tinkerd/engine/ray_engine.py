@@ -33,7 +33,7 @@ import ray
 from ray.exceptions import ActorUnavailableError, RayActorError, RayTaskError
 
 from tinkerd.engine.fencing import Restarted, current_op
-from tinkerd.engine.interface import AdapterRef, AdapterSpec, BaseModelInfo, SampleRequest
+from tinkerd.engine.interface import AdapterRef, AdapterSpec, BaseModelInfo, SampleRequest, forward_backward_one
 from tinkerd.protocol.types import AdamParams, BadRequest, ForwardBackwardCall, ForwardBackwardResult, SampleResult
 
 log = logging.getLogger(__name__)
@@ -226,10 +226,7 @@ class RayTrainer:
             self._invoke(base, "drop_adapter", model_id)
 
     def forward_backward(self, call: ForwardBackwardCall) -> ForwardBackwardResult:
-        result = self.forward_backward_many([call])[0]
-        if isinstance(result, Exception):
-            raise result
-        return result
+        return forward_backward_one(self, call)
 
     def forward_backward_many(self, calls: list[ForwardBackwardCall]) -> list[ForwardBackwardResult | Exception]:
         """Calls grouped by actor; the actors run their groups in parallel."""

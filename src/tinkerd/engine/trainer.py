@@ -20,7 +20,7 @@ import torch
 
 from tinkerd.engine.adapter_files import read_peft_adapter, read_training_extras, write_peft_adapter
 from tinkerd.engine.batching import Row, collate, merge_metrics, plan_micro_batches, token_budget, validate_datums
-from tinkerd.engine.interface import AdapterRef, AdapterSpec, BaseModelInfo
+from tinkerd.engine.interface import AdapterRef, AdapterSpec, BaseModelInfo, forward_backward_one
 from tinkerd.engine.losses import Loss, get_loss
 from tinkerd.engine.memory import release_freed_memory
 from tinkerd.engine.runtime import ModelRuntime
@@ -105,10 +105,7 @@ class LocalTrainer:
     # forward / backward
 
     def forward_backward(self, call: ForwardBackwardCall) -> ForwardBackwardResult:
-        result = self.forward_backward_many([call])[0]
-        if isinstance(result, Exception):
-            raise result
-        return result
+        return forward_backward_one(self, call)
 
     def forward_backward_many(self, calls: list[ForwardBackwardCall]) -> list[ForwardBackwardResult | BadRequest]:
         """Run several requests (any tenants) together; a bad request gets its error, the rest still run."""
