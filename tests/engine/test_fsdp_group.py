@@ -182,6 +182,53 @@ def test_a_batch_across_two_adapters_matches_the_unsharded_batch_and_a_bad_reque
     assert len(set(group.replica_digests(b))) == 1
 
 
+def bf16_runtimes(name: str, seed: int) -> dict:
+    return {name: make_tiny_runtime(name, seed, dtype=torch.bfloat16)}
+
+
+def test_a_sharded_bf16_model_trains_like_the_unsharded_one(one_thread, tmp_path):
+    """bf16 is the served compute dtype: its all-gathers over gloo, and the same step as unsharded."""
+    group, reference = FsdpTrainerGroup(2, bf16_runtimes, (BASE, SEED)), LocalTrainer(bf16_runtimes(BASE, SEED))
+    try:
+        _both(group, reference, "create_adapter", "m", BASE, AdapterSpec(rank=4, seed=3))
+        _assert_results_equal(*_both(group, reference, "forward_backward", _call("m")))
+        _both(group, reference, "optim_step", "m", STEP)
+        _assert_results_equal(*_both(group, reference, "forward_backward", _call("m", forward_only=True)))
+        _assert_tensors_equal(_sampler_weights(group, "m", tmp_path / "g"), _sampler_weights(reference, "m", tmp_path / "r"))
+    finally:
+        group.close()
+
+
+def create_refusing_runtimes(name: str, seed: int) -> dict:
+    """Fault injection: rank 1 of a group refuses to create adapters named `diverge-*`; rank 0 creates them."""
+    import torch.distributed as dist
+
+    from tinkerd.engine.trainer import LocalTrainer
+
+    if dist.get_rank() == 1:
+        create = LocalTrainer.create_adapter
+
+        def refusing(self, model_id, base_model, spec):
+            if model_id.startswith("diverge-"):
+                raise BadRequest("injected refusal")
+            return create(self, model_id, base_model, spec)
+
+        LocalTrainer.create_adapter = refusing
+    return tiny_runtimes(name, seed)
+
+
+def test_ranks_that_end_a_call_differently_fail_the_group_instead_of_serving_diverged_replicas():
+    group = FsdpTrainerGroup(2, create_refusing_runtimes, (BASE, SEED))
+    try:
+        group.create_adapter("m", BASE, AdapterSpec(rank=4, seed=1))
+        with pytest.raises(GroupLost, match="ranks ended create_adapter differently.*injected refusal"):
+            group.create_adapter("diverge-1", BASE, AdapterSpec(rank=4, seed=1))
+        with pytest.raises(GroupLost):
+            group.forward_backward(_call("m"))
+    finally:
+        group.close()
+
+
 def test_a_dead_rank_fails_the_next_call_as_group_lost():
     group = FsdpTrainerGroup(2, tiny_runtimes, (BASE, SEED))
     try:

@@ -60,7 +60,7 @@ TRAINER_METHODS = {"create_adapter", "drop_adapter", "forward_backward_many", "o
                    "save_sampler_weights", "load_state"}
 PROBES = {"adapter_digest", "base_shard_numel"}  # every rank answers; the caller gets the list
 STOP = "stop"
-FORKSERVER_PRELOAD = ["torch.distributed.fsdp", "transformers", "tinkerd.engine.trainer", "tinkerd.engine.fsdp_group"]
+FORKSERVER_PRELOAD = ["torch.distributed.fsdp", "transformers.modeling_utils", "tinkerd.engine.trainer", "tinkerd.engine.fsdp_group"]
 
 
 class GroupLost(RuntimeError):
