@@ -40,18 +40,16 @@ not done here).
 from __future__ import annotations
 
 import hashlib
-import logging
 import os
+import pickle
 import tempfile
 import threading
 from datetime import timedelta
 from pathlib import Path
 from typing import Any, Callable
 
-from tinkerd.engine.interface import AdapterSpec, BaseModelInfo
+from tinkerd.engine.interface import AdapterSpec, BaseModelInfo, forward_backward_one
 from tinkerd.protocol.types import AdamParams, ForwardBackwardCall, ForwardBackwardResult
-
-log = logging.getLogger(__name__)
 
 COLLECTIVE_TIMEOUT = timedelta(minutes=10)  # a rank that stops answering fails the group after this long
 START_TIMEOUT_SECONDS = 600.0
@@ -60,7 +58,8 @@ TRAINER_METHODS = {"create_adapter", "drop_adapter", "forward_backward_many", "o
                    "save_sampler_weights", "load_state"}
 PROBES = {"adapter_digest", "base_shard_numel"}  # every rank answers; the caller gets the list
 STOP = "stop"
-FORKSERVER_PRELOAD = ["torch.distributed.fsdp", "transformers.modeling_utils", "tinkerd.engine.trainer", "tinkerd.engine.fsdp_group"]
+FORKSERVER_PRELOAD = ["torch.distributed.fsdp", "transformers.modeling_utils", "tinkerd.engine.trainer",
+                      "tinkerd.engine.fsdp_group"]
 
 
 class GroupLost(RuntimeError):
@@ -172,6 +171,15 @@ def _run_here(member: RankMember, method: str, args: tuple) -> tuple[Any, BaseEx
         return None, exc
 
 
+def _picklable(error: BaseException) -> BaseException:
+    """The error itself if it can cross the pipe, else a RuntimeError with its type and message."""
+    try:
+        pickle.dumps(error)
+        return error
+    except Exception:  # noqa: BLE001 - whatever pickling raises, the caller still gets the message
+        return RuntimeError(f"{type(error).__name__}: {error}")
+
+
 def _rank_main(rank: int, world: int, init_method: str, loader: Callable[..., dict], loader_args: tuple,
                threads: int, conn) -> None:
     """One rank process: join the group, load and shard the base model(s), then lead (rank 0) or follow."""
@@ -205,7 +213,7 @@ def _rank_main(rank: int, world: int, init_method: str, loader: Callable[..., di
             except Exception as exc:
                 conn.send(("lost", f"{type(exc).__name__}: {exc}"))  # this rank cannot go on either
                 raise
-            conn.send(("error", error) if error is not None else ("ok", result))
+            conn.send(("error", _picklable(error)) if error is not None else ("ok", result))
     finally:
         dist.destroy_process_group()
 
@@ -261,10 +269,7 @@ class FsdpTrainerGroup:
         return self._call("drop_adapter", model_id)
 
     def forward_backward(self, call: ForwardBackwardCall) -> ForwardBackwardResult:
-        result = self.forward_backward_many([call])[0]
-        if isinstance(result, Exception):
-            raise result
-        return result
+        return forward_backward_one(self, call)
 
     def forward_backward_many(self, calls: list[ForwardBackwardCall]) -> list[ForwardBackwardResult | Exception]:
         return self._call("forward_backward_many", calls)
