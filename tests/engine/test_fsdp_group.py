@@ -194,7 +194,8 @@ def test_a_sharded_bf16_model_trains_like_the_unsharded_one(one_thread, tmp_path
         _assert_results_equal(*_both(group, reference, "forward_backward", _call("m")))
         _both(group, reference, "optim_step", "m", STEP)
         _assert_results_equal(*_both(group, reference, "forward_backward", _call("m", forward_only=True)))
-        _assert_tensors_equal(_sampler_weights(group, "m", tmp_path / "g"), _sampler_weights(reference, "m", tmp_path / "r"))
+        _assert_tensors_equal(_sampler_weights(group, "m", tmp_path / "g"),
+                              _sampler_weights(reference, "m", tmp_path / "r"))
     finally:
         group.close()
 
