@@ -75,6 +75,10 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--ray-address", metavar="ADDR", default=None,
                        help="with --engine ray: the Ray cluster to join (e.g. 10.0.0.5:6379 from `ray start --head`); "
                             "its detached engine actors outlive this process. Default: a private local cluster")
+    serve.add_argument("--trainer-ranks", type=int, default=1, metavar="N",
+                       help="with N > 1 (embedded engine, CPU): train in an FSDP2 group of N processes over gloo, the "
+                            "base model sharded over them; this process keeps a copy for sampling published adapter "
+                            "folders (docs/scale-out.md). --threads is then per rank (default 1)")
     serve.add_argument("--log-level", default="info")
 
     runs = sub.add_parser("runs", help="list training runs (every API key's) with their checkpoint counts")
@@ -140,6 +144,9 @@ def serve(args: argparse.Namespace) -> None:
     if args.sampler == "vllm" and (not args.vllm_url or len(args.base_model or [None]) != 1
                                    or args.vllm_keep_versions < 1):
         raise SystemExit("tinkerd serve: --sampler vllm needs --vllm-url, one base model and --vllm-keep-versions >= 1")
+    if args.trainer_ranks < 1 or (args.trainer_ranks > 1 and (args.engine != "embedded" or args.device != "cpu")):
+        raise SystemExit("tinkerd serve: --trainer-ranks must be >= 1; groups of more run with --engine embedded on "
+                         "--device cpu (gloo; NCCL groups are not implemented)")
     if args.engine == "ray" and args.sampler != "local":
         raise SystemExit("tinkerd serve: --engine ray samples in its engine actors; --sampler vllm needs --engine embedded")
     try:  # before loading anything heavy: a bad URL or an unreachable database fails at once
@@ -192,6 +199,13 @@ def _embedded_engine(args: argparse.Namespace, data_dir: Path, model_cache: Path
         runtimes[files.name] = ModelRuntime.load(files, dtype=args.dtype, device=args.device,
                                                  compile_norms=not args.eager_norms)
     trainer, sampler = LocalTrainer(runtimes), None
+    if args.trainer_ranks > 1:  # the group loads its own shards; `runtimes` stay for sampling and names
+        from tinkerd.engine.fsdp_group import fsdp_trainer
+
+        trainer = fsdp_trainer(args.trainer_ranks, args.base_model or [None], model_cache, data_dir, args.dtype,
+                               not args.eager_norms, args.threads or 1,
+                               publish=args.sampler != "vllm")  # vLLM's path publishes the folders itself
+        threads += f"; FSDP2 trainer group of {args.trainer_ranks} ranks"
     if args.sampler == "vllm":
         from tinkerd.vllm.serve import vllm_engine
 

@@ -29,7 +29,8 @@ How multi-tenant LoRA coexists with sharding (the choice, and why):
   number of micro-batches; not done.
 
 Knows nothing about ordering, fencing or publishing: wrap the group in `FencedTrainer` and
-`PublishingTrainer` like any `Trainer`. `snapshot_for_sampler` is not offered (a sampler cannot
+`PublishingTrainer` like any `Trainer` (`fsdp_trainer` does the latter for `tinkerd serve
+--trainer-ranks N`). `snapshot_for_sampler` is not offered (a sampler cannot
 run on one rank of a sharded model); `PublishingTrainer` publishes folders through
 `save_sampler_weights` instead. Paths passed to `load_state` must be readable by every rank
 (shared storage across machines); files are written by rank 0 only. Each rank loads the whole base
@@ -356,3 +357,28 @@ class FsdpTrainerGroup:
                 process.kill()
         causes = ", ".join(filter(None, [f"{' and '.join(dead)} died" if dead else "", reason]))
         raise GroupLost(f"FSDP trainer group lost during {what}: {causes}")
+
+
+def load_base_models(specs: list[str | None], model_cache: str, dtype: str, compile_norms: bool) -> dict:
+    """The ranks' loader for `tinkerd serve --trainer-ranks N`: every `--base-model`, resolved and loaded on CPU."""
+    from tinkerd.engine.base_models import resolve_base_model
+    from tinkerd.engine.runtime import ModelRuntime
+
+    runtimes = {}
+    for spec in specs:
+        files = resolve_base_model(spec, Path(model_cache))
+        runtimes[files.name] = ModelRuntime.load(files, dtype=dtype, compile_norms=compile_norms)
+    return runtimes
+
+
+def fsdp_trainer(ranks: int, specs: list[str | None], model_cache: Path, data_dir: Path, dtype: str,
+                 compile_norms: bool, threads: int, publish: bool = True):
+    """`tinkerd serve --trainer-ranks N`: a group over the served base models; with `publish`, wrapped so that
+    sampler snapshots are folders under DATA_DIR/adapters that this process's sampler loads."""
+    group = FsdpTrainerGroup(ranks, load_base_models, (list(specs), str(model_cache), dtype, compile_norms),
+                             threads_per_rank=threads)
+    if not publish:
+        return group
+    from tinkerd.engine.adapter_publish import AdapterVersions, PublishingTrainer
+
+    return PublishingTrainer(group, AdapterVersions(Path(data_dir) / "adapters"))
