@@ -100,6 +100,15 @@ def test_each_rank_holds_half_the_decoder_weights_and_the_whole_tied_head(group)
     assert sum(local for local, _ in shards) == whole + head  # sharded weights once, the head on both ranks
 
 
+def test_ranks_ignore_a_terminals_ctrl_c_so_the_server_can_still_use_them_while_it_shuts_down(group):
+    for pid in group.pids:
+        os.kill(pid, signal.SIGINT)
+    model_id = _new_id("i")
+    group.create_adapter(model_id, BASE, AdapterSpec(rank=2, seed=1))
+    group.forward_backward(_call(model_id))
+    assert len(set(group.replica_digests(model_id))) == 1
+
+
 def test_a_sharded_step_equals_the_unsharded_step(group, reference, tmp_path):
     model_id = _new_id("a")
     _both(group, reference, "create_adapter", model_id, BASE, AdapterSpec(rank=4, seed=3))

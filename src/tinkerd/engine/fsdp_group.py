@@ -43,6 +43,7 @@ from __future__ import annotations
 import hashlib
 import os
 import pickle
+import signal
 import tempfile
 import threading
 from datetime import timedelta
@@ -183,7 +184,11 @@ def _picklable(error: BaseException) -> BaseException:
 
 def _rank_main(rank: int, world: int, init_method: str, loader: Callable[..., dict], loader_args: tuple,
                threads: int, conn) -> None:
-    """One rank process: join the group, load and shard the base model(s), then lead (rank 0) or follow."""
+    """One rank process: join the group, load and shard the base model(s), then lead (rank 0) or follow.
+
+    Ctrl-C in a terminal reaches every process of the foreground group: ranks ignore it, so the
+    server can still use them while it shuts down (it stops them, and they exit when it dies)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     from tinkerd.cli import configure_threads
 
     configure_threads(threads)
