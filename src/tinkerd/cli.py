@@ -54,6 +54,10 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--parked-state-ttl", type=float, default=86400.0, metavar="SECONDS",
                        help="how long that state is kept after the session's last sign of life (default 86400; "
                             "0: keep none, later requests on those runs answer 410)")
+    serve.add_argument("--shutdown-park-seconds", type=float, default=300.0, metavar="SECONDS",
+                       help="on SIGTERM/Ctrl-C, write every loaded training run's exact state to DATA_DIR/unloaded "
+                            "(after the queued work) and wait up to this long for it; the next start resumes each "
+                            "run on its next request (default 300; 0: park nothing, unsaved state is lost)")
     serve.add_argument("--eager-norms", action="store_true",
                        help="run RMSNorm layers in eager mode instead of compiling them at start (a few seconds "
                             "faster start, ~13 %% slower training steps; also where no C++ compiler is installed, "
@@ -173,7 +177,8 @@ def serve(args: argparse.Namespace) -> None:
     config = ServerConfig(data_dir=data_dir, api_keys=frozenset(keys), max_pending_samples=args.max_pending_samples,
                           store=args.store, session_timeout_seconds=args.session_timeout,
                           parked_state_ttl_seconds=args.parked_state_ttl,
-                          batch_gather_seconds=args.batch_gather_ms / 1000)
+                          batch_gather_seconds=args.batch_gather_ms / 1000,
+                          shutdown_park_seconds=args.shutdown_park_seconds)
     app = create_app(config, trainer, sampler, store)
     logging.getLogger("tinkerd").info("serving %s on http://%s:%d (store: %s; %s)", ", ".join(names), args.host,
                                       args.port, store.description, where)

@@ -22,8 +22,10 @@ def free_port() -> int:
 
 class LocalServer:
     def __init__(self, data_dir: Path, *extra_args: str, model_cache: Path | None = None,
-                 startup_timeout: float = 300.0) -> None:
-        self.port = free_port()
+                 startup_timeout: float = 300.0, park_on_exit: bool = False, port: int | None = None) -> None:
+        """`park_on_exit`: keep unsaved training state across `stop()` (off: a throwaway server writes none)."""
+        self.port = port or free_port()
+        self.park_on_exit = park_on_exit
         self.url = f"http://127.0.0.1:{self.port}"
         data_dir.mkdir(parents=True, exist_ok=True)
         self.log_path = data_dir / "server.log"
@@ -31,7 +33,7 @@ class LocalServer:
         cache = ["--model-cache", str(model_cache)] if model_cache is not None else []
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "tinkerd.cli", "serve", "--port", str(self.port), "--data-dir", str(data_dir),
-             *cache, *extra_args],
+             *cache, *([] if park_on_exit else ["--shutdown-park-seconds", "0"]), *extra_args],
             stdout=self._log, stderr=subprocess.STDOUT,
         )
         deadline = time.time() + startup_timeout
@@ -57,9 +59,9 @@ class LocalServer:
 
     def stop(self) -> None:
         if self.proc.poll() is None:
-            self.proc.terminate()
+            self.proc.terminate()  # SIGTERM: uvicorn's graceful shutdown (and parking, if on)
             try:
-                self.proc.wait(timeout=30)
+                self.proc.wait(timeout=330 if self.park_on_exit else 30)
             except subprocess.TimeoutExpired:
                 self.proc.kill()
         self._log.close()

@@ -18,8 +18,8 @@ MODEL_CACHE = Path(os.environ.get("TINKERD_TEST_MODEL_CACHE", REPO / ".tinkerd" 
 EMBEDDED = "HuggingFaceTB/SmolLM2-135M-Instruct"
 
 
-def ServerProcess(data_dir: Path, *extra: str) -> LocalServer:
-    return LocalServer(data_dir, *extra, model_cache=MODEL_CACHE)
+def ServerProcess(data_dir: Path, *extra: str, **options) -> LocalServer:
+    return LocalServer(data_dir, *extra, model_cache=MODEL_CACHE, **options)
 
 
 @pytest.fixture(scope="session")

@@ -111,6 +111,33 @@ def test_state_survives_kill_9_bit_exactly(tmp_path):
         second.stop()
 
 
+def test_a_graceful_restart_keeps_unsaved_training_state_and_the_same_sdk_client_carries_on(tmp_path):
+    data_dir = tmp_path / "data"
+    first = ServerProcess(data_dir, "--dtype", "fp32", park_on_exit=True)
+    try:
+        service = tinker.ServiceClient(base_url=first.url, api_key="tml-park")
+        clients = [service.create_lora_training_client(base_model=EMBEDDED, rank=4, seed=1).result() for _ in range(2)]
+        datum = _datum(clients[0].get_tokenizer().encode("Parked runs wake up where they stopped."), 1)
+        adam = types.AdamParams(learning_rate=1e-3)
+        for client in clients:  # one after the other: the same batches, the same numbers
+            for step in range(2):
+                client.forward_backward([datum], "cross_entropy").result()
+                if step == 0 or client is clients[0]:
+                    client.optim_step(adam).result()
+        expected = clients[0].forward([datum], "cross_entropy").result().loss_fn_outputs[0]["logprobs"].tolist()
+        training = clients[1]  # one optim_step short, its gradients accumulated and unsaved
+    finally:
+        first.stop()  # SIGTERM
+    second = ServerProcess(data_dir, "--dtype", "fp32", park_on_exit=True, port=first.port)
+    try:
+        training.optim_step(adam).result()  # the same SDK client, its next seq_id
+        got = training.forward([datum], "cross_entropy").result().loss_fn_outputs[0]["logprobs"].tolist()
+        assert np.allclose(got, expected, atol=1e-6, rtol=0)
+        assert "resume on their next request" in second.log_tail(100000)
+    finally:
+        second.stop()
+
+
 def test_bad_input_is_named_and_other_tenants_are_unaffected(server):
     service = tinker.ServiceClient(base_url=server.url, api_key="tml-bad")
     bad_client = service.create_lora_training_client(base_model=EMBEDDED, rank=4).result()

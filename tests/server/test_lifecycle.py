@@ -270,3 +270,29 @@ def test_samples_of_a_lapsed_session_are_cancelled_and_free_their_rows(api):
     assert "sent no heartbeat" in future_result(api, futures[gone])["error"]
     assert len(future_result(api, futures[alive])["sequences"][0]["tokens"]) == 40
     _wait(lambda: api.sampler.active_rows() == 0, "the cancelled rows to be dropped")
+
+
+def test_a_server_restart_parks_loaded_runs_and_the_next_process_resumes_them_exactly(tmp_path):
+    with _app(tmp_path / "reference") as ref_client:  # the same requests in one process
+        ref = Run(ref_client, seed=1)
+        ref.train_step()
+        ref.call("forward_backward", forward_backward_input={"data": [DATUM], "loss_fn": "cross_entropy"})
+        ref.call("optim_step", adam_params={"learning_rate": 0.01})
+        expected = ref.logprobs()
+
+    with _app(tmp_path / "data", shutdown_park_seconds=60) as first:
+        run = Run(first, seed=1)
+        run.train_step()
+        run.call("forward_backward", forward_backward_input={"data": [DATUM], "loss_fn": "cross_entropy"})  # pending grads
+        finished = Run(first, seed=2)
+        finished.finish()
+    assert (tmp_path / "data" / "unloaded").is_dir()
+
+    with _app(tmp_path / "data") as second:  # a new process: new engine, same data dir and Store
+        st = second.app.state.tinkerd
+        assert set(st.runs.parked) == {run.model_id}  # the finished session's run was not kept
+        assert st.scheduler.models[run.model_id].next_seq == run.seq + 1 == 4  # the SDK's next seq_id runs
+        run.client = second
+        run.call("optim_step", adam_params={"learning_rate": 0.01})  # seq_id 4: restored first, gradients included
+        np.testing.assert_array_equal(run.logprobs(), expected)
+        assert not st.parked_dir(run.model_id).exists()

@@ -1,7 +1,8 @@
 """Builds the FastAPI application from a Store and an engine (`Trainer` + `Sampler`).
 
 Logs one line per request with its duration. At start-up, futures that were still pending when
-the previous process stopped are failed with a clear error instead of hanging their pollers.
+the previous process stopped are failed with a clear error instead of hanging their pollers, and
+training runs it parked on its way down are adopted; at shutdown, loaded runs are parked (`lifecycle`).
 Background tasks: expired checkpoints are purged, and training runs of finished or lapsed
 sessions are unloaded (`lifecycle`).
 """
@@ -19,7 +20,7 @@ from tinkerd.engine.interface import Sampler, Trainer
 from tinkerd.server.checkpoint_access import purge_expired
 from tinkerd.server.errors import install_error_handlers
 from tinkerd.server.futures import FutureBoard
-from tinkerd.server.lifecycle import sweep_forever
+from tinkerd.server.lifecycle import adopt_parked, park_all, sweep_forever
 from tinkerd.server.metrics import ServerMetrics
 from tinkerd.server.routes import checkpoints, export, futures, rest, sampling, service, training
 from tinkerd.server.scheduler import Scheduler
@@ -55,11 +56,18 @@ def create_app(config: ServerConfig, trainer: Trainer, sampler: Sampler, store: 
         scheduler.start()
         app.state.tinkerd = ServerState(config, store, trainer, sampler, board, scheduler,
                                         {m.name: m for m in trainer.base_models()})
+        adopted = adopt_parked(app.state.tinkerd)
+        if adopted:
+            log.info("%d training runs parked by the previous process resume on their next request", adopted)
         janitor = asyncio.get_running_loop().create_task(_purge_expired_checkpoints(app.state.tinkerd))
         sweeper = asyncio.get_running_loop().create_task(sweep_forever(app.state.tinkerd))
         yield
         janitor.cancel()
         sweeper.cancel()
+        if config.parked_state_ttl_seconds > 0 and config.shutdown_park_seconds > 0:
+            parked = await park_all(app.state.tinkerd, config.shutdown_park_seconds)
+            if parked:
+                log.info("parked %d training runs in %s for the next process", parked, config.data_dir / "unloaded")
         await scheduler.stop()
         if owns_store:
             store.close()

@@ -15,15 +15,21 @@ sampler snapshots) from create_model / load_weights until its session ends:
   or offline carries on as if nothing happened. Parked state is kept `parked_state_ttl_seconds`
   after the session's last sign of life; then it is deleted and the run released.
 
+- **server stopping** (SIGTERM, Ctrl-C): every loaded run is parked the same way, after the work
+  already queued, and a parked run's folder says which run and session it belongs to and the next
+  seq_id. The next process adopts those folders at start, so a restart (an upgrade, a reboot) loses
+  no training state: each run is restored on its next request, exactly. A process that is killed
+  outright (kill -9, power loss) parks nothing; its runs answer 404 with how to resume from a checkpoint.
+
 In-memory sampler snapshots go with their run (a running sample keeps its snapshot until it
 finishes); sampling from them afterwards answers 410. Engine memory is only touched by scheduler
 jobs on the engine thread; the bookkeeping here (`ServerState.runs`) lives on the event loop.
-Nothing here is persisted: after a restart no run is loaded anyway.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import shutil
 import time
@@ -127,18 +133,63 @@ def release_session(st: ServerState, session_id: str, reason: str = FINISHED) ->
             release(st, model_id, reason)
 
 
-def park(st: ServerState, model_id: str) -> None:
-    """Unload a run whose session lapsed, keeping its exact state on disk for a transparent restore."""
+RUN_FILE = "run.json"  # in a parked run's folder: which run, whose session, its next seq_id
+
+
+def park(st: ServerState, model_id: str, why: str = "session lapsed") -> None:
+    """Unload a run, keeping its exact state on disk for a transparent restore (also by a later process)."""
     st.runs.parked[model_id] = time.time()
     directory = st.parked_dir(model_id)
+    queue = st.scheduler.models.get(model_id)
+    about = {"model_id": model_id, "session_id": st.runs.session_of.get(model_id),
+             "next_seq": queue.next_seq if queue is not None else 1}
 
     def run() -> Outcome:
         st.trainer.save_state(model_id, directory, with_gradients=True)  # BadRequest if it was never created
+        (directory / RUN_FILE).write_text(json.dumps(about))
         st.trainer.drop_adapter(model_id)  # only once its state is safely on disk
-        log.info("unloaded training run %s (session lapsed); state kept in %s", model_id, directory)
+        log.info("unloaded training run %s (%s); state kept in %s", model_id, why, directory)
         return Outcome()
 
     st.scheduler.submit(Job(None, "park", run))
+
+
+async def park_all(st: ServerState, timeout_seconds: float) -> int:
+    """At shutdown: park every loaded run behind the queued work and wait (at most `timeout_seconds`)."""
+    loaded = [m for m in st.runs.session_of if m not in st.runs.parked]
+    if not loaded:
+        return 0
+    for model_id in loaded:
+        park(st, model_id, "server stopping")
+    done = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    st.scheduler.submit(Job(None, "parked all", lambda: loop.call_soon_threadsafe(done.set) or Outcome()))
+    try:
+        await asyncio.wait_for(done.wait(), timeout_seconds)
+    except asyncio.TimeoutError:
+        log.warning("stopping before every training run was parked (%g s); unsaved state of the rest is lost",
+                    timeout_seconds)
+    return len(loaded)
+
+
+def adopt_parked(st: ServerState) -> int:
+    """At start: runs parked by an earlier process (their folders hold RUN_FILE) are parked runs of this one."""
+    root = st.config.data_dir / "unloaded"
+    adopted = 0
+    for marker in sorted(root.glob(f"*/{RUN_FILE}")) if root.is_dir() else []:
+        try:
+            about = json.loads(marker.read_text())
+            model_id, session_id, next_seq = about["model_id"], about["session_id"], int(about["next_seq"])
+        except (OSError, ValueError, KeyError, TypeError):
+            log.warning("ignoring unreadable %s", marker)
+            continue
+        if st.store.model(model_id) is None or st.parked_dir(model_id) != marker.parent or session_id is None:
+            continue
+        st.scheduler.open_model(model_id, next_seq=next_seq)
+        st.runs.session_of[model_id] = session_id
+        st.runs.parked[model_id] = marker.stat().st_mtime
+        adopted += 1
+    return adopted
 
 
 def _restore(st: ServerState, model_id: str) -> None:

@@ -34,7 +34,8 @@ class ServerConfig:
     store: str | None = None  # `--store` URL; None: SQLite at DATA_DIR/tinkerd.sqlite3
     session_timeout_seconds: float = 600.0  # no heartbeat nor training request this long: unload the session's runs
     batch_gather_seconds: float = 0.05  # how long a forward batch waits for the tenants of the previous one
-    parked_state_ttl_seconds: float = 86400.0  # how long the unsaved state of such runs is kept; 0: not kept
+    parked_state_ttl_seconds: float = 86400.0
+    shutdown_park_seconds: float = 0.0  # how long a stopping server waits for its runs' state to reach the disk; 0: park none (`serve`: 300)  # how long the unsaved state of such runs is kept; 0: not kept
 
 
 @dataclass
