@@ -54,9 +54,8 @@ def one_thread():
 
 @pytest.fixture(scope="module")
 def group():
-    built = FsdpTrainerGroup(2, tiny_runtimes, (BASE, SEED))
-    yield built
-    built.close()
+    with FsdpTrainerGroup(2, tiny_runtimes, (BASE, SEED)) as built:
+        yield built
 
 
 @pytest.fixture
@@ -197,16 +196,14 @@ def bf16_runtimes(name: str, seed: int) -> dict:
 
 def test_a_sharded_bf16_model_trains_like_the_unsharded_one(one_thread, tmp_path):
     """bf16 is the served compute dtype: its all-gathers over gloo, and the same step as unsharded."""
-    group, reference = FsdpTrainerGroup(2, bf16_runtimes, (BASE, SEED)), LocalTrainer(bf16_runtimes(BASE, SEED))
-    try:
+    reference = LocalTrainer(bf16_runtimes(BASE, SEED))
+    with FsdpTrainerGroup(2, bf16_runtimes, (BASE, SEED)) as group:
         _both(group, reference, "create_adapter", "m", BASE, AdapterSpec(rank=4, seed=3))
         _assert_results_equal(*_both(group, reference, "forward_backward", _call("m")))
         _both(group, reference, "optim_step", "m", STEP)
         _assert_results_equal(*_both(group, reference, "forward_backward", _call("m", forward_only=True)))
         _assert_tensors_equal(_sampler_weights(group, "m", tmp_path / "g"),
                               _sampler_weights(reference, "m", tmp_path / "r"))
-    finally:
-        group.close()
 
 
 def create_refusing_runtimes(name: str, seed: int) -> dict:
@@ -228,25 +225,19 @@ def create_refusing_runtimes(name: str, seed: int) -> dict:
 
 
 def test_ranks_that_end_a_call_differently_fail_the_group_instead_of_serving_diverged_replicas():
-    group = FsdpTrainerGroup(2, create_refusing_runtimes, (BASE, SEED))
-    try:
+    with FsdpTrainerGroup(2, create_refusing_runtimes, (BASE, SEED)) as group:
         group.create_adapter("m", BASE, AdapterSpec(rank=4, seed=1))
         with pytest.raises(GroupLost, match="ranks ended create_adapter differently.*injected refusal"):
             group.create_adapter("diverge-1", BASE, AdapterSpec(rank=4, seed=1))
         with pytest.raises(GroupLost):
             group.forward_backward(_call("m"))
-    finally:
-        group.close()
 
 
 def test_a_dead_rank_fails_the_next_call_as_group_lost():
-    group = FsdpTrainerGroup(2, tiny_runtimes, (BASE, SEED))
-    try:
+    with FsdpTrainerGroup(2, tiny_runtimes, (BASE, SEED)) as group:
         group.create_adapter("m", BASE, AdapterSpec(rank=4, seed=1))
         os.kill(group.pids[1], signal.SIGKILL)
         with pytest.raises(GroupLost, match="rank1 died"):
             group.forward_backward(_call("m"))
         with pytest.raises(GroupLost):
             group.optim_step("m", STEP)  # stays lost: the adapters are gone
-    finally:
-        group.close()

@@ -307,6 +307,12 @@ class FsdpTrainerGroup:
         """The rank processes' ids, by rank."""
         return [p.pid for p in self._ranks]
 
+    def __enter__(self) -> "FsdpTrainerGroup":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
     def close(self) -> None:
         """Stop every rank (at once if the group is broken) and wait for them."""
         with self._lock:
