@@ -195,6 +195,7 @@ def _rank_main(rank: int, world: int, init_method: str, loader: Callable[..., di
     import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
 
+    from tinkerd.engine.memory import release_freed_memory
     from tinkerd.engine.trainer import LocalTrainer
 
     dist.init_process_group("gloo", init_method=init_method, rank=rank, world_size=world,
@@ -204,6 +205,7 @@ def _rank_main(rank: int, world: int, init_method: str, loader: Callable[..., di
         runtimes = loader(*loader_args)
         for runtime in runtimes.values():
             shard_base_model(runtime, mesh)
+        release_freed_memory()  # the whole weights each rank loaded before sharding
         member = RankMember(rank, LocalTrainer(runtimes))
         if rank != 0:
             follow(member)
