@@ -1,0 +1,139 @@
+"""Cookbook part two: a model as the grader (rl_grader), debate, and a text game. Smoke runs of each recipe
+against the session tinkerd, plus the pure logic they rest on (the game, the truth the grader is not shown,
+zero-sum rewards). The learning results are in each recipe's README."""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+
+import pytest
+
+from cookbook.debate import train as debate
+from cookbook.rl_grader import train as rl_grader
+from cookbook.text_game import train as text_game
+from cookbook.text_game.env import TextGame, parse_command
+
+pytestmark = pytest.mark.slow
+
+
+def _metrics(log_dir) -> list[dict]:
+    rows = [json.loads(line) for line in (log_dir / "metrics.jsonl").read_text().splitlines()]
+    assert rows, "no metrics written"
+    assert all(math.isfinite(v) for row in rows for v in row.values())
+    return rows
+
+
+# ----------------------------------------------------------------------------------------- the text game
+
+def _play(game: TextGame, choose) -> list[tuple[str, float, bool]]:
+    trace = [(game.reset(), 0.0, False)]
+    while not game.done:
+        trace.append(game.step(choose(game)))
+    return trace
+
+
+def test_text_game_is_deterministic_under_a_seed():
+    traces = []
+    for _ in range(2):
+        rng = random.Random(1)
+        traces.append(_play(TextGame(11), lambda g: g.random_action(rng)))
+    assert traces[0] == traces[1] and len(traces[0]) > 2
+    assert TextGame(11).reset() == TextGame(11).reset() and TextGame(11).doors == TextGame(11).doors
+    assert len({TextGame(seed).reset() + str(TextGame(seed).doors) for seed in range(20)}) > 10  # maps differ
+
+
+def test_scripted_optimal_player_solves_every_seed_and_random_player_rarely():
+    for seed in range(500):
+        trace = _play(TextGame(seed), TextGame.optimal_action)
+        assert trace[-1][1] == 1.0 and "You win" in trace[-1][0], seed
+    rng = random.Random(0)
+    wins = sum(_play(TextGame(seed), lambda g: g.random_action(rng))[-1][1] for seed in range(500)) / 500
+    assert 0.03 < wins < 0.3
+
+
+def test_text_game_rules():
+    game = TextGame(5)
+    obs = game.reset()
+    assert obs.startswith("You are in the") and "Commands: " in obs
+    obs, reward, done = game.step("dance wildly")
+    assert obs.startswith("Nothing happens.") and reward == 0.0 and not done and game.turns == 1
+    while not game.done:
+        game.step("xyzzy")
+    assert game.turns == game.max_turns
+    with pytest.raises(AssertionError):
+        game.step("go north")
+    game.reset()  # the chest stays locked without the key
+    game.room = game.chest_room
+    assert game.step("open chest")[:2] == (game.observation("The chest is locked. "), 0.0)
+
+
+def test_parse_command():
+    listed = ["go north", "go east", "take key"]
+    assert parse_command("I go east, then north.", listed) == "go east"
+    assert parse_command("Take the key!", listed) == "take key"
+    assert parse_command("north", listed) == "go north"
+    assert parse_command("go south", listed) is None and parse_command("open chest", listed) is None
+
+
+# ------------------------------------------------------------------------------------- grader and debate
+
+def test_one_word_truth_and_grader_prompt_hides_it():
+    assert rl_grader.is_one_word("Apple.") and rl_grader.is_one_word("blue")
+    assert not rl_grader.is_one_word("The sky is blue.") and not rl_grader.is_one_word("") \
+        and not rl_grader.is_one_word("42")
+
+    class Tokenizer:  # the prompt as text: enough to see what the grader is shown
+        def apply_chat_template(self, msgs, **_):
+            return [m["content"] for m in msgs]
+
+    right, wrong = (rl_grader.grader_prompt(Tokenizer(), r)[0] for r in ("Banana.", "A banana is yellow."))
+    assert right.replace("Banana.", "A banana is yellow.") == wrong  # only the reply differs: no label, no count
+    for text in (right, wrong):
+        assert "one word" not in text and "True" not in text and "False" not in text
+
+
+def test_debate_stories_and_zero_sum_rewards():
+    for i in range(200):
+        story = debate.make_story(random.Random(i))
+        assert story.sentences[story.key] == f"{story.name}'s {story.thing} is {story.truth}."
+        assert all(story.lie in story.sentences[d] for d in story.decoys)
+        assert sum(story.truth in s.split()[-1] for s in story.sentences) == 1  # one sentence says the truth
+        assert len({s.rsplit(" is ", 1)[0] for s in story.sentences}) == 6  # each thing described once
+    for v in (0.0, 0.3, 0.5, 1.0):
+        honest, liar = debate.zero_sum_rewards(v)
+        assert honest + liar == 0 and (honest > 0) == (v > 0.5)
+
+
+# ------------------------------------------------------------------------------------------ smoke runs
+
+def test_text_game_smoke(server, tmp_path):
+    config = text_game.Config(base_url=server.url, log_dir=str(tmp_path), steps=1, games_per_step=2, group_size=2,
+                              num_eval=3, max_turns=3, max_tokens=4)
+    summary = text_game.main(config)
+    rows = _metrics(tmp_path)
+    assert {"eval_success", "eval_turns", "random_player", "optimal_player"} <= set(rows[0])
+    assert "train_success" in rows[-1] and (tmp_path / "text_game.png").exists()
+    assert 0 <= summary["after"]["eval_success"] <= 1 and summary["after"]["eval_turns"] <= 3
+
+
+def test_rl_grader_smoke(server, tmp_path):
+    config = rl_grader.Config(base_url=server.url, log_dir=str(tmp_path), steps=1, questions_per_step=2,
+                              group_size=2, num_eval=2, eval_samples=2, max_tokens=6, grader_steps=1, grader_batch=4)
+    summary = rl_grader.main(config)
+    rows = _metrics(tmp_path)
+    assert {"r1_eval_true_acc", "r1_eval_grader_agreement"} <= set(rows[0])
+    assert any("r2_train_grader_agreement" in r for r in rows)
+    assert set(summary["round2"]["after"]) == {"eval_true_acc", "eval_grader_agreement"}
+    assert summary["grader_lesson"]["examples"] >= summary["grader_lesson"]["mistakes"]
+
+
+def test_debate_smoke(server, tmp_path):
+    config = debate.Config(base_url=server.url, log_dir=str(tmp_path), steps=1, stories_per_step=2, group_size=2,
+                           num_eval=3)
+    summary = debate.main(config)
+    rows = _metrics(tmp_path)
+    assert {"eval_judge_acc", "eval_honest_shows_key", "eval_liar_shows_decoy"} <= set(rows[0])
+    assert "train_judge_acc" in rows[-1] and 0 <= summary["after"]["eval_judge_acc"] <= 1
+    assert summary["reference"]["judge_acc_key_vs_best_decoy"] >= 0
