@@ -1,7 +1,7 @@
 """A chat model pipeline in one script (nanochat in spirit): base model -> SFT -> RL -> a sampler checkpoint
 that `python -m cookbook.chat_pipeline.chat` talks to.
 
-    python -m cookbook.chat_pipeline.train [base_url=http://127.0.0.1:8000] [sft_steps=40] [rl_steps=15] ...
+    python -m cookbook.chat_pipeline.train [base_url=http://127.0.0.1:8000] [sft_steps=40] [rl_steps=20] ...
 
 1. SFT (`cross_entropy`) on generated chats: who the assistant is (Pip, made with tinkerd), and additions
    answered as "a + b = c.", some of them as the second turn of a conversation (multi-turn).
@@ -42,10 +42,10 @@ class Config(BaseConfig):
     sft_steps: int = 40
     sft_batch_size: int = 16
     sft_learning_rate: float = 5e-4
-    rl_steps: int = 15
-    rl_problems_per_step: int = 8
+    rl_steps: int = 20
+    rl_problems_per_step: int = 16
     rl_group_size: int = 8
-    rl_learning_rate: float = 3e-4
+    rl_learning_rate: float = 1e-4
     max_tokens: int = 32
     num_eval: int = 50  # held-out addition problems
 
