@@ -26,16 +26,15 @@ How multi-tenant LoRA coexists with sharding (the choice, and why):
 - What this buys is memory (each rank keeps 1/N of the decoder weights between layers), not
   speed: every rank does the whole batch's compute. Splitting rows across ranks (data parallel,
   with an all-reduce of LoRA gradients before optim_step) would need every rank to run the same
-  number of micro-batches; not done.
+  number of micro-batches; not done. `bench/fsdp_group.py` measures both on SmolLM2.
 
 Knows nothing about ordering, fencing or publishing: wrap the group in `FencedTrainer` and
 `PublishingTrainer` like any `Trainer` (`fsdp_trainer` does the latter for `tinkerd serve
---trainer-ranks N`). `snapshot_for_sampler` is not offered (a sampler cannot
-run on one rank of a sharded model); `PublishingTrainer` publishes folders through
-`save_sampler_weights` instead. Paths passed to `load_state` must be readable by every rank
-(shared storage across machines); files are written by rank 0 only. Each rank loads the whole base
-model before sharding it (building on the meta device and loading shards is the large-model path;
-not done here).
+--trainer-ranks N`). `snapshot_for_sampler` is not offered (a sampler cannot run on one rank of a
+sharded model); `PublishingTrainer` publishes folders through `save_sampler_weights` instead. Paths
+passed to `load_state` must be readable by every rank (shared storage across machines); files are
+written by rank 0 only. Each rank loads the whole base model before sharding it (building on the
+meta device and loading shards is the large-model path; not done here).
 """
 
 from __future__ import annotations
