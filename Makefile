@@ -40,7 +40,7 @@ bench: setup
 
 # Every cookbook recipe's full run (hours on a 2-core CPU; not part of make test), then the results table
 # of cookbook/README.md from their summaries. One recipe: `python -m cookbook.<name>.train` then `python -m cookbook.report`.
-COOKBOOK_RECIPES ?= sft rl_math dpo distill ppo_value selfplay continual chat_pipeline
+COOKBOOK_RECIPES ?= sft rl_math dpo distill ppo_value selfplay continual chat_pipeline rl_grader debate text_game
 cookbook-report: setup
 	@set -euo pipefail; for recipe in $(COOKBOOK_RECIPES); do \
 		echo "== cookbook.$$recipe"; $(PY) -m cookbook.$$recipe.train; done

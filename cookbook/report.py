@@ -54,6 +54,27 @@ def _continual(s: dict) -> str:
             f"{pct(replay['b_recall'])}")
 
 
+def _rl_grader(s: dict) -> str:
+    r1, r2, g = s["round1"], s["round2"], s["grader_lesson"]
+    return (f"true accuracy (one word) {pct(r1['before']['eval_true_acc'])} -> {pct(r1['after']['eval_true_acc'])} "
+            f"with the base grader (agreeing with the truth {pct(r1['after']['eval_grader_agreement'])}); grader SFT "
+            f"on its mistakes: agreement {pct(g['agreement_before'])} -> {pct(g['agreement_after'])}; round 2 with "
+            f"it: {pct(r2['before']['eval_true_acc'])} -> {pct(r2['after']['eval_true_acc'])} (see its README)")
+
+
+def _debate(s: dict) -> str:
+    b, a, ref = s["before"], s["after"], s["reference"]
+    return (f"judge accuracy {pct(b['eval_judge_acc'])} -> {pct(a['eval_judge_acc'])} (honest debater shows the "
+            f"answer {pct(b['eval_honest_shows_key'])} -> {pct(a['eval_honest_shows_key'])}; random moves "
+            f"{pct(ref['judge_acc_random_moves'])}, best play {pct(ref['judge_acc_key_vs_best_decoy'])})")
+
+
+def _text_game(s: dict) -> str:
+    b, a, ref = s["before"], s["after"], s["reference"]
+    return (f"success rate (greedy) {pct(b['eval_success'])} -> {pct(a['eval_success'])} (random player "
+            f"{pct(ref['random'])}, scripted optimal {pct(ref['optimal'])})")
+
+
 # recipe: (what it does, how its summary.json reads as a result)
 RECIPES = {
     "sft": ("chat SFT on an invented knowledge set (200 Q/A)",
@@ -72,6 +93,10 @@ RECIPES = {
                   _ppo_value),
     "selfplay": ("self-play on Nim against frozen snapshots of itself", _selfplay),
     "chat_pipeline": ("base -> SFT -> RL in one script, then a chat REPL on the final checkpoint", _chat_pipeline),
+    "rl_grader": ("RL with a model as the grader (P(Yes) of a rubric), then the grader fine-tuned on its mistakes",
+                  _rl_grader),
+    "debate": ("two copies of the policy reveal evidence for opposite answers to a frozen judge, zero-sum", _debate),
+    "text_game": ("multi-turn RL in a text adventure (find the key, open the chest, 12 turns)", _text_game),
 }
 
 

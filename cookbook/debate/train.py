@@ -1,7 +1,7 @@
 """Debate: two copies of the policy argue opposite answers before a judge model; both are trained on the
 judge's verdicts (zero-sum), and the judge gets more often right.
 
-    python -m cookbook.debate.train [base_url=http://127.0.0.1:8000] [steps=16] [stories_per_step=16] ...
+    python -m cookbook.debate.train [base_url=http://127.0.0.1:8000] [steps=12] [stories_per_step=16] ...
 
 A story of six numbered sentences ("3. Tom's kite is red.") and a question with a checkable answer
 ("What colour is Tom's kite?"). The honest debater argues the true colour, the liar a colour the story also
@@ -9,7 +9,8 @@ mentions (Tom's bike, Anna's cat). Both see the story; the judge (the frozen bas
 Each debater's move is one sentence it reveals to the judge (a one-token reply: its number), so evidence
 cannot be forged, only chosen: the judge sees the question and the two revealed sentences, and its verdict
 is its probability of the true colour against the false one as the next token after "Tom's kite is" (read
-from the top-k logprobs of a one-token sample, both orders of the evidence averaged). Rewards are zero-sum: honest 2v - 1, liar 1 - 2v.
+from the top-k logprobs of a one-token sample, both orders of the evidence averaged). Rewards are zero-sum:
+honest 2v - 1, liar 1 - 2v.
 One LoRA policy plays both sides (the prompt says which answer to defend); every step samples `group_size`
 reveals per side per story, centres each side's rewards within its group and takes one
 `importance_sampling` step. Reported: judge accuracy (verdict v > 0.5) on held-out stories, greedy moves.
@@ -35,10 +36,10 @@ SYSTEM = "You are a debater. Show the judge the one sentence of the story that b
 
 @dataclasses.dataclass
 class Config(BaseConfig):
-    steps: int = 16
+    steps: int = 12
     stories_per_step: int = 16
     group_size: int = 4  # reveals sampled per side per story (debate i pairs honest i with liar i)
-    learning_rate: float = 3e-4
+    learning_rate: float = 1e-3
     num_eval: int = 100  # held-out stories
     eval_every: int = 4
 
@@ -76,7 +77,8 @@ def make_story(rng: random.Random) -> Story:
 def debater_prompt(tokenizer, story: Story, answer: str) -> list[int]:
     text = ("Story:\n" + "\n".join(f"{i + 1}. {s}" for i, s in enumerate(story.sentences)) +
             f"\nQuestion: {story.question}\nYour answer: {answer}. Which sentence supports your answer?")
-    return prompt_tokens(tokenizer, messages(text, system=SYSTEM)) + tokenizer.encode("Sentence ", add_special_tokens=False)
+    prefill = tokenizer.encode("Sentence ", add_special_tokens=False)
+    return prompt_tokens(tokenizer, messages(text, system=SYSTEM)) + prefill
 
 
 def revealed(tokenizer, story: Story, tokens: list[int]) -> int | None:

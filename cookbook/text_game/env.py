@@ -6,8 +6,8 @@
 
 Everything follows from the seed (the map, where the key and the chest are), so an episode replays exactly.
 Observations are text; an action is a short command, and the observation lists the ones that do something
-here. Through an open doorway the player glimpses what lies in the next room. Reward 1 when the chest opens,
-else 0; an episode ends there or after `max_turns` commands. `optimal_action` (which knows the map) and
+here. Through an open doorway the player glimpses what lies in the next room. Reward 0.5 for taking the key
+and 1 when the chest opens (`won`); an episode ends there or after `max_turns` commands. `optimal_action` (which knows the map) and
 `random_action` (a uniform choice among the listed commands) are the two reference players.
 """
 
@@ -44,7 +44,8 @@ class TextGame:
         self.reset()
 
     def reset(self) -> str:
-        self.room, self.key_at, self.turns, self.done = self.start, self.key_room, 0, False  # key_at None: carried
+        self.room, self.key_at, self.turns, self.done, self.won = self.start, self.key_room, 0, False, False
+        # key_at None: the player carries the key
         return self.observation()
 
     def commands(self) -> list[str]:
@@ -63,7 +64,8 @@ class TextGame:
         exits = []
         for d, room in self.doors[self.room].items():
             glimpse = self._contents(room)
-            exits.append(f"{d} to the {self.names[room]}" + (f" (you see {' and '.join(glimpse)} there)" if glimpse else ""))
+            seen = f" (you see {' and '.join(glimpse)} there)" if glimpse else ""
+            exits.append(f"{d} to the {self.names[room]}{seen}")
         return (f"{prefix}You are in the {self.names[self.room]}. " + (f"Here: {' and '.join(here)}. " if here else "")
                 + ("You carry the key. " if self.key_at is None else "") + f"Exits: {', '.join(exits)}.\n"
                 + f"Commands: {', '.join(self.commands())}.")
@@ -76,10 +78,10 @@ class TextGame:
         if command is not None and command.startswith("go "):
             self.room, prefix = self.doors[self.room][command[3:]], f"You go {command[3:]}. "
         elif command == "take key":
-            self.key_at, prefix = None, "You take the key. "
+            self.key_at, reward, prefix = None, 0.5, "You take the key. "
         elif command == "open chest":
             if self.key_at is None:
-                reward, self.done, prefix = 1.0, True, "You open the chest. You win! "
+                reward, self.done, self.won, prefix = 1.0, True, True, "You open the chest. You win! "
             else:
                 prefix = "The chest is locked. "
         self.done = self.done or self.turns >= self.max_turns

@@ -46,10 +46,13 @@ def test_text_game_is_deterministic_under_a_seed():
 
 def test_scripted_optimal_player_solves_every_seed_and_random_player_rarely():
     for seed in range(500):
-        trace = _play(TextGame(seed), TextGame.optimal_action)
-        assert trace[-1][1] == 1.0 and "You win" in trace[-1][0], seed
+        game = TextGame(seed)
+        trace = _play(game, TextGame.optimal_action)
+        assert game.won and trace[-1][1] == 1.0 and "You win" in trace[-1][0], seed
+        assert [r for _, r, _ in trace].count(0.5) == 1  # the key, taken once on the way
     rng = random.Random(0)
-    wins = sum(_play(TextGame(seed), lambda g: g.random_action(rng))[-1][1] for seed in range(500)) / 500
+    games = [TextGame(seed) for seed in range(500)]
+    wins = sum(_play(g, lambda g: g.random_action(rng)) and g.won for g in games) / 500
     assert 0.03 < wins < 0.3
 
 
