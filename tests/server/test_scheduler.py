@@ -16,6 +16,15 @@ class NoSampler:
         return False
 
 
+async def settle(board, futures, tries: int = 500) -> None:
+    """Wait until no future of `futures` is pending (10 ms polls)."""
+    for _ in range(tries):
+        if all(board.store.future(f)["state"] != "pending" for f in futures):
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError("requests still pending")
+
+
 def _run(tmp_path, submissions):
     """Submit (model, seq, kind) in order while the engine is stopped, then run; returns what the
     engine did, in order: ("batch", [(model, seq), ...]) or (kind, model, seq)."""
@@ -42,10 +51,7 @@ def _run(tmp_path, submissions):
             scheduler.submit_ordered(model, seq, job)
             futures.append(future_id)
         scheduler.start()
-        for _ in range(200):
-            if all(board.store.future(f)["state"] != "pending" for f in futures):
-                break
-            await asyncio.sleep(0.01)
+        await settle(board, futures)
         await scheduler.stop()
         return [board.store.future(f)["state"] for f in futures]
 
@@ -96,20 +102,13 @@ def _staggered(tmp_path, gather_seconds: float, close_b_before_round_3: bool = F
                                                      encode=lambda result: Outcome(json={})))
             return future_id
 
-        async def settle(futures):
-            for _ in range(500):
-                if all(board.store.future(f)["state"] != "pending" for f in futures):
-                    return
-                await asyncio.sleep(0.01)
-            raise AssertionError("requests still pending")
-
-        await settle([await send("a", 1), await send("b", 1)])
+        await settle(board, [await send("a", 1), await send("b", 1)])
         first = await send("a", 2)
         await asyncio.sleep(0.05)
-        await settle([first, await send("b", 2)])
+        await settle(board, [first, await send("b", 2)])
         if close_b_before_round_3:
             scheduler.close_model("b")
-            await asyncio.wait_for(settle([await send("a", 3)]), 2.0)  # never waits for a closed tenant
+            await asyncio.wait_for(settle(board, [await send("a", 3)]), 2.0)  # never waits for a closed tenant
         await scheduler.stop()
 
     asyncio.run(main())

@@ -8,6 +8,7 @@ from tinkerd.protocol.types import AdamParams
 from tinkerd.server.futures import FutureBoard
 from tinkerd.server.scheduler import Job, Outcome, Scheduler
 from tinkerd.store.db import open_store
+from tests.server.test_scheduler import settle
 
 
 class NoSampler:
@@ -44,10 +45,7 @@ def test_ordered_jobs_run_as_their_model_and_seq_id(tmp_path):
         futures.append(board.create("owner", "unordered"))
         scheduler.submit(Job(futures[-1], "unordered", step))
         scheduler.start()
-        for _ in range(200):
-            if all(board.store.future(f)["state"] != "pending" for f in futures):
-                break
-            await asyncio.sleep(0.01)
+        await settle(board, futures)
         await scheduler.stop()
         return [board.store.future(f) for f in futures]
 
