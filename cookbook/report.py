@@ -72,7 +72,8 @@ def _debate(s: dict) -> str:
 def _text_game(s: dict) -> str:
     b, a, ref = s["before"], s["after"], s["reference"]
     return (f"success rate (greedy) {pct(b['eval_success'])} -> {pct(a['eval_success'])} (random player "
-            f"{pct(ref['random'])}, scripted optimal {pct(ref['optimal'])})")
+            f"{pct(ref['random'])}, scripted optimal {pct(ref['optimal'])}); key taken {pct(b['eval_key_taken'])} -> "
+            f"{pct(a['eval_key_taken'])}")
 
 
 # recipe: (what it does, how its summary.json reads as a result)
@@ -96,7 +97,7 @@ RECIPES = {
     "rl_grader": ("RL with a model as the grader (P(Yes) of a rubric), then the grader fine-tuned on its mistakes",
                   _rl_grader),
     "debate": ("two copies of the policy reveal evidence for opposite answers to a frozen judge, zero-sum", _debate),
-    "text_game": ("multi-turn RL in a text adventure (find the key, open the chest, 12 turns)", _text_game),
+    "text_game": ("multi-turn RL in a text adventure (find the key, open the chest, 10 turns)", _text_game),
 }
 
 
