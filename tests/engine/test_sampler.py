@@ -175,3 +175,24 @@ def test_last_n_targets_alt_tokens_and_sampled_topk_agree_with_full_recomputatio
         sampler.sample(BASE, prompt, 1, SamplingParams(), prompt_logprobs=True, prompt_logprobs_last_n=8)
     with pytest.raises(BadRequest, match="target_prompt_logprobs: expected shape"):
         sampler.sample(BASE, prompt, 1, SamplingParams(), target_prompt_logprobs=targets[:3])
+
+
+def test_prompt_scoring_requests_prefilled_together_equal_each_alone(engine):
+    """Several prompt-scoring requests of different lengths and adapters admitted in one step share a
+    forward; each gets what it would get alone (prompt logprobs, top-k, and its sampled tokens)."""
+    _, sampler, refs = engine
+    asks = [(refs["a1"], [3, 9, 4, 1, 5, 9, 2, 6]), (refs["a2"], [7, 2]), (BASE, [5, 8, 1, 1, 4])]
+    params = SamplingParams(max_tokens=3, seed=5, stop_at_eos=False)
+    alone = [sampler.sample(ref, prompt, 2, params, prompt_logprobs=True, topk_prompt_logprobs=3)
+             for ref, prompt in asks]
+    requests = [SampleRequest(f"r{i}", ref, prompt, 2, params, prompt_logprobs=True, topk_prompt_logprobs=3)
+                for i, (ref, prompt) in enumerate(asks)]
+    prefills = []
+    original = sampler._prefill
+    sampler._prefill = lambda runtime, items: prefills.append(len(items)) or original(runtime, items)
+    together = _run_together(sampler, requests)
+    assert prefills == [3]
+    for want, got in zip(alone, [together[f"r{i}"] for i in range(3)]):
+        np.testing.assert_allclose(got.prompt_logprobs[1:], want.prompt_logprobs[1:], atol=1e-5)
+        np.testing.assert_allclose(got.topk_prompt_logprobs[1], want.topk_prompt_logprobs[1], atol=1e-5)
+        assert [s.tokens for s in got.sequences] == [s.tokens for s in want.sequences]

@@ -35,6 +35,7 @@ from tinkerd.protocol.types import TOPK_SENTINEL_LOGPROB, BadRequest, SampledSeq
 MAX_PROMPT_ALT_TOKENS = 1024
 PREFILL_TOKENS_PER_STEP = 4096  # prompt tokens admitted per step (then running rows decode again)
 PREFILL_TOKENS_PER_FORWARD = 2048  # padded tokens in one prefill forward
+SCORED_POSITIONS_PER_FORWARD = 512  # padded positions of prompts scored together (fp32 logits: 512 x V x 4 bytes)
 
 
 @dataclass
@@ -179,12 +180,12 @@ class LocalSampler:
         """Validate queued requests and prefill them, many prompts per forward pass.
 
         At most PREFILL_TOKENS_PER_STEP prompt tokens are admitted per step, so running rows keep
-        decoding while a flood of new requests arrives. Requests asking for prompt logprobs are
-        prefilled alone (they need logits at every position).
+        decoding while a flood of new requests arrives. Requests asking for prompt logprobs
+        (they need logits at every position) are prefilled together in smaller forwards.
         """
         while not self.incoming.empty():
             self.waiting.append(self.incoming.get())
-        groups: dict[str, list[tuple[SampleRequest, str | None]]] = {}
+        groups: dict[tuple[str, bool], list[tuple[SampleRequest, str | None]]] = {}  # (model, scores prompt)
         budget, admitted = PREFILL_TOKENS_PER_STEP, 0
         while self.waiting and (budget > 0 or admitted == 0):
             request = self.waiting.popleft()
@@ -198,17 +199,15 @@ class LocalSampler:
             except BadRequest as exc:
                 finished.append((request.request_id, exc))
                 continue
-            if request.scores_prompt:
-                self._prefill(runtime, [(request, key)])
-            else:
-                groups.setdefault(runtime.name, []).append((request, key))
+            groups.setdefault((runtime.name, request.scores_prompt), []).append((request, key))
             budget -= len(request.prompt)
             admitted += 1
-        for name, group in groups.items():
+        for (name, scored), group in groups.items():
+            limit = SCORED_POSITIONS_PER_FORWARD if scored else PREFILL_TOKENS_PER_FORWARD
             group.sort(key=lambda item: len(item[0].prompt))
             chunk: list = []
             for item in group:  # bound the padded size of one prefill forward
-                if chunk and (len(chunk) + 1) * len(item[0].prompt) > PREFILL_TOKENS_PER_FORWARD:
+                if chunk and (len(chunk) + 1) * len(item[0].prompt) > limit:
                     self._prefill(self.runtimes[name], chunk)
                     chunk = []
                 chunk.append(item)
@@ -220,7 +219,7 @@ class LocalSampler:
         if batch is None:
             decoder = self.decoders[runtime.name]
             batch = self.batches[runtime.name] = DecodeBatch(decoder, decoder.new_cache())
-        want_prompt = len(items) == 1 and items[0][0].scores_prompt
+        want_prompt = items[0][0].scores_prompt  # then every item does (`_admit_waiting` groups them)
         logits, rows = batch.decoder.prefill(batch.cache, [r.prompt for r, _ in items], [key for _, key in items],
                                              all_positions=want_prompt)
         new_rows, repeats = [], []
@@ -228,13 +227,15 @@ class LocalSampler:
             result = SampleResult(sequences=[None] * request.num_samples)  # type: ignore[list-item]
             seed = request.params.seed if request.params.seed is not None else secrets.randbits(62)
             if want_prompt:
-                fill_prompt_scores(result, logits[0], request, torch.Generator().manual_seed(seed + request.num_samples))
+                fill_prompt_scores(result, logits[i, :len(request.prompt)], request,
+                                   torch.Generator().manual_seed(seed + request.num_samples))
             pending = Pending(request, result, request.num_samples, key)
             runtime.lora.pin(key)
             new_rows += [DecodeRow(pending, j, torch.Generator().manual_seed(seed + j)) for j in range(request.num_samples)]
             repeats.append(request.num_samples)
-        if want_prompt:
-            logits = logits[:, -1]
+        if want_prompt:  # each prompt's last position (right-padded)
+            last = torch.tensor([len(r.prompt) - 1 for r, _ in items], device=logits.device)
+            logits = logits[torch.arange(len(items), device=logits.device), last]
         batch.cache.repeat_rows(rows, repeats)
         logits = logits.index_select(0, torch.repeat_interleave(torch.arange(len(items)), torch.tensor(repeats)))
         batch.logits = logits if batch.logits is None else torch.cat([batch.logits, logits])
