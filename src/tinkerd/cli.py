@@ -39,8 +39,10 @@ def _parser() -> argparse.ArgumentParser:
                             "repeatable (default: the embedded HuggingFaceTB/SmolLM2-135M-Instruct)")
     serve.add_argument("--api-key", action="append", default=[], help="accepted API key (repeatable)")
     serve.add_argument("--api-keys-file", type=Path, help="file with one accepted API key per line")
-    serve.add_argument("--dtype", choices=["bf16", "fp32"], default="bf16",
-                       help="compute dtype of the frozen base weights (LoRA masters and Adam state stay fp32)")
+    serve.add_argument("--dtype", choices=["auto", "bf16", "fp32"], default="auto",
+                       help="compute dtype of the frozen base weights (LoRA masters and Adam state stay fp32); "
+                            "auto (default): bf16 where the hardware multiplies it natively (CUDA, or a CPU with "
+                            "AVX-512 BF16 / AMX), else fp32, which is many times faster than emulated bf16")
     serve.add_argument("--device", default="cpu")
     serve.add_argument("--max-pending-samples", type=int, default=1024,
                        help="sampling requests in flight before asample answers 429 (the SDK backs off and retries)")

@@ -26,7 +26,7 @@ from tinkerd.engine.interface import SampleRequest
 log = logging.getLogger(__name__)
 
 
-def load_base_model(spec: str | None, model_cache: str, dtype: str = "bf16", device: str = "cpu",
+def load_base_model(spec: str | None, model_cache: str, dtype: str = "auto", device: str = "cpu",
                     threads: int | None = None) -> dict[str, Any]:
     """The actor's loader for `tinkerd serve --engine ray`: resolve and load one `--base-model`."""
     from tinkerd.cli import configure_threads

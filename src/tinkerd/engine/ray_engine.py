@@ -106,7 +106,7 @@ def remove(key: str) -> None:
         pass
 
 
-def connect(address: str | None, specs: list[str | None], model_cache: str, dtype: str = "bf16",
+def connect(address: str | None, specs: list[str | None], model_cache: str, dtype: str = "auto",
             device: str = "cpu", threads: int | None = None) -> tuple["RayTrainer", "RaySampler", str]:
     """`tinkerd serve --engine ray`: join (or start) the cluster, start or re-attach one actor per
     `--base-model`, and return the proxies plus a line for the log. An actor gets `threads` CPUs

@@ -28,6 +28,17 @@ KEEP_LOGSOFTMAX_BYTES = 1 << 30
 DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp32": torch.float32, "float32": torch.float32}
 
 
+def resolve_dtype(dtype: str, device: str = "cpu") -> str:
+    """`auto`: bf16 where the hardware multiplies bf16 natively (a CUDA GPU that supports it; a CPU with
+    AVX-512 BF16 or AMX, which oneDNN uses), else fp32. Without that support torch falls back to a plain
+    loop for bf16 matmuls: on an AVX2-only CPU a 2048x576x1536 product took 3.9 s in bf16, 0.16 s in fp32."""
+    if dtype != "auto":
+        return dtype
+    if device.startswith("cuda"):
+        return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "fp32"
+    return "bf16" if torch.ops.mkldnn._is_mkldnn_bf16_supported() else "fp32"
+
+
 class ModelRuntime:
     def __init__(self, name: str, model: nn.Module, tokenizer=None, tokenizer_id: str | None = None) -> None:
         self.name = name
@@ -44,12 +55,14 @@ class ModelRuntime:
         self.dtype = next(self.model.parameters()).dtype
 
     @classmethod
-    def load(cls, files: BaseModelFiles, dtype: str = "bf16", device: str = "cpu",
+    def load(cls, files: BaseModelFiles, dtype: str = "auto", device: str = "cpu",
              compile_norms: bool = True) -> "ModelRuntime":
-        """`compile_norms`: RMSNorm layers as compiled kernels (`tinkerd.engine.fused_norm`), compiled here."""
+        """`dtype`: bf16, fp32 or auto (`resolve_dtype`). `compile_norms`: RMSNorm layers as compiled kernels
+        (`tinkerd.engine.fused_norm`), compiled here."""
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         started = time.perf_counter()
+        dtype = resolve_dtype(dtype, device)
         model = AutoModelForCausalLM.from_pretrained(files.folder, dtype=DTYPES[dtype]).to(device)
         tokenizer = AutoTokenizer.from_pretrained(files.folder)
         log.info("loaded %s (%s, %s) in %.1f s", files.name, dtype, device, time.perf_counter() - started)
