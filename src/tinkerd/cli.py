@@ -60,6 +60,11 @@ def _parser() -> argparse.ArgumentParser:
                        help="on SIGTERM/Ctrl-C, write every loaded training run's exact state to DATA_DIR/unloaded "
                             "(after the queued work) and wait up to this long for it; the next start resumes each "
                             "run on its next request (default 300; 0: park nothing, unsaved state is lost)")
+    serve.add_argument("--snapshot-every", type=int, default=10, metavar="STEPS",
+                       help="crash safety: keep every training request in a journal in the store and write each run's "
+                            "exact state to DATA_DIR/snapshots every STEPS optim_steps; after a kill -9 or power loss "
+                            "the next start rebuilds each run from its snapshot and journal and answers the requests "
+                            "that were in flight (default 10; 0: no journal, such runs are lost)")
     serve.add_argument("--eager-norms", action="store_true",
                        help="run RMSNorm layers in eager mode instead of compiling them at start (a few seconds "
                             "faster start, ~13 %% slower training steps; also where no C++ compiler is installed, "
@@ -180,7 +185,7 @@ def serve(args: argparse.Namespace) -> None:
                           store=args.store, session_timeout_seconds=args.session_timeout,
                           parked_state_ttl_seconds=args.parked_state_ttl,
                           batch_gather_seconds=args.batch_gather_ms / 1000,
-                          shutdown_park_seconds=args.shutdown_park_seconds)
+                          shutdown_park_seconds=args.shutdown_park_seconds, snapshot_every_steps=args.snapshot_every)
     app = create_app(config, trainer, sampler, store)
     logging.getLogger("tinkerd").info("serving %s on http://%s:%d (store: %s; %s)", ", ".join(names), args.host,
                                       args.port, store.description, where)

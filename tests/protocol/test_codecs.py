@@ -13,10 +13,11 @@ from tinker.proto.response_conv import deserialize_forward_backward_output, dese
 from tinkerd.protocol.forward_backward import (
     decode_forward_backward_pb,
     decompress_body,
+    encode_forward_backward_call_pb,
     encode_forward_backward_pb,
 )
 from tinkerd.protocol.sample import encode_sample_pb, prompt_tokens, sampling_params
-from tinkerd.protocol.types import BadRequest, ForwardBackwardResult, SampledSequence, SampleResult
+from tinkerd.protocol.types import BadRequest, ForwardBackwardResult, ProvenanceSpan, SampledSequence, SampleResult
 
 
 def _sdk_request():
@@ -53,6 +54,23 @@ def test_forward_backward_request_decodes_like_the_sdk_encoded_it():
     assert call.data[0].loss_inputs["weights"].tolist() == [0.5, -1.0, 2.0]
     assert call.data[1].tokens.tolist() == [5, 6, 7, 8]
     np.testing.assert_array_equal(call.data[1].loss_inputs["target_tokens"], soft_targets.numpy())
+
+
+def test_a_decoded_call_encodes_back_to_an_equal_call():
+    call = decode_forward_backward_pb(forward_backward_request_to_proto(_sdk_request()[0]).SerializeToString())
+    call.loss_config["mode"] = "token"  # a text config value, as loss_fn_config_v2 carries it
+    call.data[0].loss_inputs["sampler_logprobs"] = np.array([-0.5, -1.25, -2.0], dtype=np.float32)
+    call.data[0].target_spans = [ProvenanceSpan("prompt", "r:0", 1, 1), ProvenanceSpan("sampled", "r:0", 0, 2)]
+    again = decode_forward_backward_pb(encode_forward_backward_call_pb(call))
+    assert (again.model_id, again.seq_id, again.loss_fn, again.forward_only) == ("s:train:0", 3, "ppo", False)
+    assert again.loss_config == call.loss_config
+    assert again.data[0].target_spans == call.data[0].target_spans and again.data[1].target_spans is None
+    for mine, theirs in zip(call.data, again.data):
+        np.testing.assert_array_equal(mine.tokens, theirs.tokens)
+        assert mine.loss_inputs.keys() == theirs.loss_inputs.keys()
+        for name, array in mine.loss_inputs.items():
+            assert theirs.loss_inputs[name].dtype == array.dtype
+            np.testing.assert_array_equal(theirs.loss_inputs[name], array)
 
 
 def test_garbage_body_is_a_bad_request():

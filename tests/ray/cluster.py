@@ -37,7 +37,7 @@ def tiny_runtimes(name: str, seed: int) -> dict:
 
 def tiny_placement(base_model: str, seed: int = 0, **options):
     """A placement under a fresh key (tests never share actors by accident)."""
-    import cloudpickle
+    from ray import cloudpickle  # the copy Ray itself pickles with
 
     import tests.conftest
     import tests.ray.cluster

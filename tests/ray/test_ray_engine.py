@@ -95,7 +95,8 @@ def test_the_front_end_serves_on_ray_without_importing_torch(placement, tmp_path
 
 def test_actors_outlive_the_front_end_that_started_them_and_a_new_one_reattaches_by_name(placement):
     out = _driver(f"""
-        import cloudpickle, numpy as np
+        import numpy as np
+        from ray import cloudpickle
         import tests.conftest, tests.ray.cluster
         from tests.ray.cluster import tiny_runtimes
         from tinkerd.engine.fencing import ordered_op

@@ -145,6 +145,30 @@ def test_fail_unfinished_futures(store_url, tmp_path):
         store.close()
 
 
+def test_the_journal_keeps_requests_until_a_snapshot_covers_them(store_url, tmp_path):
+    store = open_store(store_url, tmp_path)
+    for seq in range(4):
+        store.add_future(f"m{seq}", "alice", "optim_step", "m", seq, request=b'{"lr": %d}\n' % seq)
+    store.add_future("n1", "alice", "optim_step", "n", 1, request=None)  # a server that keeps no journal
+    store.add_future("s1", "alice", "sample", request=b"{}\n")
+    store.complete_future("m0", {"ok": True})
+    assert store.journaled_models() == ["m"]
+    assert [(r["seq_id"], bytes(r["request"])) for r in store.journal("m", 1)] == [(2, b'{"lr": 2}\n'), (3, b'{"lr": 3}\n')]
+    assert store.journal("m", -1)[0]["state"] == "done" and store.journal("m", -1)[1]["state"] == "pending"
+    assert store.forget_journal("m", 2) == 3
+    assert [r["request"] is None for r in store.journal("m", -1)] == [True, True, True, False]
+    store.close()
+
+    store = open_store(store_url, tmp_path)  # start-up: the replay answers m3; samples are lost, the rest fail
+    try:
+        assert store.fail_unfinished_futures("resend", kind="sample", state="lost") == 1
+        assert store.fail_unfinished_futures("restarted", keep={"m3"}) == 3
+        assert store.future("m3")["state"] == "pending" and store.future("s1")["state"] == "lost"
+        assert store.future("m2")["error"] == "restarted" and store.future("s1")["error"] == "resend"
+    finally:
+        store.close()
+
+
 def test_checkpoints(store):
     base = dict(owner="alice", kind="weights", directory="/ckpt", base_model="tiny")
     with frozen_clock(1_600_000_000.123456):  # created ties: newest-first means last inserted first

@@ -22,6 +22,16 @@ from tinkerd.protocol.types import (
 )
 
 
+class RunLost(RuntimeError):
+    """An engine lost what it held in memory for a training run (its worker died). The front end
+    rebuilds the run from its snapshot and request journal if it keeps one, else the request fails
+    with a `server` error carrying this message."""
+
+    def __init__(self, message: str, model_id: str | None = None) -> None:
+        super().__init__(message)
+        self.model_id = model_id
+
+
 @dataclass(frozen=True)
 class AdapterSpec:
     """A LoRA adapter's shape. alpha is fixed at 32 like the hosted service; scale = alpha / rank."""
@@ -44,6 +54,13 @@ class AdapterRef:
 
     uri: str | None
     base_model: str
+
+
+def snapshot_run(adapter_uri: str | None) -> str | None:
+    """The training run whose in-memory sampler snapshot (`mem://<run>@<version>`) a URI names; else None."""
+    if adapter_uri and adapter_uri.startswith("mem://"):
+        return adapter_uri[len("mem://"):].rsplit("@", 1)[0]
+    return None
 
 
 @dataclass(frozen=True)

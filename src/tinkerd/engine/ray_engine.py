@@ -33,7 +33,8 @@ import ray
 from ray.exceptions import ActorUnavailableError, RayActorError, RayTaskError
 
 from tinkerd.engine.fencing import Restarted, current_op
-from tinkerd.engine.interface import AdapterRef, AdapterSpec, BaseModelInfo, SampleRequest, forward_backward_one
+from tinkerd.engine.interface import (AdapterRef, AdapterSpec, BaseModelInfo, RunLost, SampleRequest,
+                                     forward_backward_one)
 from tinkerd.protocol.types import AdamParams, BadRequest, ForwardBackwardCall, ForwardBackwardResult, SampleResult
 
 log = logging.getLogger(__name__)
@@ -42,8 +43,9 @@ NAMESPACE = "tinkerd"
 CLAIM_TIMEOUT_SECONDS = 300.0  # a restarting actor reloads its base model first
 
 
-class EngineLost(RuntimeError):
-    """The actor serving a run died; what it held in memory is gone (reported as a `server` error)."""
+class EngineLost(RunLost):
+    """The actor serving a run died; what it held in memory is gone (the front end rebuilds the run from its
+    journal, or reports a `server` error)."""
 
 
 @dataclass
@@ -177,7 +179,7 @@ class RayTrainer:
 
     def _invoke(self, base_model: str, method: str, *args: Any, model_id: str | None = None) -> Any:
         if model_id is not None and model_id in self.lost:
-            raise EngineLost(self.lost[model_id])
+            raise EngineLost(self.lost[model_id], model_id)
         actor = self._actors.get(base_model)
         if actor is None:
             raise BadRequest(f"base_model {base_model!r} is not served here; served: {sorted(self._actors)}")
@@ -200,7 +202,7 @@ class RayTrainer:
 
     def _base_of(self, model_id: str) -> str:
         if model_id in self.lost:
-            raise EngineLost(self.lost[model_id])
+            raise EngineLost(self.lost[model_id], model_id)
         base = self.model_actor.get(model_id)
         if base is None:
             if len(self._actors) == 1:
@@ -244,7 +246,8 @@ class RayTrainer:
             try:
                 outcomes = self._resolve(base, ref)
             except EngineLost as exc:
-                outcomes = [EngineLost(self.lost.get(calls[i].model_id, str(exc))) for i in groups[base]]
+                outcomes = [EngineLost(self.lost.get(calls[i].model_id, str(exc)), calls[i].model_id)
+                            for i in groups[base]]
             for i, outcome in zip(groups[base], outcomes):
                 results[i] = outcome
         return results
@@ -261,7 +264,7 @@ class RayTrainer:
             why = f"its engine actor died ({type(exc).__name__})"
         self._lose(base, why)
         raise EngineLost(self.lost.get(model_id) or
-                         f"the engine actor of {base!r} died or restarted; its training runs were lost") from None
+                         f"the engine actor of {base!r} died or restarted; its training runs were lost", model_id) from None
 
     def optim_step(self, model_id: str, params: AdamParams) -> dict[str, float]:
         return self._invoke(self._base_of(model_id), "optim_step", model_id, params, model_id=model_id)
@@ -337,6 +340,8 @@ class RaySampler:
             except (RayActorError, RayTaskError) as exc:
                 error = EngineLost(f"the engine actor of {base!r} failed while sampling ({type(exc).__name__}); "
                                    "resubmit the request")
+                if isinstance(exc, RayActorError):  # its runs are gone too: say so before anyone trains on them
+                    self.trainer._lose(base, f"its engine actor died while sampling ({type(exc).__name__})")
                 with self._lock:
                     lost = [r for r, b in self._pending.items() if b == base]
                     for request_id in lost:

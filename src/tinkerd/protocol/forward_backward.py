@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 from google.protobuf.message import DecodeError
 
-from tinkerd.protocol.tensors import batched_tensor_to_pb, tensor_from_json, tensor_from_pb
+from tinkerd.protocol.tensors import batched_tensor_to_pb, tensor_from_json, tensor_from_pb, tensor_to_pb
 from tinkerd.protocol.types import BadRequest, Datum, ForwardBackwardCall, ForwardBackwardResult, ProvenanceSpan
 from tinkerd.protocol.wire_pb import pb
 
@@ -67,6 +67,27 @@ def decode_forward_backward_pb(body: bytes) -> ForwardBackwardCall:
         data.append(Datum(tokens, inputs, _spans(datum.loss_fn_input_spans) if len(datum.loss_fn_input_spans) else None))
     return ForwardBackwardCall(msg.model_id, msg.seq_id, msg.loss_fn or "cross_entropy", config,
                                msg.forward_only, data)
+
+
+def encode_forward_backward_call_pb(call: ForwardBackwardCall) -> bytes:
+    """The inverse of `decode_forward_backward_pb` (the request journal keeps calls in this form)."""
+    msg = pb.ForwardBackwardRequest(model_id=call.model_id, seq_id=call.seq_id, loss_fn=call.loss_fn,
+                                    forward_only=call.forward_only)
+    for key, value in call.loss_config.items():
+        if isinstance(value, str):
+            msg.loss_fn_config_v2[key].text = value
+        else:
+            msg.loss_fn_config_v2[key].number = float(value)
+    for datum in call.data:
+        out = msg.data.add()
+        out.model_input.add().encoded_text.tokens = np.asarray(datum.tokens, dtype="<i4").tobytes()
+        for name, array in datum.loss_inputs.items():
+            tensor_to_pb(np.asarray(array), out.loss_fn_inputs[name])
+        for span in datum.target_spans or ():
+            arm = out.loss_fn_input_spans.add().sampled_tokens if span.kind == "sampled" else \
+                out.loss_fn_input_spans.add().prompt_tokens
+            arm.sequence_id, arm.offset, arm.length = span.sequence_id, span.offset, span.length
+    return msg.SerializeToString()
 
 
 def decode_forward_backward_json(obj: dict, forward_only: bool = False) -> ForwardBackwardCall:

@@ -1,8 +1,10 @@
 """Builds the FastAPI application from a Store and an engine (`Trainer` + `Sampler`).
 
-Logs one line per request with its duration. At start-up, futures that were still pending when
-the previous process stopped are failed with a clear error instead of hanging their pollers, and
-training runs it parked on its way down are adopted; at shutdown, loaded runs are parked (`lifecycle`).
+Logs one line per request with its duration. At start-up, training runs the previous process parked
+on its way down are adopted (`lifecycle`), runs it left behind in a crash are rebuilt from their
+snapshots and request journal (`journal`), and the futures still pending after that fail with a
+clear error instead of hanging their pollers (sample requests: 410, resend). At shutdown, loaded
+runs are parked.
 Background tasks: expired checkpoints are purged, and training runs of finished or lapsed
 sessions are unloaded (`lifecycle`).
 """
@@ -20,6 +22,7 @@ from tinkerd.engine.interface import Sampler, Trainer
 from tinkerd.server.checkpoint_access import purge_expired
 from tinkerd.server.errors import install_error_handlers
 from tinkerd.server.futures import FutureBoard
+from tinkerd.server.journal import rebuild, recover
 from tinkerd.server.lifecycle import adopt_parked, park_all, sweep_forever
 from tinkerd.server.metrics import ServerMetrics
 from tinkerd.server.routes import checkpoints, export, futures, rest, sampling, service, training
@@ -47,18 +50,26 @@ def create_app(config: ServerConfig, trainer: Trainer, sampler: Sampler, store: 
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
-        stale = store.fail_unfinished_futures("the server restarted while this request was in flight; resubmit it")
-        if stale:
-            log.warning("failed %d requests left in flight by the previous server process", stale)
         board = FutureBoard(store)
         board.bind_loop(asyncio.get_running_loop())
         scheduler = Scheduler(board, trainer.forward_backward_many, sampler, metrics, config.batch_gather_seconds)
         scheduler.start()
         app.state.tinkerd = ServerState(config, store, trainer, sampler, board, scheduler,
                                         {m.name: m for m in trainer.base_models()})
+        scheduler.on_run_lost = lambda model_id: rebuild(app.state.tinkerd, model_id)
         adopted = adopt_parked(app.state.tinkerd)
         if adopted:
             log.info("%d training runs parked by the previous process resume on their next request", adopted)
+        recovered, answered = recover(app.state.tinkerd)  # before the rest of the in-flight requests fail
+        if recovered:
+            log.info("%d training runs are being rebuilt from their snapshots and request journal", recovered)
+        lost = store.fail_unfinished_futures("the server restarted while this sample request was in flight; "
+                                             "send it again", kind="sample", state="lost")
+        stale = store.fail_unfinished_futures("the server restarted while this request was in flight; resubmit it",
+                                              keep=answered)
+        if lost or stale:
+            log.warning("%d sample requests (answered 410: resend) and %d other requests were left in flight by the "
+                        "previous server process", lost, stale)
         janitor = asyncio.get_running_loop().create_task(_purge_expired_checkpoints(app.state.tinkerd))
         sweeper = asyncio.get_running_loop().create_task(sweep_forever(app.state.tinkerd))
         yield

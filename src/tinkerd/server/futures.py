@@ -22,18 +22,38 @@ class FutureBoard:
     def bind_loop(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop
 
-    def create(self, owner: str, kind: str, model_id: str | None = None, seq_id: int | None = None) -> str:
+    @property
+    def loop(self) -> asyncio.AbstractEventLoop | None:
+        return self._loop
+
+    def create(self, owner: str, kind: str, model_id: str | None = None, seq_id: int | None = None,
+               request: bytes | None = None) -> str:
+        """A new pending future; `request` is its journal entry (see `tinkerd.server.journal`)."""
         future_id = f"{kind}-{uuid.uuid4().hex}"
-        self.store.add_future(future_id, owner, kind, model_id, seq_id)
-        self._events[future_id] = asyncio.Event()
+        self.store.add_future(future_id, owner, kind, model_id, seq_id, request)
+        self.track(future_id)
         return future_id
 
-    def complete(self, future_id: str, result_json: dict | None = None, result_pb: bytes | None = None) -> None:
+    def track(self, future_id: str) -> None:
+        """Waiters of a pending future (one an earlier process created, too) are woken when it finishes."""
+        self._events.setdefault(future_id, asyncio.Event())
+
+    def complete(self, future_id: str | None, result_json: dict | None = None, result_pb: bytes | None = None) -> None:
+        """None: work no client waits for (a replayed request that had finished); nothing to record."""
+        if future_id is None:
+            return
         self.store.complete_future(future_id, result_json, result_pb)
         self._wake(future_id)
 
-    def fail(self, future_id: str, error: str, category: str) -> None:
+    def fail(self, future_id: str | None, error: str, category: str) -> None:
+        if future_id is None:
+            return
         self.store.fail_future(future_id, error, category)
+        self._wake(future_id)
+
+    def lose(self, future_id: str, error: str) -> None:
+        """A sample request that cannot finish but may be sent again (answered 410, which the SDK resends)."""
+        self.store.fail_future(future_id, error, "server", state="lost")
         self._wake(future_id)
 
     def _wake(self, future_id: str) -> None:

@@ -19,7 +19,9 @@ sampler snapshots) from create_model / load_weights until its session ends:
   already queued, and a parked run's folder says which run and session it belongs to and the next
   seq_id. The next process adopts those folders at start, so a restart (an upgrade, a reboot) loses
   no training state: each run is restored on its next request, exactly. A process that is killed
-  outright (kill -9, power loss) parks nothing; its runs answer 404 with how to resume from a checkpoint.
+  outright (kill -9, power loss) parks nothing; with `snapshot_every_steps` set, the next process
+  rebuilds its runs from their snapshots and the request journal (`journal`), else they answer 404
+  with how to resume from a checkpoint.
 
 In-memory sampler snapshots go with their run (a running sample keeps its snapshot until it
 finishes); sampling from them afterwards answers 410. Engine memory is only touched by scheduler
@@ -34,6 +36,8 @@ import logging
 import shutil
 import time
 
+from tinkerd.engine.interface import snapshot_run
+from tinkerd.server import journal
 from tinkerd.server.scheduler import Job, Outcome
 from tinkerd.server.state import Gone, ServerState
 
@@ -69,10 +73,10 @@ def before_training_request(st: ServerState, model_id: str) -> None:
 
 def check_snapshot(st: ServerState, adapter_uri: str | None) -> None:
     """410 when a `mem://` sampler snapshot belonged to a run that was unloaded."""
-    if not adapter_uri or not adapter_uri.startswith("mem://"):
+    model_id = snapshot_run(adapter_uri)
+    if model_id is None:
         return
     key = adapter_uri[len("mem://"):]
-    model_id = key.rsplit("@", 1)[0]
     if model_id in st.runs.parked:
         raise Gone(f"sampler weights {key!r} were dropped from memory when training run {model_id!r} was unloaded "
                    f"(its session sent no heartbeat for {st.config.session_timeout_seconds:g} s); call "
@@ -121,6 +125,7 @@ def release(st: ServerState, model_id: str, reason: str) -> None:
             shutil.rmtree(directory, ignore_errors=True)
         else:
             st.trainer.drop_adapter(model_id)
+        journal.forget(st, model_id)
         log.info("unloaded training run %s (%s)", model_id, reason)
         return Outcome()
 

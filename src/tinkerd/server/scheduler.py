@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from tinkerd.engine.fencing import ordered_op
-from tinkerd.engine.interface import SampleRequest, Sampler
+from tinkerd.engine.interface import RunLost, SampleRequest, Sampler, snapshot_run
 from tinkerd.protocol.types import BadRequest, ForwardBackwardCall, ForwardBackwardResult, SampleResult
 from tinkerd.server.futures import FutureBoard
 from tinkerd.server.metrics import ServerMetrics
@@ -63,12 +63,16 @@ BatchRunner = Callable[[list[ForwardBackwardCall]], list[ForwardBackwardResult |
 class PendingSample:
     encode: Callable[[SampleResult], Outcome]  # the result's wire forms, made on the engine thread
     session_id: str | None  # the sampling session's client session, if any
+    adapter_uri: str | None = None  # the weights it samples (a run's `mem://` snapshot, a folder, or the base model)
 
 
 class Scheduler:
     def __init__(self, board: FutureBoard, run_forward_batch: BatchRunner, sampler: Sampler,
                  metrics: ServerMetrics | None = None, gather_seconds: float = 0.0) -> None:
         self.board = board
+        # A job whose run the engine lost (`RunLost`): called with the run's model_id; True means the run is
+        # being rebuilt (from the journal, which hands the job over again), so its future stays pending.
+        self.on_run_lost: Callable[[str], bool] = lambda model_id: False
         self.gather_seconds = gather_seconds
         self._partners: set[str] = set()  # the models of the last forward batch
         self.metrics = metrics or ServerMetrics()
@@ -109,7 +113,7 @@ class Scheduler:
 
     def submit_sample(self, request: SampleRequest, encode: Callable[[SampleResult], Outcome],
                       session_id: str | None = None) -> None:
-        self.samples[request.request_id] = PendingSample(encode, session_id)
+        self.samples[request.request_id] = PendingSample(encode, session_id, request.adapter.uri)
         self.sampler.submit(request)
         self._ready.set()
 
@@ -126,6 +130,24 @@ class Scheduler:
         """Abandoned requests: the rows of a session that ended stop decoding at the next step."""
         for request_id in [r for r, p in self.samples.items() if p.session_id == session_id]:
             self.cancel_sample(request_id, reason)
+
+    def drop_jobs(self, model_id: str) -> int:
+        """Forget a run's queued jobs (its journal hands them over again); returns how many."""
+        kept = collections.deque(job for job in self.jobs if job.model_id != model_id)
+        dropped, self.jobs = len(self.jobs) - len(kept), kept
+        return dropped
+
+    def _rebuilding(self, job_model: str | None, exc: Exception, asked: dict[str, bool] | None = None) -> bool:
+        """Whether a job's failure is its run being lost and the run is being rebuilt (its future stays pending).
+        `asked`: the answers for runs of the same batch, so a run is rebuilt once per failure."""
+        model_id = getattr(exc, "model_id", None) or job_model
+        if not isinstance(exc, RunLost) or model_id is None:
+            return False
+        if asked is None:
+            return self.on_run_lost(model_id)
+        if model_id not in asked:
+            asked[model_id] = self.on_run_lost(model_id)
+        return asked[model_id]
 
     def submit_ordered(self, model_id: str, seq_id: int | None, job: Job) -> None:
         """Queue a training job; it runs once every lower seq_id of its model has been handed over."""
@@ -222,9 +244,12 @@ class Scheduler:
             for job in batch:
                 self.board.fail(job.future_id, f"{type(exc).__name__}: {exc}", "server")
             return
+        rebuilding: dict[str, bool] = {}
         for job, outcome in zip(batch, outcomes):
             if isinstance(outcome, BadRequest):
                 self.board.fail(job.future_id, str(outcome), "user")
+            elif isinstance(outcome, Exception) and self._rebuilding(job.call.model_id, outcome, rebuilding):
+                continue
             elif isinstance(outcome, Exception):  # e.g. the engine lost that request's run
                 self.board.fail(job.future_id, f"{type(outcome).__name__}: {outcome}", "server")
             else:
@@ -251,10 +276,14 @@ class Scheduler:
                 self.board.fail(request_id, f"{type(exc).__name__}: {exc}", "server")
             self.samples.clear()
             return
+        rebuilding: dict[str, bool] = {}
         for request_id, outcome in finished:
-            if self.samples.pop(request_id, None) is None:
+            pending = self.samples.pop(request_id, None)
+            if pending is None:
                 continue  # cancelled meanwhile
-            if isinstance(outcome, BadRequest):
+            if isinstance(outcome, RunLost) and self._rebuilding(snapshot_run(pending.adapter_uri), outcome, rebuilding):
+                self.board.lose(request_id, f"{outcome}; the server is rebuilding the run: send the request again")
+            elif isinstance(outcome, BadRequest):
                 self.board.fail(request_id, str(outcome), "user")
             elif isinstance(outcome, Exception):
                 self.board.fail(request_id, f"{type(outcome).__name__}: {outcome}", "server")
@@ -272,6 +301,9 @@ class Scheduler:
             else:
                 self.board.fail(job.future_id, str(exc), "user")
         except Exception as exc:  # noqa: BLE001 - any engine failure becomes that request's error
+            if self._rebuilding(job.model_id, exc):
+                log.warning("engine job %s (%s): %s; the run is being rebuilt", job.future_id, job.kind, exc)
+                return
             log.exception("engine job %s (%s) failed", job.future_id, job.kind)
             if job.future_id is not None:
                 self.board.fail(job.future_id, f"{type(exc).__name__}: {exc}", "server")

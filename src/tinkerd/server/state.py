@@ -35,7 +35,8 @@ class ServerConfig:
     session_timeout_seconds: float = 600.0  # no heartbeat nor training request this long: unload the session's runs
     batch_gather_seconds: float = 0.05  # how long a forward batch waits for the tenants of the previous one
     parked_state_ttl_seconds: float = 86400.0
-    shutdown_park_seconds: float = 0.0  # how long a stopping server waits for its runs' state to reach the disk; 0: park none (`serve`: 300)  # how long the unsaved state of such runs is kept; 0: not kept
+    shutdown_park_seconds: float = 0.0  # how long a stopping server waits for its runs' state to reach the disk; 0: park none (`serve`: 300)
+    snapshot_every_steps: int = 0  # write a run's state to disk every N optim_steps, so a crash loses nothing (`journal`); 0: never
 
 
 @dataclass
@@ -46,6 +47,10 @@ class Runs:
     last_request: dict[str, float] = field(default_factory=dict)  # run -> time of its newest training request
     parked: dict[str, float] = field(default_factory=dict)  # run unloaded after its session lapsed -> when
     released: dict[str, str] = field(default_factory=dict)  # run unloaded for good -> why (finished, lapsed, expired)
+    steps_since_snapshot: dict[str, int] = field(default_factory=dict)  # run -> optim_steps since its last snapshot
+    unjournaled: set[str] = field(default_factory=set)  # runs that got a request without seq_id: not recoverable
+    recovering: dict[str, list] = field(default_factory=dict)  # run being replayed -> sample submissions waiting for it
+    rebuilds: dict[str, int] = field(default_factory=dict)  # run -> times the engine lost it and it was rebuilt
 
 
 @dataclass

@@ -39,7 +39,7 @@ CREATE TABLE IF NOT EXISTS sampling_sessions (
 CREATE TABLE IF NOT EXISTS futures (
     id TEXT PRIMARY KEY, owner TEXT NOT NULL, kind TEXT NOT NULL, model_id TEXT, seq_id INTEGER,
     state TEXT NOT NULL, result_json TEXT, result_pb BLOB, error TEXT, category TEXT,
-    created REAL NOT NULL, finished REAL
+    created REAL NOT NULL, finished REAL, request BLOB
 );
 CREATE UNIQUE INDEX IF NOT EXISTS futures_model_seq ON futures(model_id, seq_id)
     WHERE model_id IS NOT NULL AND seq_id IS NOT NULL;
@@ -53,11 +53,13 @@ CREATE TABLE IF NOT EXISTS checkpoints (
 # Columns added after the first release: databases created before them get them by ALTER TABLE.
 _ADDED_COLUMNS = {
     "checkpoints": {"public": "INTEGER NOT NULL DEFAULT 0", "expires_at": "REAL", "user_metadata": "TEXT"},
+    "futures": {"request": "BLOB"},
 }
 
 # Indexes for the listing queries (created after the columns they use exist).
 INDEXES = """
 CREATE INDEX IF NOT EXISTS futures_model ON futures(model_id, created) WHERE model_id IS NOT NULL;
+CREATE INDEX IF NOT EXISTS futures_journal ON futures(model_id) WHERE request IS NOT NULL;
 CREATE INDEX IF NOT EXISTS models_owner ON models(owner, created);
 CREATE INDEX IF NOT EXISTS models_session ON models(session_id);
 CREATE INDEX IF NOT EXISTS sessions_owner ON sessions(owner, created);
@@ -193,9 +195,10 @@ class Store:
 
     # futures
     def add_future(self, future_id: str, owner: str, kind: str, model_id: str | None = None,
-                   seq_id: int | None = None) -> None:
+                   seq_id: int | None = None, request: bytes | None = None) -> None:
+        """`request`: what it takes to run the operation again (the journal; see `tinkerd.server.journal`)."""
         self._insert("futures", dict(id=future_id, owner=owner, kind=kind, model_id=model_id, seq_id=seq_id,
-                                     state="pending", created=time.time()))
+                                     state="pending", created=time.time(), request=request))
 
     def future(self, future_id: str) -> dict | None:
         return self._one("SELECT * FROM futures WHERE id = ?", (future_id,))
@@ -209,16 +212,37 @@ class Store:
             (json.dumps(result_json) if result_json is not None else None, result_pb, time.time(), future_id),
         )
 
-    def fail_future(self, future_id: str, error: str, category: str) -> None:
-        self._execute("UPDATE futures SET state = 'error', error = ?, category = ?, finished = ? WHERE id = ?",
-                      (error, category, time.time(), future_id))
+    def fail_future(self, future_id: str, error: str, category: str, state: str = "error") -> None:
+        """`state` 'lost': the request never ran to an end and the client may send it again (`routes.futures`)."""
+        self._execute("UPDATE futures SET state = ?, error = ?, category = ?, finished = ? WHERE id = ?",
+                      (state, error, category, time.time(), future_id))
 
-    def fail_unfinished_futures(self, error: str) -> int:
-        """At start-up: requests that were in flight when the server stopped get a clear error."""
+    def fail_unfinished_futures(self, error: str, kind: str | None = None, state: str = "error",
+                                keep: set[str] = frozenset()) -> int:
+        """At start-up: requests (of one kind, or all; but those in `keep`) that were in flight when the server
+        stopped get a clear error (`state` 'lost': the client may send them again, see `routes.futures`)."""
+        which = "" if kind is None else " AND kind = ?"
+        kept = f" AND id NOT IN ({', '.join('?' * len(keep))})" if keep else ""
         return self._execute(
-            "UPDATE futures SET state = 'error', error = ?, category = 'server', finished = ? WHERE state = 'pending'",
-            (error, time.time()),
+            f"UPDATE futures SET state = ?, error = ?, category = 'server', finished = ? WHERE state = 'pending'"
+            f"{which}{kept}", (state, error, time.time(), *(() if kind is None else (kind,)), *keep),
         )
+
+    # the journal: ordered training requests, kept until a snapshot of their run covers them
+    def journal(self, model_id: str, after_seq: int) -> list[dict]:
+        """A run's ordered requests with seq_id > `after_seq`, oldest first (id, kind, seq_id, state, request)."""
+        return self._all("SELECT id, owner, kind, seq_id, state, request FROM futures WHERE model_id = ? AND seq_id > ? "
+                         "ORDER BY seq_id", (model_id, after_seq))
+
+    def journaled_models(self) -> list[str]:
+        """Runs that still hold journal entries (requests not yet covered by a snapshot)."""
+        rows = self._all("SELECT DISTINCT model_id FROM futures WHERE model_id IS NOT NULL AND request IS NOT NULL")
+        return [r["model_id"] for r in rows]
+
+    def forget_journal(self, model_id: str, through_seq: int) -> int:
+        """A snapshot covers a run's requests up to `through_seq`: drop their payloads (the results stay)."""
+        return self._execute("UPDATE futures SET request = NULL WHERE model_id = ? AND seq_id <= ? AND request IS NOT NULL",
+                             (model_id, through_seq))
 
     # checkpoints
     def add_checkpoint(self, path: str, model_id: str, owner: str, kind: str, name: str, directory: str,

@@ -14,11 +14,11 @@ from fastapi import APIRouter, Depends, Request
 from tinkerd.protocol.requests import LoadWeightsRequest, SaveWeightsRequest
 from tinkerd.protocol.sample import parse_tinker_path
 from tinkerd.protocol.types import BadRequest
-from tinkerd.server import lifecycle
+from tinkerd.server import journal, lifecycle
 from tinkerd.server.auth import caller
 from tinkerd.server.checkpoint_access import readable_checkpoint
 from tinkerd.server.routes.training import CHECKPOINT_NAME, submit_training
-from tinkerd.server.scheduler import Job, Outcome
+from tinkerd.server.scheduler import Outcome
 from tinkerd.server.state import ServerState
 
 router = APIRouter(prefix="/api/v1")
@@ -34,21 +34,29 @@ def checkpoint_name(path: str | None) -> str:
 @router.post("/save_weights")
 async def save_weights(body: SaveWeightsRequest, request: Request, owner: str = Depends(caller)):
     st: ServerState = request.app.state.tinkerd
-    model = st.model(body.model_id, owner)
+    st.model(body.model_id, owner)
     name = checkpoint_name(body.path)
-    tinker_path = f"tinker://{body.model_id}/weights/{name}"
-    if st.store.checkpoint(tinker_path) is not None and not body.overwrite:
-        raise BadRequest(f"path: checkpoint {tinker_path} already exists; pass overwrite=True to replace it")
-    directory = st.checkpoint_dir(body.model_id, "weights", name)
+    if st.store.checkpoint(f"tinker://{body.model_id}/weights/{name}") is not None and not body.overwrite:
+        raise BadRequest(f"path: checkpoint tinker://{body.model_id}/weights/{name} already exists; "
+                         "pass overwrite=True to replace it")
+    return submit_training(st, owner, body.model_id, body.seq_id, "save_weights",
+                           {**body.model_dump(mode="json"), "path": name})
+
+
+@journal.replayable("save_weights", changes_state=False)
+def _save_weights_job(op: journal.Op) -> dict:
+    st, body = op.st, SaveWeightsRequest(**op.args)
+    tinker_path = f"tinker://{op.model_id}/weights/{body.path}"
+    directory = st.checkpoint_dir(op.model_id, "weights", body.path)
 
     def run() -> Outcome:
-        st.trainer.save_state(body.model_id, directory)
-        st.store.add_checkpoint(tinker_path, body.model_id, owner, "weights", name, str(directory), model["base_model"],
-                                user_metadata=body.user_metadata)
+        st.trainer.save_state(op.model_id, directory)
+        st.store.add_checkpoint(tinker_path, op.model_id, op.owner, "weights", body.path, str(directory),
+                                st.store.model(op.model_id)["base_model"], user_metadata=body.user_metadata)
         st.store.set_checkpoint_ttl(tinker_path, body.ttl_seconds)
         return Outcome(json={"path": tinker_path, "type": "save_weights"})
 
-    return submit_training(st, owner, body.model_id, body.seq_id, "save_weights", run)
+    return {"run": run}
 
 
 @router.post("/load_weights")
@@ -58,15 +66,11 @@ async def load_weights(body: LoadWeightsRequest, request: Request, owner: str = 
     if kind != "weights" and body.optimizer:
         raise BadRequest(f"path: a {kind} checkpoint has no optimizer state; use a 'weights' (save_state) checkpoint")
     checkpoint = readable_checkpoint(st, owner, body.path)
-    directory, base_model = checkpoint["directory"], checkpoint["base_model"]
+    args = {"path": body.path, "optimizer": body.optimizer, "directory": checkpoint["directory"],
+            "base_model": checkpoint["base_model"], "session_id": body.session_id, "user_metadata": body.user_metadata}
     if body.model_id:
         st.model(body.model_id, owner)
-
-        def load_existing() -> Outcome:
-            st.trainer.load_state(body.model_id, base_model, directory, body.optimizer)
-            return Outcome(json={"path": body.path, "model_id": body.model_id, "type": "load_weights"})
-
-        return submit_training(st, owner, body.model_id, body.seq_id, "load_weights", load_existing)
+        return submit_training(st, owner, body.model_id, body.seq_id, "load_weights", args)
     if body.session_id is None or body.model_seq_id is None:
         raise BadRequest("load_weights needs model_id, or session_id and model_seq_id to create a model")
     session = st.session(body.session_id, owner)
@@ -75,15 +79,25 @@ async def load_weights(body: LoadWeightsRequest, request: Request, owner: str = 
     if existing is not None:
         return {"request_id": existing["id"], "model_id": model_id}
     lifecycle.check_session_open(session)
-
-    def create_from_state() -> Outcome:
-        spec = st.trainer.load_state(model_id, base_model, directory, body.optimizer)
-        lora = {"rank": spec.rank, "seed": spec.seed, "train_attn": spec.train_attn, "train_mlp": spec.train_mlp,
-                "train_unembed": spec.train_unembed}
-        st.store.add_model(model_id, session["id"], owner, base_model, lora, body.user_metadata)
-        return Outcome(json={"path": body.path, "model_id": model_id, "type": "load_weights"})
-
-    future_id = st.board.create(owner, "load_weights", model_id, 0)
+    job = journal.job_for("load_weights", journal.Op(st, owner, model_id, None, args), None)
+    job.future_id = st.board.create(owner, "load_weights", model_id, 0, journal.entry(st, model_id, args))
     lifecycle.open_run(st, model_id, session["id"])
-    st.scheduler.submit(Job(future_id, "load_weights", create_from_state))
-    return {"request_id": future_id, "model_id": model_id}
+    st.scheduler.submit(job)
+    return {"request_id": job.future_id, "model_id": model_id}
+
+
+@journal.replayable("load_weights")
+def _load_weights_job(op: journal.Op) -> dict:
+    """Into an existing model (in its seq_id order), or creating the model (seq_id 0) from the checkpoint."""
+    st, args = op.st, op.args
+
+    def run() -> Outcome:
+        spec = st.trainer.load_state(op.model_id, args["base_model"], args["directory"], args["optimizer"])
+        if st.store.model(op.model_id) is None:  # creating it (and not replaying after a crash)
+            lora = {"rank": spec.rank, "seed": spec.seed, "train_attn": spec.train_attn, "train_mlp": spec.train_mlp,
+                    "train_unembed": spec.train_unembed}
+            st.store.add_model(op.model_id, args["session_id"], op.owner, args["base_model"], lora,
+                               args["user_metadata"])
+        return Outcome(json={"path": args["path"], "model_id": op.model_id, "type": "load_weights"})
+
+    return {"run": run}

@@ -47,6 +47,7 @@ from fastapi.responses import FileResponse, JSONResponse
 from tinkerd.protocol.requests import CopyWeightsRequest, SaveWeightsExternalRequest
 from tinkerd.protocol.sample import parse_tinker_path
 from tinkerd.protocol.types import BadRequest
+from tinkerd.server import journal
 from tinkerd.server.auth import caller
 from tinkerd.server.checkpoint_access import is_expired, readable_checkpoint
 from tinkerd.server.routes.checkpoints import checkpoint_name
@@ -150,7 +151,7 @@ def _url(request: Request, token: str, relative_path: str) -> str:
 @router.post("/save_weights_external")
 async def save_weights_external(body: SaveWeightsExternalRequest, request: Request, owner: str = Depends(caller)):
     st = _state(request)
-    model = st.model(body.model_id, owner)
+    st.model(body.model_id, owner)
     if body.age_encryption_recipients:
         raise BadRequest("age_encryption_recipients: age encryption is not supported by this tinkerd server; "
                          "save without recipients (the download links are unguessable and expire in 1 hour)")
@@ -158,18 +159,25 @@ async def save_weights_external(body: SaveWeightsExternalRequest, request: Reque
         raise BadRequest("path: a name for the external weights is required")
     name = checkpoint_name(body.path)
     _check_ttl(body.ttl_seconds)
-    tinker_path = f"tinker://{body.model_id}/external_weights/{name}"
-    directory = st.checkpoint_dir(body.model_id, "external_weights", name)
+    return submit_training(st, owner, body.model_id, body.seq_id, "save_weights_external",
+                           {**body.model_dump(mode="json"), "path": name})
+
+
+@journal.replayable("save_weights_external", changes_state=False)
+def _save_weights_external_job(op: journal.Op) -> dict:
+    st, body = op.st, SaveWeightsExternalRequest(**op.args)
+    tinker_path = f"tinker://{op.model_id}/external_weights/{body.path}"
+    directory = st.checkpoint_dir(op.model_id, "external_weights", body.path)
 
     def run() -> Outcome:
-        st.trainer.save_sampler_weights(body.model_id, directory)
-        st.store.add_checkpoint(tinker_path, body.model_id, owner, "external_weights", name, str(directory),
-                                model["base_model"])
+        st.trainer.save_sampler_weights(op.model_id, directory)
+        st.store.add_checkpoint(tinker_path, op.model_id, op.owner, "external_weights", body.path, str(directory),
+                                st.store.model(op.model_id)["base_model"])
         st.store.set_checkpoint_ttl(tinker_path, body.ttl_seconds)
         size = sum(f.stat().st_size for f in checkpoint_files(directory).values())
         return Outcome(json={"path": tinker_path, "size_bytes": size, "type": "save_weights_external"})
 
-    return submit_training(st, owner, body.model_id, body.seq_id, "save_weights_external", run)
+    return {"run": run}
 
 
 # Download links. Plain `def`: SQLite and disk work run in FastAPI's thread pool.

@@ -1,4 +1,8 @@
-"""`retrieve_future`: long-poll a request's result (protobuf when the client accepts it)."""
+"""`retrieve_future`: long-poll a request's result (protobuf when the client accepts it).
+
+A sample request that a crashed server process never finished is *lost*: 410, which makes the SDK
+send it again (sampling changes nothing, so running it twice is safe). Lost training requests are
+never resent this way; the journal answers them or they fail with a `server` error."""
 
 from __future__ import annotations
 
@@ -19,6 +23,8 @@ async def retrieve_future(body: RetrieveFutureRequest, request: Request, owner: 
     row = await st.board.wait(body.request_id, st.config.long_poll_seconds)
     if row is None:
         return {"type": "try_again", "request_id": body.request_id, "queue_state": "active"}
+    if row["state"] == "lost":
+        return JSONResponse({"detail": row["error"]}, status_code=410)
     if row["state"] == "error":
         return {"error": row["error"], "category": row["category"]}
     if row["result_pb"] is not None and (PROTOBUF in request.headers.get("accept", "") or row["result_json"] is None):

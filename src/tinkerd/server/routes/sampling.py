@@ -10,7 +10,7 @@ from tinkerd.protocol.requests import CreateSamplingSessionRequest, RetrieveFutu
 from tinkerd.protocol.sample import encode_sample_pb, parse_tinker_path, prompt_tokens, sample_to_json, sampling_params
 from tinkerd.protocol.tensors import csr_layout, tensor_from_json
 from tinkerd.protocol.types import BadRequest
-from tinkerd.server import lifecycle
+from tinkerd.server import journal, lifecycle
 from tinkerd.server.auth import caller
 from tinkerd.server.checkpoint_access import readable_checkpoint
 from tinkerd.server.scheduler import Outcome
@@ -86,10 +86,10 @@ async def asample(body: SampleRequest, request: Request, owner: str = Depends(ca
                 st.sequences.record(sequence_id, sequence.logprobs)
         return Outcome(json=sample_to_json(result), pb=encode_sample_pb(result, target_layout))
 
-    st.scheduler.submit_sample(EngineSampleRequest(
+    engine_request = EngineSampleRequest(
         future_id, ref, tokens, body.num_samples, params, bool(body.prompt_logprobs), body.topk_prompt_logprobs,
-        body.prompt_logprobs_last_n, targets, body.prompt_alt_tokens_k, body.topk_sample_logprobs), encode,
-        session_id)
+        body.prompt_logprobs_last_n, targets, body.prompt_alt_tokens_k, body.topk_sample_logprobs)
+    journal.when_recovered(st, ref.uri, lambda: st.scheduler.submit_sample(engine_request, encode, session_id))
     return {"request_id": future_id, "sample_sequence_ids": sequence_ids}
 
 

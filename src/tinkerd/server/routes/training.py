@@ -4,8 +4,6 @@ optim_step and save_weights_for_sampler. Training operations are futures run in 
 from __future__ import annotations
 
 import re
-from typing import Callable
-
 from fastapi import APIRouter, Depends, Request
 
 from tinkerd.engine.interface import AdapterSpec
@@ -13,26 +11,28 @@ from tinkerd.protocol.forward_backward import (
     decode_forward_backward_json,
     decode_forward_backward_pb,
     decompress_body,
+    encode_forward_backward_call_pb,
     encode_forward_backward_pb,
     forward_backward_to_json,
 )
 from tinkerd.protocol.requests import CreateModelRequest, LoraConfig, ModelRequest, OptimStepRequest, SaveWeightsForSamplerRequest
 from tinkerd.protocol.types import AdamParams, BadRequest, ForwardBackwardCall
-from tinkerd.server import lifecycle
+from tinkerd.server import journal, lifecycle
 from tinkerd.server.auth import caller
-from tinkerd.server.scheduler import Job, Outcome
+from tinkerd.server.scheduler import Outcome
 from tinkerd.server.state import NotFound, ServerState
 
 router = APIRouter(prefix="/api/v1")
 CHECKPOINT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
 
-def submit_training(st: ServerState, owner: str, model_id: str, seq_id: int | None, kind: str,
-                    run: Callable[[], Outcome] | None = None, **batchable) -> dict:
+def submit_training(st: ServerState, owner: str, model_id: str, seq_id: int | None, kind: str, args: dict,
+                    body: bytes = b"", call: ForwardBackwardCall | None = None) -> dict:
     """Queue a training op in its model's seq_id order; a retried seq_id gets its existing future.
 
-    A run unloaded because its session finished answers 410; one unloaded because its session
-    lapsed is restored first (see `lifecycle`)."""
+    `args` (JSON) and `body` are the request as the journal keeps it; `kind`'s registered builder
+    turns them into the job (see `journal`). A run unloaded because its session finished answers
+    410; one unloaded because its session lapsed is restored first (see `lifecycle`)."""
     st.model(model_id, owner)
     if seq_id:
         existing = st.store.future_for_seq(model_id, seq_id)
@@ -41,9 +41,12 @@ def submit_training(st: ServerState, owner: str, model_id: str, seq_id: int | No
     lifecycle.before_training_request(st, model_id)
     if model_id not in st.scheduler.models:
         raise NotFound(f"model_id {model_id!r} is not loaded (the server restarted); load it from a checkpoint")
-    future_id = st.board.create(owner, kind, model_id, seq_id or None)
-    st.scheduler.submit_ordered(model_id, seq_id, Job(future_id, kind, run, **batchable))
-    return {"request_id": future_id, "model_id": model_id}
+    job = journal.job_for(kind, journal.Op(st, owner, model_id, seq_id or None, args, body, call), None)
+    if not seq_id:
+        journal.stop_journaling(st, model_id)
+    job.future_id = st.board.create(owner, kind, model_id, seq_id or None, journal.entry(st, model_id, args, body))
+    st.scheduler.submit_ordered(model_id, seq_id, job)
+    return {"request_id": job.future_id, "model_id": model_id}
 
 
 @router.post("/create_model")
@@ -56,19 +59,29 @@ async def create_model(body: CreateModelRequest, request: Request, owner: str = 
     if existing is not None:
         return {"request_id": existing["id"], "model_id": model_id}
     lifecycle.check_session_open(session)
+    args = body.model_dump(mode="json")
+    job = journal.job_for("create_model", journal.Op(st, owner, model_id, None, args), None)
+    job.future_id = st.board.create(owner, "create_model", model_id, 0, journal.entry(st, model_id, args))
+    lifecycle.open_run(st, model_id, session["id"])
+    st.scheduler.submit(job)
+    return {"request_id": job.future_id, "model_id": model_id}
+
+
+@journal.replayable("create_model")
+def _create_model_job(op: journal.Op) -> dict:
+    body = CreateModelRequest(**op.args)
     lora = body.lora_config or LoraConfig()
     spec = AdapterSpec(rank=lora.rank, seed=lora.seed, train_attn=lora.train_attn, train_mlp=lora.train_mlp,
                        train_unembed=lora.train_unembed)
 
     def run() -> Outcome:
-        st.trainer.create_adapter(model_id, body.base_model, spec)
-        st.store.add_model(model_id, session["id"], owner, body.base_model, lora.model_dump(), body.user_metadata)
-        return Outcome(json={"model_id": model_id, "type": "create_model"})
+        op.st.trainer.create_adapter(op.model_id, body.base_model, spec)
+        if op.st.store.model(op.model_id) is None:  # else: replayed after a crash
+            op.st.store.add_model(op.model_id, body.session_id, op.owner, body.base_model, lora.model_dump(),
+                                  body.user_metadata)
+        return Outcome(json={"model_id": op.model_id, "type": "create_model"})
 
-    future_id = st.board.create(owner, "create_model", model_id, 0)
-    lifecycle.open_run(st, model_id, session["id"])
-    st.scheduler.submit(Job(future_id, "create_model", run))
-    return {"request_id": future_id, "model_id": model_id}
+    return {"run": run}
 
 
 @router.post("/get_info")
@@ -99,7 +112,14 @@ def _queue_forward_backward(st: ServerState, owner: str, call: ForwardBackwardCa
                 if values is not None or fallback is not None:
                     datum.loss_inputs["sampler_logprobs"] = values if values is not None else fallback
     kind = "forward" if call.forward_only else "forward_backward"
-    return submit_training(st, owner, call.model_id, call.seq_id, kind, call=call, encode=_encode)
+    body = encode_forward_backward_call_pb(call) if journal.enabled(st) else b""  # the call as run, recorded logprobs too
+    return submit_training(st, owner, call.model_id, call.seq_id, kind, {}, body, call)
+
+
+@journal.replayable("forward", changes_state=False)
+@journal.replayable("forward_backward")
+def _forward_backward_job(op: journal.Op) -> dict:
+    return {"call": op.call or decode_forward_backward_pb(op.body), "encode": _encode}
 
 
 async def _read_body(request: Request, st: ServerState) -> bytes:
@@ -139,38 +159,54 @@ def _json(body: bytes) -> dict:
 @router.post("/optim_step")
 async def optim_step(body: OptimStepRequest, request: Request, owner: str = Depends(caller)):
     st: ServerState = request.app.state.tinkerd
-    params = AdamParams(**body.adam_params.model_dump(exclude={"type"}, exclude_none=True))
+    args = body.adam_params.model_dump(mode="json", exclude={"type"}, exclude_none=True)
+    return submit_training(st, owner, body.model_id, body.seq_id, "optim_step", args)
+
+
+@journal.replayable("optim_step")
+def _optim_step_job(op: journal.Op) -> dict:
+    params = AdamParams(**op.args)
 
     def run() -> Outcome:
-        return Outcome(json={"type": "optim_step", "metrics": st.trainer.optim_step(body.model_id, params)})
+        metrics = op.st.trainer.optim_step(op.model_id, params)
+        journal.after_optim_step(op.st, op.model_id, op.seq_id)
+        return Outcome(json={"type": "optim_step", "metrics": metrics})
 
-    return submit_training(st, owner, body.model_id, body.seq_id, "optim_step", run)
+    return {"run": run}
 
 
 @router.post("/save_weights_for_sampler")
 async def save_weights_for_sampler(body: SaveWeightsForSamplerRequest, request: Request, owner: str = Depends(caller)):
     st: ServerState = request.app.state.tinkerd
-    model = st.model(body.model_id, owner)
+    st.model(body.model_id, owner)
+    if body.path and not CHECKPOINT_NAME.match(body.path):
+        raise BadRequest(f"path: {body.path!r} is not a valid checkpoint name (letters, digits, '.', '_', '-')")
+    if not body.path and body.sampling_session_seq_id is None:
+        raise BadRequest("save_weights_for_sampler needs either path or sampling_session_seq_id")
+    return submit_training(st, owner, body.model_id, body.seq_id, "save_weights_for_sampler", body.model_dump(mode="json"))
+
+
+@journal.replayable("save_weights_for_sampler", changes_state=lambda args: not args.get("path"))
+def _save_weights_for_sampler_job(op: journal.Op) -> dict:
+    """A named checkpoint on disk, or an in-memory snapshot for a sampling session (which a replay rebuilds)."""
+    st, body = op.st, SaveWeightsForSamplerRequest(**op.args)
+    model = st.store.model(op.model_id)
     if body.path:
-        if not CHECKPOINT_NAME.match(body.path):
-            raise BadRequest(f"path: {body.path!r} is not a valid checkpoint name (letters, digits, '.', '_', '-')")
-        tinker_path = f"tinker://{body.model_id}/sampler_weights/{body.path}"
-        directory = st.checkpoint_dir(body.model_id, "sampler_weights", body.path)
+        tinker_path = f"tinker://{op.model_id}/sampler_weights/{body.path}"
+        directory = st.checkpoint_dir(op.model_id, "sampler_weights", body.path)
 
         def run() -> Outcome:
-            st.trainer.save_sampler_weights(body.model_id, directory)
-            st.store.add_checkpoint(tinker_path, body.model_id, owner, "sampler_weights", body.path, str(directory),
+            st.trainer.save_sampler_weights(op.model_id, directory)
+            st.store.add_checkpoint(tinker_path, op.model_id, op.owner, "sampler_weights", body.path, str(directory),
                                     model["base_model"], user_metadata=body.user_metadata)
             st.store.set_checkpoint_ttl(tinker_path, body.ttl_seconds)
             return Outcome(json={"path": tinker_path, "type": "save_weights_for_sampler"})
     else:
-        if body.sampling_session_seq_id is None:
-            raise BadRequest("save_weights_for_sampler needs either path or sampling_session_seq_id")
         sampler_id = f"{model['session_id']}:sample:{body.sampling_session_seq_id}"
 
         def run() -> Outcome:
-            ref = st.trainer.snapshot_for_sampler(body.model_id)
-            st.store.add_sampling_session(sampler_id, model["session_id"], owner, ref.base_model, None, ref.uri)
+            ref = st.trainer.snapshot_for_sampler(op.model_id)
+            st.store.add_sampling_session(sampler_id, model["session_id"], op.owner, ref.base_model, None, ref.uri)
             return Outcome(json={"sampling_session_id": sampler_id, "type": "save_weights_for_sampler"})
 
-    return submit_training(st, owner, body.model_id, body.seq_id, "save_weights_for_sampler", run)
+    return {"run": run}

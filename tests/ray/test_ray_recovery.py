@@ -1,0 +1,102 @@
+"""An engine actor killed in the middle of a run: the server rebuilds the run on the restarted actor from
+its snapshot and request journal, the requests in flight get their results, and the run equals one that
+was never interrupted, bit for bit. Without a journal the old contract holds (a clear `server` error).
+
+Tier 1: needs the ray extra (`make test-ray`); skipped when ray is not installed.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+import numpy as np
+import pytest
+from fastapi.testclient import TestClient
+
+from tests.ray.cluster import ensure_ray, tiny_placement
+
+pytestmark = pytest.mark.ray
+
+import ray  # noqa: E402  (after the importorskip in tests.ray.cluster)
+
+from tinkerd.engine.ray_engine import RaySampler, RayTrainer, remove, start_or_attach  # noqa: E402
+from tinkerd.server.app import create_app  # noqa: E402
+from tinkerd.server.state import ServerConfig  # noqa: E402
+from tests.server.conftest import OWNER_KEY as KEY, future_result  # noqa: E402
+from tests.server.test_lifecycle import DATUM, PROMPT, Run  # noqa: E402
+
+ADAM = {"adam_params": {"learning_rate": 0.01}}
+BIG = {"forward_backward_input": {"data": [DATUM] * 3000, "loss_fn": "cross_entropy"}}  # long enough to kill in flight
+
+
+@pytest.fixture
+def served(tmp_path):
+    ensure_ray()
+    placement = tiny_placement("tiny")
+    handle = start_or_attach(placement)
+    trainer = RayTrainer([handle])
+
+    def serve(snapshot_every_steps: int) -> TestClient:
+        app = create_app(ServerConfig(data_dir=tmp_path, long_poll_seconds=5, snapshot_every_steps=snapshot_every_steps),
+                         trainer, RaySampler(trainer))
+        client = TestClient(app)
+        client.handle = handle
+        return client
+
+    yield serve
+    remove(placement.key)
+
+
+def _sample(client, sampler_id):
+    r = client.post("/api/v1/asample", headers=KEY, json={
+        "sampling_session_id": sampler_id, "num_samples": 2, "prompt": PROMPT,
+        "sampling_params": {"max_tokens": 6, "seed": 5, "stop": []}})
+    assert r.status_code == 200, r.text
+    return r.json()["request_id"]
+
+
+def _steps(run, kill_actor=None) -> dict:
+    """Two steps, a sampler snapshot, then a big forward_backward + optim_step (the actor may die under it)."""
+    losses = [run.train_step() for _ in range(2)]
+    sampler = run.sampler(0)
+    fb, step = run.post("forward_backward", BIG).json()["request_id"], run.post("optim_step", ADAM).json()["request_id"]
+    if kill_actor is not None:
+        kill_actor()
+    losses.append(future_result(run.client, fb)["metrics"]["loss:sum"])
+    assert "metrics" in future_result(run.client, step), future_result(run.client, step)
+    tokens = future_result(run.client, _sample(run.client, sampler))
+    return {"losses": losses, "samples": tokens["sequences"], "logprobs": run.logprobs()}
+
+
+def _killer(handle):
+    pid = ray.get(handle.describe.remote())["pid"]
+
+    def kill():
+        time.sleep(0.3)
+        os.kill(pid, signal.SIGKILL)
+    return kill
+
+
+def test_a_killed_actor_is_rebuilt_from_the_journal_and_the_run_carries_on_exactly(served):
+    with served(snapshot_every_steps=2) as client:
+        client.st = client.app.state.tinkerd
+        run = Run(client, seed=4)
+        interrupted = _steps(run, _killer(client.handle))
+        assert client.st.runs.rebuilds == {run.model_id: 1}  # the kill hit the run in flight
+        reference = _steps(Run(client, seed=4))
+        assert interrupted["losses"] == reference["losses"]
+        assert interrupted["samples"] == reference["samples"]
+        np.testing.assert_array_equal(interrupted["logprobs"], reference["logprobs"])
+        assert run.train_step() > 0  # and it trains on
+
+
+def test_without_a_journal_a_killed_actor_fails_the_run_clearly(served):
+    with served(snapshot_every_steps=0) as client:
+        run = Run(client, seed=4)
+        run.train_step()
+        fb = run.post("forward_backward", BIG).json()["request_id"]
+        _killer(client.handle)()
+        failed = future_result(client, fb)
+        assert failed["category"] == "server" and "was lost" in failed["error"], failed
