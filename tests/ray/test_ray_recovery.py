@@ -1,21 +1,26 @@
-"""An engine actor killed in the middle of a run: the server rebuilds the run on the restarted actor from
-its snapshot and request journal, the requests in flight get their results, and the run equals one that
-was never interrupted, bit for bit. Without a journal the old contract holds (a clear `server` error).
+"""An engine actor killed in the middle of a run, or the node under it lost: the server rebuilds the run
+on the restarted actor from its snapshot and request journal, the requests in flight get their results,
+and the run equals one that was never interrupted, bit for bit. Without a journal the old contract holds
+(a clear `server` error).
 
 Tier 1: needs the ray extra (`make test-ray`); skipped when ray is not installed.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import signal
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 
-from tests.ray.cluster import ensure_ray, tiny_placement
+from tests.ray.cluster import RAY_ENV, ensure_ray, tiny_placement
 
 pytestmark = pytest.mark.ray
 
@@ -24,8 +29,9 @@ import ray  # noqa: E402  (after the importorskip in tests.ray.cluster)
 from tinkerd.engine.ray_engine import RaySampler, RayTrainer, remove, start_or_attach  # noqa: E402
 from tinkerd.server.app import create_app  # noqa: E402
 from tinkerd.server.state import ServerConfig  # noqa: E402
-from tests.server.conftest import OWNER_KEY as KEY, future_result  # noqa: E402
-from tests.server.test_lifecycle import DATUM, PROMPT, Run  # noqa: E402
+from tests.server.conftest import future_result  # noqa: E402
+from tests.server.test_journal import _sample  # noqa: E402
+from tests.server.test_lifecycle import DATUM, Run  # noqa: E402
 
 ADAM = {"adam_params": {"learning_rate": 0.01}}
 BIG = {"forward_backward_input": {"data": [DATUM] * 3000, "loss_fn": "cross_entropy"}}  # long enough to kill in flight
@@ -47,14 +53,6 @@ def served(tmp_path):
 
     yield serve
     remove(placement.key)
-
-
-def _sample(client, sampler_id):
-    r = client.post("/api/v1/asample", headers=KEY, json={
-        "sampling_session_id": sampler_id, "num_samples": 2, "prompt": PROMPT,
-        "sampling_params": {"max_tokens": 6, "seed": 5, "stop": []}})
-    assert r.status_code == 200, r.text
-    return r.json()["request_id"]
 
 
 def _steps(run, kill_actor=None) -> dict:
@@ -100,3 +98,15 @@ def test_without_a_journal_a_killed_actor_fails_the_run_clearly(served):
         _killer(client.handle)()
         failed = future_result(client, fb)
         assert failed["category"] == "server" and "was lost" in failed["error"], failed
+
+
+def test_losing_the_node_of_the_actor_moves_it_to_another_and_the_run_carries_on_exactly():
+    """`tests/ray/node_loss.py` in its own process: a Cluster of two one-GPU (logical) worker nodes."""
+    root = Path(__file__).resolve().parents[2]
+    done = subprocess.run([sys.executable, "-m", "tests.ray.node_loss"], cwd=root, capture_output=True, text=True,
+                          env={**os.environ, **RAY_ENV, "PYTHONPATH": str(root)}, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result["node_after"] != result["node_before"] and result["gpu_ids_after"], result
+    assert result["rebuilds"] == [1], result  # the node went with the forward_backward in flight
+    assert result["losses_equal"] and result["samples_equal"] and result["logprobs_equal"], result

@@ -54,8 +54,11 @@ class EngineActor:
         return self.trainer.fence.claim()
 
     def describe(self) -> dict:
+        import ray
+
         return {"base_models": self.trainer.base_models(), "models": sorted(self.trainer.inner.adapters),
-                "pid": os.getpid(), **self.trainer.status()}
+                "pid": os.getpid(), "node_id": ray.get_runtime_context().get_node_id(), "gpu_ids": ray.get_gpu_ids(),
+                **self.trainer.status()}
 
     def call(self, epoch: int, op: tuple[str, int] | None, method: str, *args: Any) -> Any:
         return self.trainer.call(epoch, op, method, *args)

@@ -56,7 +56,8 @@ class ActorPlacement:
     loader: Callable[..., dict]  # runs in the actor, returns {name: ModelRuntime}
     loader_args: tuple = ()
     num_cpus: float = 1.0
-    max_restarts: int = -1  # Ray brings a dead actor back (empty); its runs stay marked lost here
+    num_gpus: float = 0.0  # one for a model on CUDA: Ray picks the node and sets CUDA_VISIBLE_DEVICES
+    max_restarts: int = -1  # Ray brings a dead actor back (empty), on another node if its node is gone
 
 
 def actor_name(key: str) -> str:
@@ -83,12 +84,12 @@ def start_or_attach(placement: ActorPlacement):
     try:
         group = get_placement_group(name)
     except ValueError:
-        group = placement_group([{"CPU": placement.num_cpus}], strategy="STRICT_PACK", name=name,
-                                lifetime="detached")
+        bundle = {"CPU": placement.num_cpus, **({"GPU": placement.num_gpus} if placement.num_gpus else {})}
+        group = placement_group([bundle], strategy="STRICT_PACK", name=name, lifetime="detached")
     ray.get(group.ready())
     return EngineActor.options(
         name=name, namespace=NAMESPACE, lifetime="detached", get_if_exists=True, num_cpus=placement.num_cpus,
-        max_restarts=placement.max_restarts, max_concurrency=1,
+        num_gpus=placement.num_gpus, max_restarts=placement.max_restarts, max_concurrency=1,
         scheduling_strategy=PlacementGroupSchedulingStrategy(group, placement_group_bundle_index=0),
     ).remote(placement.loader, *placement.loader_args)
 
@@ -112,7 +113,7 @@ def connect(address: str | None, specs: list[str | None], model_cache: str, dtyp
             device: str = "cpu", threads: int | None = None) -> tuple["RayTrainer", "RaySampler", str]:
     """`tinkerd serve --engine ray`: join (or start) the cluster, start or re-attach one actor per
     `--base-model`, and return the proxies plus a line for the log. An actor gets `threads` CPUs
-    (default 1) and as many torch threads."""
+    (default 1) and as many torch threads, and one GPU when `device` is CUDA."""
     import os
 
     from tinkerd.engine.ray_actor import load_base_model
@@ -124,8 +125,9 @@ def connect(address: str | None, specs: list[str | None], model_cache: str, dtyp
         ray.init(namespace=NAMESPACE, include_dashboard=False, object_store_memory=256 * 1024 * 1024,
                  logging_level="warning")
     cpus = threads or 1
+    gpus = 1.0 if device.startswith("cuda") else 0.0
     handles = [start_or_attach(ActorPlacement(f"{spec or 'embedded'}@{dtype}", load_base_model,
-                                              (spec, model_cache, dtype, device, cpus), num_cpus=cpus))
+                                              (spec, model_cache, dtype, device, cpus), num_cpus=cpus, num_gpus=gpus))
                for spec in specs]
     trainer = RayTrainer(handles)
     where = f"engine: {len(handles)} Ray actor(s) of {cpus} CPU(s) on {address or 'a private local cluster'}"
