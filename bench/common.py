@@ -15,6 +15,14 @@ REPO = Path(__file__).resolve().parents[1]
 MODEL_CACHE = Path(os.environ.get("TINKERD_BENCH_MODEL_CACHE", REPO / ".tinkerd" / "test-models"))
 
 
+def compute_dtype() -> str:
+    """The dtype tinkerd's `--dtype auto` picks on this machine (bf16 only with native bf16 matmuls);
+    the peers run in it too, so each side gets the best this hardware offers."""
+    from tinkerd.engine.runtime import resolve_dtype
+
+    return resolve_dtype("auto")
+
+
 def embedded_model_files():
     from tinkerd.engine.base_models import resolve_base_model
 

@@ -54,7 +54,7 @@ def measure(tokens: np.ndarray, rank: int, steps: int) -> dict[str, float]:
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     started = time.perf_counter()
     ray.init(num_cpus=THREADS, include_dashboard=False, object_store_memory=256 * 1024 * 1024, logging_level="warning")
-    placement = ActorPlacement("bench-ray-overhead", load_base_model, (None, str(MODEL_CACHE), "bf16", "cpu", THREADS),
+    placement = ActorPlacement("bench-ray-overhead", load_base_model, (None, str(MODEL_CACHE), "auto", "cpu", THREADS),
                                num_cpus=THREADS)
     try:
         trainer = RayTrainer([start_or_attach(placement)])

@@ -1,6 +1,6 @@
 """Sampling throughput: tinkerd's sampler vs Hugging Face `generate` on the same weights, same run.
 
-    python -m bench.sample [--new-tokens 64] [--dtype bf16]
+    python -m bench.sample [--new-tokens 64] [--dtype auto]
 
 Both sample at temperature 1 with 64 new tokens (no early stop) from the same chat prompt, at
 batch 1, batch 16 and a 64-sample GRPO-style group. Figures are sampled tokens per second
@@ -13,13 +13,13 @@ import argparse
 
 import torch
 
-from bench.common import embedded_model_files, emit, median_seconds
+from bench.common import compute_dtype, embedded_model_files, emit, median_seconds
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--new-tokens", type=int, default=64)
-    parser.add_argument("--dtype", default="bf16", choices=["bf16", "fp32"])
+    parser.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp32"])
     parser.add_argument("--batches", default="1,16,64")
     args = parser.parse_args()
 
@@ -31,6 +31,7 @@ def main() -> None:
     from tinkerd.protocol.types import SamplingParams
 
     files = embedded_model_files()
+    args.dtype = compute_dtype() if args.dtype == "auto" else args.dtype
     runtime = ModelRuntime.load(files, dtype=args.dtype)
     sampler = LocalSampler({runtime.name: runtime})
     peer = AutoModelForCausalLM.from_pretrained(files.folder, dtype=DTYPES[args.dtype]).eval()

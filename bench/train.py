@@ -4,10 +4,12 @@
 
 Same model (the embedded SmolLM2-135M), LoRA rank 32 on every linear layer, AdamW, batch 8 x 256
 random tokens with the loss on every token. tinkerd runs as a real server driven by the tinker
-SDK; the peer is the loop a user would write (bf16 autocast, the best of HF + PEFT here), and
-TRL's SFTTrainer (the `bench` extra installs it). Reports train tokens/s (median step after a warm-up),
-ratios, and MFU against this machine's bf16 matmul peak measured in the same run (4 x params
-FLOPs per token: forward plus activation gradients; the base weights get no weight gradients).
+SDK; the peer is the loop a user would write (bf16 autocast where this CPU multiplies bf16 natively,
+else plain fp32: the best of HF + PEFT on the hardware at hand, in the dtype tinkerd's `--dtype auto`
+picks), and TRL's SFTTrainer (the `bench` extra installs it). Reports train tokens/s (median step
+after a warm-up), ratios, and MFU against this machine's matmul peak in that dtype, measured in the
+same run (4 x params FLOPs per token: forward plus activation gradients; the base weights get no
+weight gradients).
 """
 
 from __future__ import annotations
@@ -20,14 +22,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from bench.common import MODEL_CACHE, embedded_model_files, emit, median_seconds
+from bench.common import MODEL_CACHE, compute_dtype, embedded_model_files, emit, median_seconds
 
 EMBEDDED = "HuggingFaceTB/SmolLM2-135M-Instruct"
 
 
-def bf16_peak_flops(n: int = 2048) -> float:
-    a = torch.randn(n, n, dtype=torch.bfloat16)
-    b = torch.randn(n, n, dtype=torch.bfloat16)
+def peak_flops(dtype: torch.dtype, n: int = 2048) -> float:
+    a = torch.randn(n, n, dtype=dtype)
+    b = torch.randn(n, n, dtype=dtype)
     seconds = median_seconds(lambda: a @ b, repeats=5, warmup=2)
     return 2 * n**3 / seconds
 
@@ -58,7 +60,7 @@ def tinkerd_step_seconds(tokens: np.ndarray, rank: int, steps: int) -> float:
         return median_seconds(step, repeats=steps)
 
 
-def hf_peft_step_seconds(folder: Path, tokens: np.ndarray, rank: int, steps: int) -> float:
+def hf_peft_step_seconds(folder: Path, tokens: np.ndarray, rank: int, steps: int, bf16: bool) -> float:
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
@@ -69,7 +71,7 @@ def hf_peft_step_seconds(folder: Path, tokens: np.ndarray, rank: int, steps: int
     batch = torch.from_numpy(tokens)
 
     def step() -> None:
-        with torch.autocast("cpu", dtype=torch.bfloat16):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
             loss = model(input_ids=batch[:, :-1], labels=batch[:, :-1]).loss
         loss.backward()
         optimizer.step()
@@ -78,8 +80,8 @@ def hf_peft_step_seconds(folder: Path, tokens: np.ndarray, rank: int, steps: int
     return median_seconds(step, repeats=steps)
 
 
-def trl_sft_step_seconds(folder: Path, tokens: np.ndarray, rank: int, steps: int) -> float:
-    """TRL's SFTTrainer on the same pre-tokenized rows (bf16 autocast, the same LoRA targets)."""
+def trl_sft_step_seconds(folder: Path, tokens: np.ndarray, rank: int, steps: int, bf16: bool) -> float:
+    """TRL's SFTTrainer on the same pre-tokenized rows (the same dtype choice, the same LoRA targets)."""
     import time
 
     from datasets import Dataset
@@ -100,7 +102,7 @@ def trl_sft_step_seconds(folder: Path, tokens: np.ndarray, rank: int, steps: int
     targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
     with tempfile.TemporaryDirectory() as tmp:
         config = SFTConfig(output_dir=tmp, per_device_train_batch_size=len(tokens), max_length=tokens.shape[1],
-                           max_steps=steps + 1, learning_rate=1e-4, bf16=True, use_cpu=True, packing=False,
+                           max_steps=steps + 1, learning_rate=1e-4, bf16=bf16, use_cpu=True, packing=False,
                            report_to="none", save_strategy="no", logging_strategy="no", dataloader_num_workers=0)
         trainer = SFTTrainer(model=AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32), args=config,
                              train_dataset=Dataset.from_list(rows), processing_class=AutoTokenizer.from_pretrained(folder),
@@ -126,17 +128,19 @@ def main() -> None:
     tokens = random_batch(vocab, args.batch, args.seq)
     n_tokens = args.batch * args.seq
     n_params = 134_515_008  # SmolLM2-135M incl. the tied unembedding
-    peak = bf16_peak_flops()
+    dtype = compute_dtype()
+    bf16 = dtype == "bf16"
+    peak = peak_flops(torch.bfloat16 if bf16 else torch.float32)
 
     ours = n_tokens / tinkerd_step_seconds(tokens, args.rank, args.steps)
-    hf = n_tokens / hf_peft_step_seconds(files.folder, tokens, args.rank, args.steps)
-    figures = dict(tinkerd_tok_s=ours, hf_peft_bf16_tok_s=hf, ratio_vs_hf_peft=ours / hf)
+    hf = n_tokens / hf_peft_step_seconds(files.folder, tokens, args.rank, args.steps, bf16)
+    figures = dict(compute_dtype=dtype, tinkerd_tok_s=ours, hf_peft_tok_s=hf, ratio_vs_hf_peft=ours / hf)
     try:
-        trl = n_tokens / trl_sft_step_seconds(files.folder, tokens, args.rank, args.steps)
+        trl = n_tokens / trl_sft_step_seconds(files.folder, tokens, args.rank, args.steps, bf16)
         figures.update(trl_sft_tok_s=trl, ratio_vs_trl_sft=ours / trl)
     except ImportError as exc:  # `pip install -e .[bench]` brings TRL
         figures.update(trl_sft="not installed: " + str(exc))
-    emit("train", batch=args.batch, seq=args.seq, rank=args.rank, **figures, bf16_peak_gflops=peak / 1e9,
+    emit("train", batch=args.batch, seq=args.seq, rank=args.rank, **figures, peak_gflops=peak / 1e9,
          tinkerd_mfu=ours * 4 * n_params / peak, hf_peft_mfu=hf * 4 * n_params / peak)
 
 

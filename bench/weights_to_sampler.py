@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from bench.common import MODEL_CACHE, embedded_model_files, emit
+from bench.common import MODEL_CACHE, compute_dtype, embedded_model_files, emit
 
 EMBEDDED = "HuggingFaceTB/SmolLM2-135M-Instruct"
 
@@ -49,9 +49,11 @@ def peft_reload_latencies(repeats: int) -> list[float]:
     from peft import LoraConfig, PeftModel, get_peft_model
     from transformers import AutoModelForCausalLM
 
+    from tinkerd.engine.runtime import DTYPES
+
     folder = embedded_model_files().folder
     targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-    trained = get_peft_model(AutoModelForCausalLM.from_pretrained(folder, dtype=torch.bfloat16),
+    trained = get_peft_model(AutoModelForCausalLM.from_pretrained(folder, dtype=DTYPES[compute_dtype()]),
                              LoraConfig(r=32, lora_alpha=32, target_modules=targets))
     prompt = torch.arange(100, 140)[None]
     out = []
@@ -59,7 +61,7 @@ def peft_reload_latencies(repeats: int) -> list[float]:
         for i in range(repeats + 1):
             started = time.perf_counter()
             trained.save_pretrained(f"{tmp}/a{i}")
-            base = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.bfloat16)
+            base = AutoModelForCausalLM.from_pretrained(folder, dtype=DTYPES[compute_dtype()])
             sampler = PeftModel.from_pretrained(base, f"{tmp}/a{i}")
             with torch.no_grad():
                 sampler.generate(prompt, max_new_tokens=1, do_sample=True, pad_token_id=0)
