@@ -158,8 +158,6 @@ def serve(args: argparse.Namespace) -> None:
     if args.trainer_ranks < 1 or (args.trainer_ranks > 1 and (args.engine != "embedded" or args.device != "cpu")):
         raise SystemExit("tinkerd serve: --trainer-ranks must be >= 1; groups of more run with --engine embedded on "
                          "--device cpu (gloo; NCCL groups are not implemented)")
-    if args.engine == "ray" and args.sampler != "local":
-        raise SystemExit("tinkerd serve: --engine ray samples in its engine actors; --sampler vllm needs --engine embedded")
     try:  # before loading anything heavy: a bad URL or an unreachable database fails at once
         store = open_store(args.store, data_dir)
     except StoreError as exc:
@@ -179,6 +177,12 @@ def serve(args: argparse.Namespace) -> None:
         trainer, sampler, where = connect(args.ray_address, args.base_model or [None], str(model_cache), args.dtype,
                                           args.device, args.threads)
         names = [m.name for m in trainer.base_models()]
+        if args.sampler == "vllm":  # the actor writes the adapter folders (DATA_DIR must be shared storage)
+            from tinkerd.vllm.serve import vllm_engine
+
+            trainer, sampler = vllm_engine(trainer, names[0], data_dir, args.vllm_url, args.vllm_model,
+                                           args.vllm_keep_versions)
+            where += f"; sampling through vLLM at {args.vllm_url}"
     else:
         trainer, sampler, names, where = _embedded_engine(args, data_dir, model_cache)
     config = ServerConfig(data_dir=data_dir, api_keys=frozenset(keys), max_pending_samples=args.max_pending_samples,

@@ -196,3 +196,43 @@ def test_a_killed_actor_fails_in_flight_training_as_a_server_error_and_its_runs_
     assert trainer.forward_backward(_call("fresh", seq_id=1)).metrics["loss:sum"] > 0
     with pytest.raises(BadRequest, match="not loaded"):
         trainer.forward_backward(_call("never-created", seq_id=1))
+
+
+def test_ray_trainer_samples_through_vllm_on_the_weights_the_actor_published(placement, tmp_path):
+    """`--engine ray --sampler vllm`: the actor writes each adapter version as a PEFT folder, a (fake) vLLM
+    loads it, and its samples equal the actor's own sampler on the same weights."""
+    from tests.conftest import make_tiny_runtime
+    from tests.vllm.conftest import FAST_RETRY, train_steps
+    from tests.vllm.fake_vllm import FakeVllm
+    from tinkerd.engine.interface import SampleRequest
+    from tinkerd.engine.sampler import LocalSampler
+    from tinkerd.protocol.types import SamplingParams
+    from tinkerd.vllm.sampler import VllmSampler
+    from tinkerd.vllm.serve import vllm_engine
+
+    fake = FakeVllm(LocalSampler({"tiny": make_tiny_runtime("tiny")}), served_name="tiny", base_model="tiny",
+                    max_loras=2).start()
+    ray_trainer = RayTrainer([start_or_attach(placement)])
+    trainer, sampler = vllm_engine(ray_trainer, "tiny", tmp_path, fake.url)
+    sampler.close()
+    sampler = VllmSampler(fake.url, {"tiny": "tiny"}, trainer.versions, retry=FAST_RETRY)
+    try:
+        trainer.create_adapter("run", "tiny", SPEC)
+        train_steps(trainer, "run", 3)
+        published = trainer.snapshot_for_sampler("run")
+        assert Path(published.uri).parent.parent == tmp_path / "adapters"
+        params = SamplingParams(max_tokens=6, temperature=1.0, seed=7, stop_at_eos=False)
+        through_vllm = sampler.sample(SampleRequest("r1", published, [3, 5, 7], 2, params))
+        in_the_actor = RaySampler(ray_trainer)
+        in_memory = ray_trainer.snapshot_for_sampler("run")
+        in_the_actor.submit(SampleRequest("r2", in_memory, [3, 5, 7], 2, params))
+        finished = []
+        while not finished:
+            finished = in_the_actor.step()
+        (_, own), = finished
+        assert [s.tokens for s in through_vllm.sequences] == [s.tokens for s in own.sequences]
+        for ours, theirs in zip(through_vllm.sequences, own.sequences):
+            np.testing.assert_allclose(ours.logprobs, theirs.logprobs, atol=1e-4)
+    finally:
+        sampler.close()
+        fake.stop()
