@@ -35,6 +35,7 @@ import json
 import logging
 import shutil
 import time
+from pathlib import Path
 
 from tinkerd.engine.interface import snapshot_run
 from tinkerd.server import journal
@@ -72,11 +73,14 @@ def before_training_request(st: ServerState, model_id: str) -> None:
 
 
 def check_snapshot(st: ServerState, adapter_uri: str | None) -> None:
-    """410 when a `mem://` sampler snapshot belonged to a run that was unloaded."""
+    """410 when a sampler snapshot (`mem://`, or a folder published for vLLM under DATA_DIR/adapters/<run>/)
+    belonged to a run that was unloaded."""
     model_id = snapshot_run(adapter_uri)
+    if model_id is None and adapter_uri and Path(adapter_uri).parent.parent == st.config.data_dir / "adapters":
+        model_id = Path(adapter_uri).parent.name
     if model_id is None:
         return
-    key = adapter_uri[len("mem://"):]
+    key = adapter_uri[len("mem://"):] if adapter_uri.startswith("mem://") else f"{model_id}@{Path(adapter_uri).name}"
     if model_id in st.runs.parked:
         raise Gone(f"sampler weights {key!r} were dropped from memory when training run {model_id!r} was unloaded "
                    f"(its session sent no heartbeat for {st.config.session_timeout_seconds:g} s); call "

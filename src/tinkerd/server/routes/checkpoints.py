@@ -17,7 +17,7 @@ from tinkerd.protocol.types import BadRequest
 from tinkerd.server import journal, lifecycle
 from tinkerd.server.auth import caller
 from tinkerd.server.checkpoint_access import readable_checkpoint
-from tinkerd.server.routes.training import CHECKPOINT_NAME, submit_training
+from tinkerd.server.routes.training import CHECKPOINT_NAME, submit_creation, submit_training
 from tinkerd.server.scheduler import Outcome
 from tinkerd.server.state import ServerState
 
@@ -79,11 +79,7 @@ async def load_weights(body: LoadWeightsRequest, request: Request, owner: str = 
     if existing is not None:
         return {"request_id": existing["id"], "model_id": model_id}
     lifecycle.check_session_open(session)
-    job = journal.job_for("load_weights", journal.Op(st, owner, model_id, None, args), None)
-    job.future_id = st.board.create(owner, "load_weights", model_id, 0, journal.entry(st, model_id, args))
-    lifecycle.open_run(st, model_id, session["id"])
-    st.scheduler.submit(job)
-    return {"request_id": job.future_id, "model_id": model_id}
+    return submit_creation(st, owner, session["id"], model_id, "load_weights", args)
 
 
 @journal.replayable("load_weights")

@@ -59,10 +59,14 @@ async def create_model(body: CreateModelRequest, request: Request, owner: str = 
     if existing is not None:
         return {"request_id": existing["id"], "model_id": model_id}
     lifecycle.check_session_open(session)
-    args = body.model_dump(mode="json")
-    job = journal.job_for("create_model", journal.Op(st, owner, model_id, None, args), None)
-    job.future_id = st.board.create(owner, "create_model", model_id, 0, journal.entry(st, model_id, args))
-    lifecycle.open_run(st, model_id, session["id"])
+    return submit_creation(st, owner, session["id"], model_id, "create_model", body.model_dump(mode="json"))
+
+
+def submit_creation(st: ServerState, owner: str, session_id: str, model_id: str, kind: str, args: dict) -> dict:
+    """Queue the request that creates a run (create_model, or load_weights into a new model): seq_id 0."""
+    job = journal.job_for(kind, journal.Op(st, owner, model_id, None, args), None)
+    job.future_id = st.board.create(owner, kind, model_id, 0, journal.entry(st, model_id, args))
+    lifecycle.open_run(st, model_id, session_id)
     st.scheduler.submit(job)
     return {"request_id": job.future_id, "model_id": model_id}
 
