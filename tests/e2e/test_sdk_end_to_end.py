@@ -51,7 +51,7 @@ def test_sft_steps_lower_the_loss_and_the_new_weights_sample(server):
         assert all(lp <= 0 for lp in seq.logprobs)
     assert "Vemsk" in tokenizer.decode(result.sequences[0].tokens)
 
-    # The sampler's logprobs are the trainer's logprobs for the same tokens (bf16 compute on both sides).
+    # The sampler's logprobs are the trainer's logprobs for the same tokens (the same compute dtype on both sides).
     tokens = prompt.to_ints() + result.sequences[0].tokens
     forward = training.forward([types.Datum(model_input=types.ModelInput.from_ints(tokens[:-1]), loss_fn_inputs={
         "target_tokens": tokens[1:], "weights": [0.0] * (len(tokens) - 1)})], "cross_entropy").result()

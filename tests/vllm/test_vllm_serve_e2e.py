@@ -26,7 +26,7 @@ def fake():
     from tinkerd.engine.runtime import ModelRuntime
     from tinkerd.engine.sampler import LocalSampler
 
-    runtime = ModelRuntime.load(resolve_base_model(None, MODEL_CACHE), dtype="bf16")
+    runtime = ModelRuntime.load(resolve_base_model(None, MODEL_CACHE), dtype="auto")  # as the server picks
     server = FakeVllm(LocalSampler({runtime.name: runtime}), served_name=EMBEDDED, base_model=runtime.name).start()
     yield server
     server.stop()
@@ -52,7 +52,7 @@ def test_sdk_trains_and_samples_through_vllm(fake, tmp_path):
         assert "Vemsk" in tokenizer.decode(result.sequences[0].tokens)
         assert result.sequences[0].tokens == result.sequences[1].tokens
 
-        # The vLLM path's logprobs are the trainer's for the same tokens (bf16 compute on both sides).
+        # The vLLM path's logprobs are the trainer's for the same tokens (the same compute dtype on both sides).
         tokens = prompt.to_ints() + result.sequences[0].tokens
         forward = training.forward([types.Datum(model_input=types.ModelInput.from_ints(tokens[:-1]), loss_fn_inputs={
             "target_tokens": tokens[1:], "weights": [0.0] * (len(tokens) - 1)})], "cross_entropy").result()
