@@ -43,9 +43,10 @@ class TextGame:
         self.key_room, self.chest_room = rng.sample([r for r in range(num_rooms) if r != self.start], 2)
         self.reset()
 
-    def reset(self) -> str:
-        self.room, self.key_at, self.turns, self.done, self.won = self.start, self.key_room, 0, False, False
-        # key_at None: the player carries the key
+    def reset(self, carry_key: bool = False) -> str:
+        """The first observation. `carry_key`: start with the key already taken (the game's second half)."""
+        self.room, self.turns, self.done, self.won = self.start, 0, False, False
+        self.key_at = None if carry_key else self.key_room  # None: the player carries the key
         return self.observation()
 
     def commands(self) -> list[str]:
@@ -86,6 +87,25 @@ class TextGame:
                 prefix = "The chest is locked. "
         self.done = self.done or self.turns >= self.max_turns
         return self.observation(prefix), reward, self.done
+
+    def distances(self, source: int) -> dict[int, int]:
+        """Commands needed to walk from `source` to each room."""
+        dist, queue = {source: 0}, deque([source])
+        while queue:
+            room = queue.popleft()
+            for nxt in self.doors[room].values():
+                if nxt not in dist:
+                    dist[nxt] = dist[room] + 1
+                    queue.append(nxt)
+        return dist
+
+    def plan_length(self) -> int:
+        """Commands the optimal player still needs from here (0 once won)."""
+        if self.won:
+            return 0
+        if self.key_at is None:
+            return self.distances(self.room)[self.chest_room] + 1
+        return self.distances(self.room)[self.key_at] + 1 + self.distances(self.key_at)[self.chest_room] + 1
 
     def optimal_action(self) -> str:
         """The first command of a shortest plan: walk to the key, take it, walk to the chest, open it."""

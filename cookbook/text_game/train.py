@@ -1,17 +1,16 @@
 """RL on a multi-turn text adventure: the policy learns to find the key and open the chest within a turn budget.
 
-    python -m cookbook.text_game.train [base_url=http://127.0.0.1:8000] [steps=8] [games_per_step=8] ...
+    python -m cookbook.text_game.train [base_url=http://127.0.0.1:8000] [steps=10] [games_per_step=5] ...
 
-The game is `env.TextGame` (rooms, a key, a locked chest; text observations, short commands, deterministic
-under a seed). Each turn the policy sees the current observation under a system prompt stating the goal and
-replies with a command (at most `max_tokens` tokens, after the prefilled "I will ": without it the base model
-names a command in 2 % of its replies, with it in 30 %). Every step plays `group_size` episodes on each of
-`games_per_step` fresh maps (all episodes in lockstep; episodes that see the same observation share one
-`sample` request with one sample each), scores each episode by its return (0.5 for taking the key, 1 when
-the chest opens, minus `turn_cost` per turn), centres it within the episodes of the same map, and gives that advantage to every
-command of the episode in one `importance_sampling` step. Held-out maps are played greedily before training
-and every `eval_every` steps, next to a random player (uniform over the listed commands) and the scripted
-optimal player (shortest plan on the known map): the two ends of the plot.
+The game is `env.TextGame` (deterministic under a seed). Each turn the policy sees the observation under a system
+prompt stating the goal and replies with a command (at most `max_tokens` tokens after the prefilled "I will ").
+Every step plays `group_size` episodes on each of `games_per_step` fresh maps in lockstep (episodes that see
+the same observation share one `sample` request); a share `key_in_hand` of the maps start with the key carried
+(a curriculum for the game's second half). Each command is scored by its reward to go (0.5 for the key, 1 for
+the chest, `shaping` per command of progress along the optimal plan, minus `turn_cost` per command), centred
+over the map's episodes at the same turn: one `importance_sampling` step per step. Held-out full games are
+played greedily and at temperature 1 before and after training, next to a random player and the scripted
+optimal player: the plot's two ends.
 """
 
 from __future__ import annotations
@@ -20,6 +19,7 @@ import dataclasses
 import json
 import random
 from collections import defaultdict
+from itertools import accumulate
 
 from tinker import types
 from tqdm import tqdm
@@ -33,28 +33,35 @@ REPLY_PREFIX = "I will "
 
 @dataclasses.dataclass
 class Config(BaseConfig):
-    steps: int = 8
-    games_per_step: int = 8  # fresh maps per step
+    steps: int = 10
+    games_per_step: int = 5  # fresh maps per step
     group_size: int = 4  # episodes per map
-    learning_rate: float = 5e-4
+    learning_rate: float = 8e-4
+    max_datums: int = 32  # (prompt, command) pairs trained on per step, drawn in proportion to |advantage|
     turn_cost: float = 0.02  # prefer short wins among the episodes of a map
+    key_in_hand: float = 0.5  # share of each step's training maps started with the key carried
+    shaping: float = 0.1  # training reward per command of progress along the optimal plan (potential-based)
     max_turns: int = 10
     num_rooms: int = 4
-    max_tokens: int = 6
+    max_tokens: int = 4
     num_eval: int = 30  # held-out maps (seeds never trained on)
-    eval_every: int = 4
+    eval_every: int = 10  # greedy; at temperature 1 before and after training only
 
 
 @dataclasses.dataclass
 class Episode:
     game: TextGame
     observation: str
-    turns: list = dataclasses.field(default_factory=list)  # (prompt, tokens, logprobs) per command
+    turns: list = dataclasses.field(default_factory=list)  # (prompt, tokens, logprobs, reward) per command
     reward: float = 0.0
+    seen: set = dataclasses.field(default_factory=set)  # observations so far (greedy play only)
 
 
-def play(sampler, tokenizer, episodes: list[Episode], temperature: float, max_tokens: int, rng: random.Random):
-    """Play every episode to its end, one turn of all active episodes at a time."""
+def play(sampler, tokenizer, episodes: list[Episode], temperature: float, max_tokens: int, rng: random.Random,
+         shaping: float = 0.0):
+    """Play every episode to its end, one turn of all active episodes at a time. Greedy play (temperature 0) is
+    deterministic and an observation fixes the game's state, so a greedy episode that sees an observation again is
+    in a loop it never leaves: it ends there, lost, with its budget spent (this only saves time)."""
     while active := [e for e in episodes if not e.game.done]:
         waiting = defaultdict(list)
         for e in active:
@@ -66,21 +73,52 @@ def play(sampler, tokenizer, episodes: list[Episode], temperature: float, max_to
                    for obs, es in waiting.items()}
         for obs, es in waiting.items():
             for e, seq in zip(es, futures[obs].result().sequences):
-                e.turns.append((prompts[obs], seq.tokens, seq.logprobs))
+                to_go = e.game.plan_length()
                 e.observation, reward, _ = e.game.step(decode(tokenizer, seq.tokens))
-                e.reward += reward
+                e.reward += reward  # the game's reward; training also gets the shaping term
+                progress = to_go - e.game.plan_length()  # +1 for a command along a shortest plan, -1 away
+                e.turns.append((prompts[obs], seq.tokens, seq.logprobs, reward + shaping * progress))
+                e.seen.add(obs)
+                if temperature == 0 and not e.game.done and e.observation in e.seen:
+                    e.game.turns, e.game.done = e.game.max_turns, True
     return episodes
+
+
+def advantages(group: list[Episode], turn_cost: float):
+    """(prompt, tokens, logprobs, advantage) per command: its reward to go (the rewards from this command on,
+    minus `turn_cost` per command) minus the mean reward to go of the map's episodes still playing at that turn.
+    Commands after the key are thus credited only with what followed them (the chest), not with the key."""
+    to_go = [list(accumulate(reward - turn_cost for *_, reward in reversed(e.turns)))[::-1] for e in group]
+    for t in range(max(map(len, to_go))):
+        here = [(e, g[t]) for e, g in zip(group, to_go) if t < len(g)]
+        mean = sum(v for _, v in here) / len(here)
+        yield from ((*e.turns[t][:3], v - mean) for e, v in here)
+
+
+def subsample(merged: dict, k: int, rng: random.Random) -> list:
+    """At most k of the (prompt, reply) -> (logprobs, advantage) pairs: the loss is linear in the advantage, so k
+    draws in proportion to |advantage|, each carrying sign * sum|advantage| / k, estimate it without bias."""
+    items = [(key, lps, adv) for key, (lps, adv) in merged.items() if abs(adv) > 1e-9]
+    if len(items) <= k:
+        return [(key, (lps, adv)) for key, lps, adv in items]
+    total, out = sum(abs(adv) for *_, adv in items), {}
+    for key, lps, adv in rng.choices(items, weights=[abs(a) for *_, a in items], k=k):
+        out[key] = (lps, out.get(key, (None, 0.0))[1] + (total / k if adv > 0 else -total / k))
+    return list(out.items())
+
+
+def rate(episodes: list[Episode], what: str) -> float:
+    """Share of the episodes that won ("won") or hold the key ("key")."""
+    return sum(e.game.won if what == "won" else e.game.key_at is None for e in episodes) / len(episodes)
 
 
 def scripted_success(seeds, config: Config, choose) -> float:
     """Success rate of a player given as a function (game) -> command."""
-    wins = 0
-    for seed in seeds:
-        game = TextGame(seed, config.num_rooms, config.max_turns)
+    games = [TextGame(seed, config.num_rooms, config.max_turns) for seed in seeds]
+    for game in games:
         while not game.done:
             game.step(choose(game))
-        wins += game.won
-    return wins / len(seeds)
+    return sum(game.won for game in games) / len(games)
 
 
 def main(config: Config) -> dict:
@@ -98,49 +136,54 @@ def main(config: Config) -> dict:
         sampler = training.save_weights_and_get_sampling_client().result()  # fresh adapter == base model
         logger = MetricsLogger(log_dir, config, plot_name="text_game.png")
 
-        def evaluate(sampler) -> dict:
-            episodes = [Episode(g, g.reset()) for g in map(new_game, held_out)]
-            play(sampler, tokenizer, episodes, 0.0, config.max_tokens, random.Random(0))
-            return {"eval_success": sum(e.game.won for e in episodes) / len(episodes),
-                    "eval_key_taken": sum(e.game.key_at is None for e in episodes) / len(episodes),
-                    "eval_turns": sum(len(e.turns) for e in episodes) / len(episodes),
-                    "random_player": reference["random"], "optimal_player": reference["optimal"]}
+        def evaluate(sampler, at_temperature_1: bool) -> dict:
+            greedy = play(sampler, tokenizer, [Episode(g, g.reset()) for g in map(new_game, held_out)], 0.0,
+                          config.max_tokens, random.Random(0))
+            out = {"eval_success": rate(greedy, "won"), "eval_key_taken": rate(greedy, "key"),
+                   "eval_turns": sum(e.game.turns for e in greedy) / len(greedy),
+                   "random_player": reference["random"], "optimal_player": reference["optimal"]}
+            if at_temperature_1:  # the same maps, one episode each at temperature 1 (before and after training)
+                sampled = play(sampler, tokenizer, [Episode(g, g.reset()) for g in map(new_game, held_out)], 1.0,
+                               config.max_tokens, random.Random(1))
+                out.update(eval_success_t1=rate(sampled, "won"), eval_key_taken_t1=rate(sampled, "key"))
+            return out
 
-        start = evaluate(sampler)
+        start = evaluate(sampler, True)
         logger.log(0, **start)
+        carried = round(config.key_in_hand * config.games_per_step)  # maps per step started with the key
         for step in tqdm(range(1, config.steps + 1), desc="text_game", unit="step"):
             seeds = [rng.randrange(10**6) for _ in range(config.games_per_step)]
-            groups = [[Episode(g, g.reset()) for g in map(new_game, [seed] * config.group_size)] for seed in seeds]
-            play(sampler, tokenizer, [e for g in groups for e in g], 1.0, config.max_tokens, rng)
+            groups = [[Episode(g, g.reset(carry_key=i < carried)) for g in map(new_game, [seed] * config.group_size)]
+                      for i, seed in enumerate(seeds)]
+            play(sampler, tokenizer, [e for g in groups for e in g], 1.0, config.max_tokens, rng, config.shaping)
             merged: dict = {}  # the loss is linear in the advantage: identical (prompt, reply) pairs add up
-            for group in groups:
-                returns = [e.reward - config.turn_cost * len(e.turns) for e in group]
-                mean = sum(returns) / len(returns)
-                for e, ret in zip(group, returns):
-                    for prompt, tokens, logprobs in e.turns:
-                        key = (tuple(prompt), tuple(tokens))
-                        merged[key] = (logprobs, merged.get(key, (None, 0.0))[1] + ret - mean)
-            data = [rl_datum(list(p), list(t), lps, adv) for (p, t), (lps, adv) in merged.items() if abs(adv) > 1e-9]
+            for prompt, tokens, logprobs, adv in (a for g in groups for a in advantages(g, config.turn_cost)):
+                key = (tuple(prompt), tuple(tokens))
+                merged[key] = (logprobs, merged.get(key, (None, 0.0))[1] + adv)
+            chosen = subsample(merged, config.max_datums, rng)
+            data = [rl_datum(list(p), list(t), lps, adv) for (p, t), (lps, adv) in chosen]
             if data:
                 fwd = training.forward_backward(data, "importance_sampling")
                 opt = training.optim_step(adam(config.learning_rate))
                 fwd.result(), opt.result()
             sampler = training.save_weights_and_get_sampling_client().result()
-            episodes = [e for g in groups for e in g]
-            metrics = {"train_success": sum(e.game.won for e in episodes) / len(episodes),
-                       "train_key_taken": sum(e.game.key_at is None for e in episodes) / len(episodes),
-                       "train_turns": sum(len(e.turns) for e in episodes) / len(episodes), "datums": len(data)}
+            full, half = [e for g in groups[carried:] for e in g], [e for g in groups[:carried] for e in g]
+            metrics = {"datums": len(data), **({"train_chest_from_key": rate(half, "won")} if half else {})}
+            if full:
+                metrics.update(train_success=rate(full, "won"), train_key_taken=rate(full, "key"),
+                               train_turns=sum(len(e.turns) for e in full) / len(full))
             if step % config.eval_every == 0 or step == config.steps:
-                metrics.update(evaluate(sampler))
+                metrics.update(evaluate(sampler, step == config.steps))
             logger.log(step, **metrics)
         end = {k: v for k, v in logger.rows[-1].items() if k.startswith("eval_")}
-        logger.close({"success rate (held-out maps)": ["train_success", "eval_success", "random_player",
-                                                       "optimal_player"],
-                      "key taken": ["train_key_taken", "eval_key_taken"],
+        logger.close({"success rate (held-out maps)": ["train_success", "eval_success", "eval_success_t1",
+                                                       "random_player", "optimal_player"],
+                      "key taken / chest from the key": ["train_key_taken", "eval_key_taken", "eval_key_taken_t1",
+                                                         "train_chest_from_key"],
                       "turns per episode": ["train_turns", "eval_turns"]})
         game = new_game(held_out[0])
         example = play(sampler, tokenizer, [Episode(game, game.reset())], 0.0, config.max_tokens, random.Random(0))[0]
-    transcript = [decode(tokenizer, tokens) for _, tokens, _ in example.turns]
+    transcript = [decode(tokenizer, turn[1]) for turn in example.turns]
     print(f"held-out map {held_out[0]}: {transcript} -> reward {example.reward}")
     summary = {"before": start, "after": end, "reference": reference, "held_out_maps": len(held_out),
                "example_commands": transcript, "wall_time_s": logger.rows[-1]["elapsed_s"]}

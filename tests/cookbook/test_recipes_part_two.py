@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import math
 import random
+import types
 
 import pytest
 
@@ -70,6 +71,87 @@ def test_text_game_rules():
     game.reset()  # the chest stays locked without the key
     game.room = game.chest_room
     assert game.step("open chest")[:2] == (game.observation("The chest is locked. "), 0.0)
+
+
+def test_text_game_can_start_with_the_key_in_hand():
+    game = TextGame(5)
+    obs = game.reset(carry_key=True)
+    assert "You carry the key." in obs and "take key" not in game.commands() and "a key" not in obs
+    rewards = []
+    while not game.done:
+        rewards.append(game.step(game.optimal_action())[1])
+    assert game.won and rewards == [0.0] * (len(rewards) - 1) + [1.0]  # the chest only
+    assert "You carry the key." not in game.reset()  # a plain reset puts the key back
+
+
+def test_plan_length_counts_the_optimal_players_commands():
+    for seed in range(300):
+        for carry in (False, True):
+            game = TextGame(seed, 4, 10)
+            game.reset(carry_key=carry)
+            left, played = game.plan_length(), 0
+            while not game.done:
+                before = game.plan_length()
+                game.step(game.optimal_action())
+                played += 1
+                assert game.plan_length() == before - 1  # each optimal command is one step of progress
+            assert game.won and played == left and game.plan_length() == 0
+    for seed in range(20):  # the map is a tree: a step away from the plan is one more step back
+        game = TextGame(seed, 4, 10)
+        for wrong in [c for c in game.commands() if c != game.optimal_action()]:
+            game.reset()
+            before = game.plan_length()
+            game.step(wrong)
+            assert game.plan_length() == before + 1
+
+
+def test_text_game_credits_each_command_with_what_followed_it():
+    def episode(rewards):
+        e = text_game.Episode(TextGame(0), "")
+        e.turns = [([i], [i], [0.0], r) for i, r in enumerate(rewards)]
+        return e
+
+    lucky, unlucky = episode([0.0, 0.5, 0.0]), episode([0.0, 0.0, 0.0, 0.0])
+    adv = [a for *_, a in text_game.advantages([lucky, unlucky], turn_cost=0.0)]
+    # turns 0 and 1 led to the key (+0.25 against the other episode), turn 2 came after it: no credit
+    assert adv == [0.25, -0.25, 0.25, -0.25, 0.0, 0.0, 0.0]
+    adv = [a for *_, a in text_game.advantages([episode([0.0, 1.0]), episode([0.0, 0.0, 0.0])], turn_cost=0.1)]
+    assert adv == pytest.approx([0.55, -0.55, 0.55, -0.55, 0.0])  # the winner's commands above the loser's; a lone episode: 0
+
+
+class _Reply:  # a sampler that always answers the same text (a greedy policy that ignores the observation)
+    class _Tokenizer:
+        eos_token_id = 0
+
+        def apply_chat_template(self, msgs, **_):
+            return [len(m["content"]) for m in msgs]
+
+        def encode(self, text, **_):
+            return [1]
+
+        def decode(self, tokens, **_):
+            return _Reply.text
+
+    def sample(self, prompt, num_samples, params):
+        class Future:
+            def result(self):
+                return types.SimpleNamespace(sequences=[types.SimpleNamespace(tokens=[1], logprobs=[0.0])] * num_samples)
+        return Future()
+
+
+def test_text_game_greedy_loop_ends_the_episode_lost():
+    _Reply.text = "dance"  # "Nothing happens." then the same observation again: a loop
+    (e,) = text_game.play(_Reply(), _Reply._Tokenizer(), [text_game.Episode(g := TextGame(3, 4, 10), g.reset())],
+                          0.0, 4, random.Random(0))
+    assert len(e.turns) == 2 and e.game.done and not e.game.won and e.game.turns == 10
+    (e,) = text_game.play(_Reply(), _Reply._Tokenizer(), [text_game.Episode(g := TextGame(3, 4, 10), g.reset())],
+                          1.0, 4, random.Random(0))
+    assert len(e.turns) == 10 and not e.game.won  # sampled play is not deterministic: the whole budget is played
+    game = TextGame(3, 4, 10)
+    _Reply.text = game.optimal_action()  # a first move that leads somewhere new is played on
+    (e,) = text_game.play(_Reply(), _Reply._Tokenizer(), [text_game.Episode(game, game.reset())], 0.0, 4,
+                          random.Random(0))
+    assert len(e.turns) > 2 and not e.game.won
 
 
 def test_parse_command():
