@@ -10,7 +10,10 @@ answers per question, centred within the group, one `importance_sampling` step p
 
 Round 1 uses the base model as the grader. Then the grader is improved where it was wrong: every round-1 reply
 is labelled with the truth, the grader's mistakes plus as many of its right calls are the SFT set of a grader
-LoRA ("Yes"/"No" after the rubric). Round 2 trains a fresh policy against that grader. Reported per round:
+LoRA ("Yes"/"No" after the rubric). Round 2 trains a fresh policy against that grader; with `relabel_every` > 0
+the lesson goes on: every `relabel_every` steps the replies of the latest steps are labelled the same way and
+the grader adapter takes `relabel_steps` more SFT steps on its new mistakes (and as many right calls), so a
+reply the policy finds that the grader misjudges is taught to it while still rare. Reported per round:
 the policy's true accuracy on held-out questions (temperature 1) and the grader's agreement with the truth.
 """
 
@@ -49,6 +52,8 @@ class Config(BaseConfig):
     grader_steps: int = 20  # SFT steps of the grader adapter between the rounds
     grader_batch: int = 32
     grader_learning_rate: float = 3e-4
+    relabel_every: int = 0  # round 2: a grader lesson on the latest replies every this many steps (0: never)
+    relabel_steps: int = 5  # SFT steps of each of those lessons
 
 
 def is_one_word(reply: str) -> bool:
@@ -75,6 +80,19 @@ def agreement(verdicts: list[float], replies: list[str]) -> float:
     return sum((v > 0.5) == is_one_word(r) for v, r in zip(verdicts, replies)) / len(replies)
 
 
+def lesson(grader, tokenizer, replies: list[str], rng: random.Random, min_right: int):
+    """The grader's lesson on these replies: its mistakes plus as many of its right calls, labelled with the truth."""
+    unique = list(dict.fromkeys(replies))
+    verdicts = grade(grader, tokenizer, unique)
+    wrong = [r for v, r in zip(verdicts, unique) if (v > 0.5) != is_one_word(r)]
+    right = [r for v, r in zip(verdicts, unique) if (v > 0.5) == is_one_word(r)]
+    chosen = wrong + rng.sample(right, min(len(right), max(len(wrong), min_right)))
+    examples = [sft_datum(grader_prompt(tokenizer, r), completion_tokens(tokenizer, "Yes" if is_one_word(r) else "No"))
+                for r in chosen]
+    return examples, {"replies_seen": len(unique), "mistakes": len(wrong), "examples": len(chosen),
+                      "agreement_before": agreement(verdicts, unique)}, unique
+
+
 def question_prompt(tokenizer, question: str) -> list[int]:
     return prompt_tokens(tokenizer, messages(f"{question} {INSTRUCTION}"))
 
@@ -89,7 +107,16 @@ def main(config: Config) -> dict:
     summary: dict = {"held_out_questions": len(held_out)}
     with service_client(config, log_dir) as service:
         grader = service.create_sampling_client(base_model=config.base_model).result()  # round 1: the base model
-        seen: list[str] = []  # every reply of round 1, for the grader's lesson
+        seen: list[str] = []  # the replies not yet in a grader lesson (all of round 1, then the latest ones)
+        relabels: list[dict] = []
+
+        def teach(teacher, examples, steps):
+            for _ in tqdm(range(steps), desc="grader SFT", unit="step", leave=False):
+                fwd = teacher.forward_backward(rng.sample(examples, min(config.grader_batch, len(examples))),
+                                               "cross_entropy")
+                opt = teacher.optim_step(adam(config.grader_learning_rate))
+                fwd.result(), opt.result()
+            return teacher.save_weights_and_get_sampling_client().result()
 
         def sample_replies(policy, qs, n, temperature, seed):
             results = sample_all(policy, [question_prompt(tokenizer, q) for q in qs],
@@ -115,8 +142,7 @@ def main(config: Config) -> dict:
                 texts, results = sample_replies(policy, qs, config.group_size, 1.0, rng.randrange(2**31))
                 replies = [t for ts in texts for t in ts]
                 rewards = grade(grader, tokenizer, replies)
-                if rnd == 1:
-                    seen += replies
+                seen += replies
                 data = []
                 for i, (q, seqs) in enumerate(zip(qs, results)):
                     rs = rewards[i * config.group_size:(i + 1) * config.group_size]
@@ -130,6 +156,13 @@ def main(config: Config) -> dict:
                 metrics = {"train_true_acc": sum(map(is_one_word, replies)) / len(replies),
                            "train_grader_reward": sum(rewards) / len(rewards),
                            "train_grader_agreement": agreement(rewards, replies)}
+                if rnd == 2 and config.relabel_every and step % config.relabel_every == 0 and step < config.steps:
+                    examples, info, _ = lesson(grader, tokenizer, seen, rng, config.grader_batch)
+                    relabels.append({"after_step": step, **info, "empty_replies": sum(not r for r in set(seen))})
+                    seen = []
+                    if info["mistakes"]:
+                        grader = teach(teacher, examples, config.relabel_steps)
+                    metrics.update(relabel_mistakes=info["mistakes"], relabel_agreement=info["agreement_before"])
                 if step % config.eval_every == 0 or step == config.steps:
                     metrics.update(evaluate(policy, grader))
                 logger.log(offset + step, **{f"r{rnd}_{k}": v for k, v in metrics.items()})
@@ -138,34 +171,24 @@ def main(config: Config) -> dict:
             if rnd == 2:
                 break
             # The grader's lesson: its round-1 mistakes, and as many of its right calls, labelled with the truth.
-            unique = list(dict.fromkeys(seen))
-            verdicts = grade(grader, tokenizer, unique)
-            wrong = [r for v, r in zip(verdicts, unique) if (v > 0.5) != is_one_word(r)]
-            right = [r for v, r in zip(verdicts, unique) if (v > 0.5) == is_one_word(r)]
-            lesson = wrong + rng.sample(right, min(len(right), max(len(wrong), config.grader_batch)))
+            examples, info, unique = lesson(grader, tokenizer, seen, rng, config.grader_batch)
+            seen = []
             teacher = service.create_lora_training_client(base_model=config.base_model, rank=config.rank,
                                                           seed=config.seed).result()
-            examples = [sft_datum(grader_prompt(tokenizer, r), completion_tokens(tokenizer, "Yes" if is_one_word(r)
-                                                                                  else "No")) for r in lesson]
-            for _ in tqdm(range(config.grader_steps), desc="grader SFT", unit="step"):
-                fwd = teacher.forward_backward(rng.sample(examples, min(config.grader_batch, len(examples))),
-                                               "cross_entropy")
-                opt = teacher.optim_step(adam(config.grader_learning_rate))
-                fwd.result(), opt.result()
-            grader = teacher.save_weights_and_get_sampling_client().result()
-            summary["grader_lesson"] = {"replies_seen": len(unique), "mistakes": len(wrong), "examples": len(lesson),
-                                        "agreement_before": agreement(verdicts, unique),
-                                        "agreement_after": agreement(grade(grader, tokenizer, unique), unique)}
+            grader = teach(teacher, examples, config.grader_steps)
+            summary["grader_lesson"] = {**info, "agreement_after": agreement(grade(grader, tokenizer, unique), unique)}
             logger.log(offset + config.steps, **{f"grader_agreement_{k}": summary["grader_lesson"][f"agreement_{k}"]
                                                  for k in ("before", "after")})
         logger.close({"true accuracy (held out, temperature 1)": ["r1_eval_true_acc", "r2_eval_true_acc",
                                                                   "r1_train_true_acc", "r2_train_true_acc"],
                       "grader reward": ["r1_train_grader_reward", "r2_train_grader_reward"],
+                      "round-2 lessons: grader mistakes found": ["r2_relabel_mistakes"],
                       "grader agreement with the truth": ["r1_eval_grader_agreement", "r2_eval_grader_agreement",
                                                           "r1_train_grader_agreement", "r2_train_grader_agreement"]})
         examples, _ = sample_replies(policy, held_out[:5], 1, 0.0, 0)
     for q, (reply,) in zip(held_out, examples):
         print(f"{q} -> {reply!r}")
+    summary["round2_lessons"] = relabels
     summary["wall_time_s"] = logger.rows[-1]["elapsed_s"]
     print(json.dumps(summary, indent=2))
     (log_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")

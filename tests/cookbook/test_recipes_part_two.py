@@ -204,14 +204,18 @@ def test_text_game_smoke(server, tmp_path):
 
 
 def test_rl_grader_smoke(server, tmp_path):
-    config = rl_grader.Config(base_url=server.url, log_dir=str(tmp_path), steps=1, questions_per_step=2,
-                              group_size=2, num_eval=2, eval_samples=2, max_tokens=6, grader_steps=1, grader_batch=4)
+    config = rl_grader.Config(base_url=server.url, log_dir=str(tmp_path), steps=2, questions_per_step=2,
+                              group_size=2, num_eval=2, eval_samples=2, max_tokens=6, grader_steps=1, grader_batch=4,
+                              relabel_every=1, relabel_steps=1)
     summary = rl_grader.main(config)
     rows = _metrics(tmp_path)
     assert {"r1_eval_true_acc", "r1_eval_grader_agreement"} <= set(rows[0])
     assert any("r2_train_grader_agreement" in r for r in rows)
     assert set(summary["round2"]["after"]) == {"eval_true_acc", "eval_grader_agreement"}
     assert summary["grader_lesson"]["examples"] >= summary["grader_lesson"]["mistakes"]
+    (relabel,) = summary["round2_lessons"]  # after round 2's first step, not after its last
+    assert relabel["after_step"] == 1 and relabel["mistakes"] <= relabel["examples"] <= relabel["replies_seen"]
+    assert any("r2_relabel_mistakes" in r for r in rows)
 
 
 def test_debate_smoke(server, tmp_path):
