@@ -5,7 +5,8 @@ import asyncio
 
 import pytest
 
-from tinkerd.protocol.types import BadRequest, ForwardBackwardCall, ForwardBackwardResult
+from tinkerd.engine.interface import AdapterRef, RunLost, SampleRequest
+from tinkerd.protocol.types import BadRequest, ForwardBackwardCall, ForwardBackwardResult, SamplingParams
 from tinkerd.server.futures import FutureBoard
 from tinkerd.server.scheduler import Job, Outcome, Scheduler
 from tinkerd.store.db import open_store
@@ -123,3 +124,55 @@ def test_a_tenant_answered_first_waits_briefly_for_the_others_of_its_last_batch(
 def test_the_gather_window_ignores_closed_tenants(tmp_path):
     batches = _staggered(tmp_path, gather_seconds=10.0, close_b_before_round_3=True)
     assert batches[-1] == [("a", 3)]
+
+
+class LosingSampler:
+    """Every request it is given fails as if its engine worker died."""
+
+    def __init__(self):
+        self.queued = []
+
+    def submit(self, request):
+        self.queued.append(request.request_id)
+
+    def has_work(self):
+        return bool(self.queued)
+
+    def step(self):
+        out, self.queued = [(r, RunLost("the engine actor died")) for r in self.queued], []
+        return out
+
+
+def test_a_lost_run_is_handed_to_the_rebuild_hook_once_and_its_futures_stay_pending(tmp_path):
+    """A batch whose run the engine lost: with the hook saying "rebuilding", the jobs' futures are left to
+    the rebuild (the journal answers them); a lost sample answers 410 (`lost`) so the client resends it;
+    without a rebuild, the training job fails as a server error."""
+    asked: list[str] = []
+
+    def forward_batch(calls):
+        return [RunLost("the engine actor died", c.model_id) for c in calls]
+
+    async def main():
+        board = FutureBoard(open_store(None, tmp_path))
+        board.bind_loop(asyncio.get_running_loop())
+        scheduler = Scheduler(board, forward_batch, LosingSampler())
+        scheduler.on_run_lost = lambda model_id: asked.append(model_id) or model_id == "kept"
+        futures = {}
+        for model, seq in (("kept", 1), ("kept", 2), ("gone", 1)):
+            scheduler.open_model(model)
+            futures[(model, seq)] = board.create("owner", "forward_backward")
+            scheduler.submit(Job(futures[(model, seq)], "forward_backward", model_id=model, seq_id=seq,
+                                 call=ForwardBackwardCall(model, seq, "cross_entropy", {}, False, []),
+                                 encode=lambda result: Outcome(json={})))
+        sample = board.create("owner", "sample")
+        scheduler.submit_sample(SampleRequest(sample, AdapterRef("mem://kept@3", "tiny"), [1, 2], 1, SamplingParams()),
+                                lambda result: Outcome(json={}))
+        scheduler.start()
+        await settle(board, [futures[("gone", 1)], sample])
+        await scheduler.stop()
+        return {key: board.store.future(f)["state"] for key, f in futures.items()}, board.store.future(sample)
+
+    states, sample = asyncio.run(main())
+    assert states == {("kept", 1): "pending", ("kept", 2): "pending", ("gone", 1): "error"}
+    assert sorted(asked) == ["gone", "kept", "kept"]  # once per batch for "kept", then once for the sample
+    assert sample["state"] == "lost" and "send the request again" in sample["error"]

@@ -281,8 +281,13 @@ class Scheduler:
             pending = self.samples.pop(request_id, None)
             if pending is None:
                 continue  # cancelled meanwhile
-            if isinstance(outcome, RunLost) and self._rebuilding(snapshot_run(pending.adapter_uri), outcome, rebuilding):
-                self.board.lose(request_id, f"{outcome}; the server is rebuilding the run: send the request again")
+            if isinstance(outcome, RunLost):  # sampling changes nothing: the client may send it again (410)
+                run = snapshot_run(pending.adapter_uri)
+                if run is not None and self._rebuilding(run, outcome, rebuilding):
+                    self.board.lose(request_id, f"{outcome}; the server is rebuilding its training run: send the "
+                                                "request again")
+                else:
+                    self.board.lose(request_id, f"{outcome}; send the request again")
             elif isinstance(outcome, BadRequest):
                 self.board.fail(request_id, str(outcome), "user")
             elif isinstance(outcome, Exception):
