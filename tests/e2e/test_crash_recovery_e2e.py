@@ -44,9 +44,11 @@ def _loop(training: tinker.TrainingClient, prompt: types.ModelInput, submitted=N
     return {"losses": losses, "samples": samples, "logprobs": logprobs}
 
 
-def test_kill_9_mid_loop_the_sdk_loop_finishes_with_the_uninterrupted_result(tmp_path):
-    data_dir = tmp_path / "data"
-    server = ServerProcess(data_dir, "--snapshot-every", "2")
+def kill_mid_loop_and_compare(data_dir, *flags: str) -> str:
+    """Start `serve *flags`, run the loop under the SDK, SIGKILL the server while the KILL_AT step's
+    forward_backward and optim_step are in flight, restart it on the same port; the unchanged loop must
+    finish with the results of an uninterrupted run on the restarted server. Returns the restart's log."""
+    server = ServerProcess(data_dir, *flags)
     restarted = None
     try:
         service = tinker.ServiceClient(base_url=server.url, api_key="tml-crash")
@@ -67,7 +69,7 @@ def test_kill_9_mid_loop_the_sdk_loop_finishes_with_the_uninterrupted_result(tmp
         while server.log_tail(200_000).count("POST /api/v1/optim_step 200") <= KILL_AT and time.time() < deadline:
             time.sleep(0.02)
         server.kill()  # SIGKILL with a forward_backward and an optim_step in flight
-        restarted = ServerProcess(data_dir, "--snapshot-every", "2", port=server.port)
+        restarted = ServerProcess(data_dir, *flags, port=server.port)
         thread.join(600)
         assert not thread.is_alive() and "error" not in outcome, outcome.get("error")
         log = restarted.log_tail(200_000)
@@ -76,5 +78,10 @@ def test_kill_9_mid_loop_the_sdk_loop_finishes_with_the_uninterrupted_result(tmp
 
         reference = _loop(service.create_lora_training_client(base_model=EMBEDDED, rank=4, seed=3).result(), prompt)
         assert outcome["result"] == reference  # losses, sampled tokens and final logprobs, exactly
+        return log
     finally:
         (restarted or server).stop()
+
+
+def test_kill_9_mid_loop_the_sdk_loop_finishes_with_the_uninterrupted_result(tmp_path):
+    kill_mid_loop_and_compare(tmp_path / "data", "--snapshot-every", "2")
