@@ -117,11 +117,11 @@ def latest_snapshot(st: ServerState, model_id: str) -> tuple[int, Path] | None:
 
 def after_optim_step(st: ServerState, model_id: str, seq_id: int | None) -> None:
     """On the engine thread, right after a run's optim_step: every `snapshot_every_steps`-th writes a snapshot."""
-    every, runs = st.config.snapshot_every_steps, st.runs
-    if every <= 0 or not seq_id or model_id in runs.unjournaled:
+    runs = st.runs
+    if not enabled(st) or not seq_id or model_id in runs.unjournaled:
         return
     runs.steps_since_snapshot[model_id] = runs.steps_since_snapshot.get(model_id, 0) + 1
-    if runs.steps_since_snapshot[model_id] >= every:
+    if runs.steps_since_snapshot[model_id] >= st.config.snapshot_every_steps:
         write_snapshot(st, model_id, seq_id)
         runs.steps_since_snapshot[model_id] = 0
 
@@ -214,11 +214,11 @@ def _recover_run(st: ServerState, model_id: str, answered: set[str]) -> bool:
     replayed, awaited = 0, len(answered)
     for entry in entries:
         pending = entry["state"] == "pending"
+        args, body = unpack(entry["request"]) if entry["request"] is not None else (None, b"")
         # a request that failed runs again too: it may have changed the run (a NaN step clears the gradients)
-        if entry["request"] is None or not (pending or _KINDS[entry["kind"]].changes_state(unpack(entry["request"])[0])):
+        if args is None or not (pending or _KINDS[entry["kind"]].changes_state(args)):
             job = Job(None, "skip", _nothing)  # holds its seq_id's place, as the request did
         else:
-            args, body = unpack(entry["request"])
             job = job_for(entry["kind"], Op(st, entry["owner"], model_id, entry["seq_id"] or None, args, body),
                           entry["id"] if pending else None)
             replayed += 1
