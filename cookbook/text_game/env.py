@@ -1,12 +1,12 @@
 """A small text adventure: rooms on a grid joined by doors, a key, a locked chest. Find the key, then open the chest.
 
     game = TextGame(seed=3)
-    obs = game.reset()                 # "You are in the hall. ... Commands: go north, go east."
-    obs, reward, done = game.step("go north")
+    obs = game.reset()                 # "You are in the hall.\n1. go north to the cellar (a key)\n2. go east to the study"
+    obs, reward, done = game.step("go north")   # or game.step("1"): a number picks a listed command
 
 Everything follows from the seed (the map, where the key and the chest are), so an episode replays exactly.
-Observations are text; an action is a short command, and the observation lists the ones that do something
-here. Through an open doorway the player glimpses what lies in the next room. Reward 0.5 for taking the key
+Observations are text; an action is a short command, and the observation lists, numbered, the ones that do
+something here (a reply may give the number instead). Through a door the player glimpses what lies in the next room. Reward 0.5 for taking the key
 and 1 when the chest opens (`won`); an episode ends there or after `max_turns` commands. `optimal_action` (which knows the map) and
 `random_action` (a uniform choice among the listed commands) are the two reference players.
 """
@@ -61,15 +61,14 @@ class TextGame:
         return (["a key"] if self.key_at == room else []) + (["a locked chest"] if room == self.chest_room else [])
 
     def observation(self, prefix: str = "") -> str:
-        here = self._contents(self.room)
-        exits = []
-        for d, room in self.doors[self.room].items():
-            glimpse = self._contents(room)
-            seen = f" (you see {' and '.join(glimpse)} there)" if glimpse else ""
-            exits.append(f"{d} to the {self.names[room]}{seen}")
-        return (f"{prefix}You are in the {self.names[self.room]}. " + (f"Here: {' and '.join(here)}. " if here else "")
-                + ("You carry the key. " if self.key_at is None else "") + f"Exits: {', '.join(exits)}.\n"
-                + f"Commands: {', '.join(self.commands())}.")
+        """Where the player is, what is here, and the numbered commands; a door shows what lies behind it."""
+        here, listed = self._contents(self.room), []
+        for i, command in enumerate(self.commands(), 1):
+            room = self.doors[self.room].get(command[3:]) if command.startswith("go ") else None
+            glimpse = f" ({' and '.join(self._contents(room))})" if room is not None and self._contents(room) else ""
+            listed.append(f"{i}. {command}" + (f" to the {self.names[room]}{glimpse}" if room is not None else ""))
+        return (f"{prefix}You are in the {self.names[self.room]}." + (f" Here: {' and '.join(here)}." if here else "")
+                + (" You carry the key." if self.key_at is None else "") + "\n" + "\n".join(listed))
 
     def step(self, action: str) -> tuple[str, float, bool]:
         assert not self.done, "episode is over: reset()"
@@ -77,7 +76,7 @@ class TextGame:
         command = parse_command(action, self.commands())
         reward, prefix = 0.0, "Nothing happens. "
         if command is not None and command.startswith("go "):
-            self.room, prefix = self.doors[self.room][command[3:]], f"You go {command[3:]}. "
+            self.room, prefix = self.doors[self.room][command[3:]], ""
         elif command == "take key":
             self.key_at, reward, prefix = None, 0.5, "You take the key. "
         elif command == "open chest":
@@ -128,7 +127,10 @@ class TextGame:
 
 def parse_command(text: str, commands: list[str]) -> str | None:
     """The listed command the reply names first ("Go north." and "I go north" both mean "go north"); a bare
-    direction counts as going there. None when the reply names none."""
+    direction counts as going there, and a reply that starts with a number picks that command of the numbered
+    list ("2" is the second). None when the reply names none (or a number not listed)."""
+    if number := re.match(r"\s*(\d+)", text):
+        return commands[int(number[1]) - 1] if 1 <= int(number[1]) <= len(commands) else None
     text = re.sub(r"[^a-z ]", " ", text.lower())
     words = text.split()
     found = []

@@ -60,7 +60,7 @@ def test_scripted_optimal_player_solves_every_seed_and_random_player_rarely():
 def test_text_game_rules():
     game = TextGame(5)
     obs = game.reset()
-    assert obs.startswith("You are in the") and "Commands: " in obs
+    assert obs.startswith("You are in the") and "\n1. go " in obs
     obs, reward, done = game.step("dance wildly")
     assert obs.startswith("Nothing happens.") and reward == 0.0 and not done and game.turns == 1
     while not game.done:
@@ -71,6 +71,37 @@ def test_text_game_rules():
     game.reset()  # the chest stays locked without the key
     game.room = game.chest_room
     assert game.step("open chest")[:2] == (game.observation("The chest is locked. "), 0.0)
+
+
+def test_text_game_lists_numbered_commands_and_a_number_picks_one():
+    for seed in range(50):
+        game = TextGame(seed, 4, 8)
+        obs = game.reset()
+        lines = obs.split("\n")[1:]
+        assert [line.split(". ", 1)[1].split(" to the ")[0] for line in lines] == game.commands()
+        assert [line.split(". ", 1)[0] for line in lines] == [str(i) for i in range(1, len(lines) + 1)]
+        for line in lines:  # a door names the room behind it and what the player glimpses there
+            if line.split(". ", 1)[1].startswith("go "):
+                room = game.doors[game.room][line.split()[2]]
+                assert f"to the {game.names[room]}" in line and (room == game.key_room) == ("(a key" in line)
+        n = len(game.commands())
+        twin = TextGame(seed, 4, 8)
+        twin.reset()
+        wanted = game.commands()[n - 1]
+        assert game.step(str(n)) == twin.step(wanted)  # "n" does exactly what the n-th listed command does
+    listed = ["go north", "go east", "take key"]
+    assert [parse_command(r, listed) for r in ("1", "2", " 3", "3.", "0", "4", "12")] == \
+        ["go north", "go east", "take key", "take key", None, None, None]
+
+
+def test_text_game_invalid_reply_wastes_the_turn():
+    game = TextGame(5, 4, 8)
+    obs = game.reset()
+    room = game.room
+    for reply in (str(len(game.commands()) + 1), "0", "You"):
+        after, reward, done = game.step(reply)
+        assert after == "Nothing happens. " + obs and reward == 0.0 and not done and game.room == room
+    assert game.turns == 3
 
 
 def test_text_game_can_start_with_the_key_in_hand():
@@ -107,51 +138,62 @@ def test_plan_length_counts_the_optimal_players_commands():
 
 def test_text_game_credits_each_command_with_what_followed_it():
     def episode(rewards):
-        e = text_game.Episode(TextGame(0), "")
-        e.turns = [([i], [i], [0.0], r) for i, r in enumerate(rewards)]
+        e = text_game.Episode(TextGame(0), [])
+        e.turns = [(i, [i], [0.0], r) for i, r in enumerate(rewards)]
         return e
 
     lucky, unlucky = episode([0.0, 0.5, 0.0]), episode([0.0, 0.0, 0.0, 0.0])
-    adv = [a for *_, a in text_game.advantages([lucky, unlucky], turn_cost=0.0)]
     # turns 0 and 1 led to the key (+0.25 against the other episode), turn 2 came after it: no credit
-    assert adv == [0.25, -0.25, 0.25, -0.25, 0.0, 0.0, 0.0]
-    adv = [a for *_, a in text_game.advantages([episode([0.0, 1.0]), episode([0.0, 0.0, 0.0])], turn_cost=0.1)]
-    assert adv == pytest.approx([0.55, -0.55, 0.55, -0.55, 0.0])  # the winner's commands above the loser's; a lone episode: 0
+    assert text_game.advantages([lucky, unlucky], turn_cost=0.0) == [[0.25, 0.25, 0.0], [-0.25, -0.25, 0.0, 0.0]]
+    adv = text_game.advantages([episode([0.0, 1.0]), episode([0.0, 0.0, 0.0])], turn_cost=0.1)
+    assert adv[0] == pytest.approx([0.55, 0.55]) and adv[1] == pytest.approx([-0.55, -0.55, 0.0])  # a lone episode: 0
 
 
-class _Reply:  # a sampler that always answers the same text (a greedy policy that ignores the observation)
-    class _Tokenizer:
-        eos_token_id = 0
+class _CharTokenizer:  # one token per character; a chat template in the ChatML style
+    eos_token_id = 0
 
-        def apply_chat_template(self, msgs, **_):
-            return [len(m["content"]) for m in msgs]
+    def apply_chat_template(self, msgs, tokenize=True, add_generation_prompt=False, **_):
+        text = "".join(f"<{m['role']}>{m['content']}<end>" for m in msgs) + ("<assistant>" if add_generation_prompt else "")
+        return self.encode(text) if tokenize else text
 
-        def encode(self, text, **_):
-            return [1]
+    def encode(self, text, **_):
+        return [ord(c) for c in text]
 
-        def decode(self, tokens, **_):
-            return _Reply.text
+    def decode(self, tokens, **_):
+        return "".join(chr(t) for t in tokens)
+
+
+class _Player:  # a sampler that replies with an invalid number first, then the optimal command's number
+    def __init__(self, games):
+        self.games, self.calls = games, []
 
     def sample(self, prompt, num_samples, params):
-        class Future:
-            def result(self):
-                return types.SimpleNamespace(sequences=[types.SimpleNamespace(tokens=[1], logprobs=[0.0])] * num_samples)
-        return Future()
+        game = self.games[0]
+        self.calls.append(num_samples)
+        reply = "9" if game.turns == 0 else str(game.commands().index(game.optimal_action()) + 1)
+        done = types.SimpleNamespace(sequences=[types.SimpleNamespace(tokens=[ord(reply)], logprobs=[-0.5])] * num_samples)
+        return types.SimpleNamespace(result=lambda: done)
 
 
-def test_text_game_greedy_loop_ends_the_episode_lost():
-    _Reply.text = "dance"  # "Nothing happens." then the same observation again: a loop
-    (e,) = text_game.play(_Reply(), _Reply._Tokenizer(), [text_game.Episode(g := TextGame(3, 4, 10), g.reset())],
-                          0.0, 4, random.Random(0))
-    assert len(e.turns) == 2 and e.game.done and not e.game.won and e.game.turns == 10
-    (e,) = text_game.play(_Reply(), _Reply._Tokenizer(), [text_game.Episode(g := TextGame(3, 4, 10), g.reset())],
-                          1.0, 4, random.Random(0))
-    assert len(e.turns) == 10 and not e.game.won  # sampled play is not deterministic: the whole budget is played
-    game = TextGame(3, 4, 10)
-    _Reply.text = game.optimal_action()  # a first move that leads somewhere new is played on
-    (e,) = text_game.play(_Reply(), _Reply._Tokenizer(), [text_game.Episode(game, game.reset())], 0.0, 4,
-                          random.Random(0))
-    assert len(e.turns) > 2 and not e.game.won
+def test_text_game_episode_is_one_conversation_with_advantages_on_the_replies_only():
+    tok, game = _CharTokenizer(), TextGame(3, 4, 8)
+    (e,) = text_game.play(player := _Player([game]), tok, [text_game.Episode(game, text_game.first_prompt(tok, game.reset()))],
+                          1.0, random.Random(0))
+    assert game.won and e.wasted == 1 and e.turns[0][3] == 0.0  # "9" is not listed: a lost turn, nothing happens
+    replies = [tok.decode(t[1]) for t in e.turns]
+    assert replies[0] == "9" and len(replies) == game.turns == TextGame(3, 4, 8).plan_length() + 1
+    text = tok.decode(e.tokens)  # each turn extends the conversation: prompt, reply, the next observation, ...
+    assert text.startswith(tok.decode(text_game.first_prompt(tok, TextGame(3, 4, 8).reset())))
+    assert text.count(text_game.PREFILL) == len(replies) and text.count("<user>") == len(replies) and text.endswith(replies[-1])
+    assert text.count("Nothing happens.") == 1 and text.endswith(f"{text_game.PREFILL}{replies[-1]}")
+    datum = text_game.episode_datum(e, [float(i + 1) for i in range(len(replies))])
+    targets, adv, lps = (datum.loss_fn_inputs[k] for k in ("target_tokens", "advantages", "logprobs"))
+    targets, adv, lps = [list(getattr(x, "data", x)) for x in (targets, adv, lps)]
+    assert datum.model_input.to_ints() + [targets[-1]] == e.tokens and targets == e.tokens[1:]
+    marked = [i for i, a in enumerate(adv) if a != 0]
+    assert [chr(targets[i]) for i in marked] == replies and [adv[i] for i in marked] == [float(i + 1) for i in range(len(replies))]
+    assert all(tok.decode(e.tokens[:i + 1]).endswith(text_game.PREFILL) for i in marked)  # each reply follows its prompt
+    assert [lps[i] for i in marked] == [-0.5] * len(replies) and sum(lp != 0 for lp in lps) == len(replies)
 
 
 def test_parse_command():
@@ -160,6 +202,7 @@ def test_parse_command():
     assert parse_command("Take the key!", listed) == "take key"
     assert parse_command("north", listed) == "go north"
     assert parse_command("go south", listed) is None and parse_command("open chest", listed) is None
+    assert parse_command("2", listed) == "go east" and parse_command("4", listed) is None
 
 
 # ------------------------------------------------------------------------------------- grader and debate
@@ -194,12 +237,12 @@ def test_debate_stories_and_zero_sum_rewards():
 # ------------------------------------------------------------------------------------------ smoke runs
 
 def test_text_game_smoke(server, tmp_path):
-    config = text_game.Config(base_url=server.url, log_dir=str(tmp_path), steps=1, games_per_step=2, group_size=2,
-                              num_eval=3, max_turns=3, max_tokens=4)
+    config = text_game.Config(base_url=server.url, log_dir=str(tmp_path), steps=2, games_per_step=2, group_size=2,
+                              num_eval=2, max_turns=3)
     summary = text_game.main(config)
     rows = _metrics(tmp_path)
     assert {"eval_success", "eval_turns", "random_player", "optimal_player"} <= set(rows[0])
-    assert "train_success" in rows[-1] and (tmp_path / "text_game.png").exists()
+    assert "train_success" in rows[-1] and "train_valid_replies" in rows[-1] and (tmp_path / "text_game.png").exists()
     assert 0 <= summary["after"]["eval_success"] <= 1 and summary["after"]["eval_turns"] <= 3
 
 

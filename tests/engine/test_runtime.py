@@ -9,7 +9,7 @@ from tests.conftest import make_tiny_runtime
 
 @pytest.mark.parametrize("keep_bytes", [0, 1 << 30])  # 0: every chunk is recomputed in the backward
 def test_target_logprobs_match_full_log_softmax_values_and_grads(monkeypatch, keep_bytes):
-    monkeypatch.setattr(runtime_module, "LOGPROB_CHUNK", 5)  # several chunks, a ragged last one
+    monkeypatch.setattr(runtime_module, "LOGPROB_CHUNK", {torch.float32: 5})  # several chunks, a ragged last one
     monkeypatch.setattr(runtime_module, "KEEP_LOGSOFTMAX_BYTES", keep_bytes)
     rt = make_tiny_runtime()
     head = rt.head.weight
