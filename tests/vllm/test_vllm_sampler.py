@@ -34,7 +34,7 @@ def _wait_for(condition, seconds: float = 5.0) -> None:
 def test_same_tokens_and_logprobs_as_the_embedded_sampler_on_the_same_adapter(trainer, vllm, fake):
     train_steps(trainer, "run", 3)
     published = trainer.snapshot_for_sampler("run")
-    assert Path(published.uri).name == "v1" and published.base_model == "tiny"
+    assert Path(published.uri).name == f"v1.{trainer.versions.generation}" and published.base_model == "tiny"
     assert {p.name for p in Path(published.uri).iterdir()} >= {"adapter_model.safetensors", "adapter_config.json"}
     inner = trainer.trainer
     local = LocalSampler(inner.runtimes)
@@ -64,10 +64,11 @@ def test_same_tokens_and_logprobs_as_the_embedded_sampler_on_the_same_adapter(tr
         np.testing.assert_array_equal(a.topk_logprobs[0], b.topk_logprobs[0])
         np.testing.assert_allclose(a.topk_logprobs[1], b.topk_logprobs[1], atol=1e-5)
 
+    name = f"run@{Path(published.uri).name}"
     body = fake.routes_called("/v1/completions")[-1]
-    assert body["model"] == "run@1" and body["prompt"] == PROMPT and body["n"] == 1 and body["seed"] == 13
+    assert body["model"] == name and body["prompt"] == PROMPT and body["n"] == 1 and body["seed"] == 13
     assert body["top_k"] == 20 and body["logprobs"] == 2 and body["prompt_logprobs"] == 3
-    assert fake.routes_called("/v1/load_lora_adapter") == [{"lora_name": "run@1", "lora_path": published.uri}]
+    assert fake.routes_called("/v1/load_lora_adapter") == [{"lora_name": name, "lora_path": published.uri}]
 
 
 def test_stops_are_sent_as_vllm_stop_fields_and_a_stop_token_ends_the_sample(vllm, fake):
@@ -91,22 +92,24 @@ def test_a_new_version_retires_the_old_one_only_when_no_request_holds_it(trainer
     v1 = trainer.snapshot_for_sampler("run")
     assert trainer.snapshot_for_sampler("run") == v1  # unchanged weights: no new version
     vllm.sample(_request(v1))
-    assert "run@1" in fake.loras
+    n1 = f"run@{Path(v1.uri).name}"
+    assert n1 in fake.loras
 
     held = versions.acquire(v1.uri)  # a request in flight on v1
     train_steps(trainer, "run", 1)
     v2 = trainer.snapshot_for_sampler("run")
-    assert Path(v2.uri).name == "v2" and Path(v1.uri).is_dir()  # held: kept although newer exists
+    n2 = f"run@{Path(v2.uri).name}"
+    assert Path(v2.uri).name == f"v2.{versions.generation}" and Path(v1.uri).is_dir()  # held: kept although newer exists
     vllm.sample(_request(v2))
-    assert set(fake.loras) == {"run@1", "run@2"}
+    assert set(fake.loras) == {n1, n2}
 
     versions.release(held)
     assert not Path(v1.uri).exists()
-    _wait_for(lambda: "run@1" not in fake.loras)
-    assert fake.routes_called("/v1/unload_lora_adapter") == [{"lora_name": "run@1"}]
+    _wait_for(lambda: n1 not in fake.loras)
+    assert fake.routes_called("/v1/unload_lora_adapter") == [{"lora_name": n1}]
     with pytest.raises(BadRequest, match="no longer published"):
         vllm.sample(_request(v1))
-    assert Path(v2.uri).is_dir() and "run@2" in fake.loras  # the newest version stays
+    assert Path(v2.uri).is_dir() and n2 in fake.loras  # the newest version stays
 
     trainer.drop_adapter("run")  # the run is unloaded: its last version goes too
     assert not Path(v2.uri).exists()
@@ -116,12 +119,13 @@ def test_a_new_version_retires_the_old_one_only_when_no_request_holds_it(trainer
 def test_evicted_adapter_404_is_reloaded_and_the_request_succeeds(trainer, vllm, fake):
     ref = trainer.snapshot_for_sampler("run")
     first = vllm.sample(_request(ref))
-    fake.forget("run@1")  # the replica lost it: completions answer 404
+    name = f"run@{Path(ref.uri).name}"
+    fake.forget(name)  # the replica lost it: completions answer 404
     again = vllm.sample(_request(ref))
     assert again.sequences[0].tokens == first.sequences[0].tokens
-    assert [b["lora_name"] for b in fake.routes_called("/v1/load_lora_adapter")] == ["run@1", "run@1"]
+    assert [b["lora_name"] for b in fake.routes_called("/v1/load_lora_adapter")] == [name, name]
     statuses = [b["model"] for b in fake.routes_called("/v1/completions")]
-    assert statuses == ["run@1", "run@1", "run@1"]  # first, the 404, the retry
+    assert statuses == [name, name, name]  # first, the 404, the retry
 
 
 def test_lru_eviction_in_the_server_is_survived(trainer, vllm, fake, tmp_path):
@@ -185,24 +189,28 @@ def test_protocol_step_delivers_results_and_cancel_drops_them(trainer, vllm):
     assert list(finished) == [keep.request_id] and finished[keep.request_id].sequences[0].tokens
 
 
-def test_after_a_restart_a_reused_name_is_replaced_not_served_stale(trainer, vllm, fake, tmp_path):
+def test_after_a_restart_names_are_new_and_an_old_folder_is_refused_not_resolved(trainer, vllm, fake, tmp_path):
+    """A run resuming in a new process numbers its versions from 1 again: without the process's generation in
+    the name, a client holding the old folder (and vLLM's registration of the old name) would get the new
+    weights in place of the ones it saved."""
     from tinkerd.engine.adapter_publish import AdapterVersions, PublishingTrainer
 
     old = trainer.snapshot_for_sampler("run")
     before = vllm.sample(_request(old)).sequences[0].logprobs
+    old_name = f"run@{Path(old.uri).name}"
+    assert old_name in fake.loras
     vllm.close()
-    # A new tinkerd process: versions restart at 1, and vLLM still has "run@1" from the old one.
-    versions = AdapterVersions(tmp_path / "adapters", keep=1)
+    versions = AdapterVersions(tmp_path / "adapters", keep=1)  # a new tinkerd process
     assert not Path(old.uri).exists()
     train_steps(trainer.trainer, "run", 2)
-    restarted = PublishingTrainer(trainer.trainer, versions)
-    new = restarted.snapshot_for_sampler("run")
-    assert new.uri == old.uri and "run@1" in fake.loras
+    new = PublishingTrainer(trainer.trainer, versions).snapshot_for_sampler("run")
+    assert Path(new.uri).name.startswith("v1.") and new.uri != old.uri
     sampler = VllmSampler(fake.url, {"tiny": "tiny-served"}, versions, retry=FAST_RETRY)
     try:
+        with pytest.raises(BadRequest, match="no longer published"):
+            sampler.sample(_request(old))
         after = sampler.sample(_request(new)).sequences[0].logprobs
     finally:
         sampler.close()
-    assert not np.allclose(after, before, atol=1e-3)  # the new weights, not the old registration
-    assert fake.routes_called("/v1/unload_lora_adapter") == [{"lora_name": "run@1"}]
-    assert [b["lora_name"] for b in fake.routes_called("/v1/load_lora_adapter")] == ["run@1"] * 3
+    assert not np.allclose(after, before, atol=1e-3)  # the new weights, under their own name
+    assert [b["lora_name"] for b in fake.routes_called("/v1/load_lora_adapter")] == [old_name, f"run@{Path(new.uri).name}"]

@@ -1,10 +1,14 @@
 """Published adapter versions: immutable PEFT folders `model_id@version` that an out-of-process sampler loads.
 
 `AdapterVersions` is the registry. `publish` writes a training run's current adapter to
-`<root>/<model_id>/v<version>/` (the writer writes a temporary folder, fsyncs it and renames it
-into place; the registry then fsyncs the parent folder) and numbers versions 1, 2, 3... per run.
-A folder is never rewritten: a new version gets a new folder and a new name, so a sampler never
-sees half-written weights or a stale cache entry under a reused name.
+`<root>/<model_id>/v<version>.<generation>/` (the writer writes a temporary folder, fsyncs it and
+renames it into place; the registry then fsyncs the parent folder) and numbers versions 1, 2, 3...
+per run. A folder is never rewritten: a new version gets a new folder and a new name, so a sampler
+never sees half-written weights or a stale cache entry under a reused name. The generation, new in
+each process, keeps names unique across restarts too: a run that resumes in a new process (parked,
+or rebuilt after a crash) numbers its versions from 1 again, and neither a client holding an old
+folder nor a vLLM server that outlived the old process (its LoRA cache is keyed by name) may take
+the new weights for the old ones.
 
 Reference counting: a sampling request holds its version from `acquire` to `release`. A sampling
 client holds its version while it is one of the newest `keep` versions of its run and the run is
@@ -28,11 +32,12 @@ import logging
 import os
 import shutil
 import threading
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from tinkerd.engine.interface import AdapterRef, AdapterSpec, Trainer
+from tinkerd.engine.interface import AdapterRef, AdapterSpec, Trainer, published_run, published_version_folder
 from tinkerd.protocol.types import AdamParams, BadRequest
 
 log = logging.getLogger(__name__)
@@ -40,16 +45,21 @@ log = logging.getLogger(__name__)
 DEFAULT_KEEP_VERSIONS = 8  # as many as the embedded engine's in-memory sampler snapshots per run
 
 
+def published_root(data_dir: Path) -> Path:
+    """The folder under a server's data directory where its runs' adapter versions are published."""
+    return Path(data_dir) / "adapters"
+
+
 @dataclass(eq=False)  # identity: two versions are never the same
 class Version:
     model_id: str
-    number: int
+    label: str  # v<number>.<generation>: the folder's name
     path: Path
     requests: int = 0  # sampling requests in flight on it
 
     @property
     def name(self) -> str:
-        return f"{self.model_id}@{self.number}"
+        return f"{self.model_id}@{self.label}"
 
 
 class AdapterVersions:
@@ -58,6 +68,7 @@ class AdapterVersions:
             raise ValueError(f"keep must be >= 1, got {keep}")
         self.root = Path(root)
         self.keep = keep
+        self.generation = uuid.uuid4().hex[:8]  # this process's: see the module docstring
         self.on_retire: list[Callable[[Version], None]] = []
         self._lock = threading.Lock()
         self._runs: dict[str, list[Version]] = {}  # model_id -> live versions, oldest first
@@ -80,7 +91,8 @@ class AdapterVersions:
         with self._lock:
             number = self._next.get(model_id, 1)
             self._next[model_id] = number + 1
-        version = Version(model_id, number, self.root / model_id / f"v{number}")
+        label = f"v{number}.{self.generation}"
+        version = Version(model_id, label, published_version_folder(self.root, model_id, label))
         write(version.path)
         _fsync_dir(version.path)
         _fsync_dir(version.path.parent)
@@ -94,7 +106,7 @@ class AdapterVersions:
 
     def is_published(self, uri: str | None) -> bool:
         """Whether `uri` points into this registry's folder (live or not)."""
-        return uri is not None and Path(uri).parent.parent == self.root
+        return published_run(uri, self.root) is not None
 
     def acquire(self, uri: str) -> Version:
         """Hold a published version for one sampling request (user error if it was retired)."""

@@ -391,6 +391,6 @@ def fsdp_trainer(ranks: int, specs: list[str | None], model_cache: Path, data_di
                              threads_per_rank=threads)
     if not publish:
         return group
-    from tinkerd.engine.adapter_publish import AdapterVersions, PublishingTrainer
+    from tinkerd.engine.adapter_publish import AdapterVersions, PublishingTrainer, published_root
 
-    return PublishingTrainer(group, AdapterVersions(Path(data_dir) / "adapters"))
+    return PublishingTrainer(group, AdapterVersions(published_root(data_dir)))

@@ -56,11 +56,25 @@ class AdapterRef:
     base_model: str
 
 
-def snapshot_run(adapter_uri: str | None) -> str | None:
-    """The training run whose in-memory sampler snapshot (`mem://<run>@<version>`) a URI names; else None."""
+def published_version_folder(published_root: Path, model_id: str, label: str) -> Path:
+    """Where the version `label` of a run's adapter is published for an out-of-process sampler."""
+    return Path(published_root) / model_id / label
+
+
+def published_run(adapter_uri: str | None, published_root: Path) -> str | None:
+    """The training run whose published version folder (`published_version_folder`) a URI is; else None."""
+    if not adapter_uri or adapter_uri.startswith("mem://"):
+        return None
+    folder = Path(adapter_uri)
+    return folder.parent.name if folder.parent.parent == Path(published_root) else None
+
+
+def snapshot_run(adapter_uri: str | None, published_root: Path | None = None) -> str | None:
+    """The training run whose sampler snapshot a URI names: an in-memory one (`mem://<run>@<version>`) or,
+    given where versions are published, a published version folder; else None (base model, saved weights)."""
     if adapter_uri and adapter_uri.startswith("mem://"):
         return adapter_uri[len("mem://"):].rsplit("@", 1)[0]
-    return None
+    return published_run(adapter_uri, published_root) if published_root is not None else None
 
 
 @dataclass(frozen=True)

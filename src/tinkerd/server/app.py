@@ -52,7 +52,8 @@ def create_app(config: ServerConfig, trainer: Trainer, sampler: Sampler, store: 
     async def lifespan(app: FastAPI):
         board = FutureBoard(store)
         board.bind_loop(asyncio.get_running_loop())
-        scheduler = Scheduler(board, trainer.forward_backward_many, sampler, metrics, config.batch_gather_seconds)
+        scheduler = Scheduler(board, trainer.forward_backward_many, sampler, metrics, config.batch_gather_seconds,
+                              config.published_adapters)
         scheduler.start()
         app.state.tinkerd = ServerState(config, store, trainer, sampler, board, scheduler,
                                         {m.name: m for m in trainer.base_models()})

@@ -283,17 +283,18 @@ def _recovered(st: ServerState, model_id: str) -> Outcome:
 
     def release_samples() -> None:
         for submit in st.runs.recovering.pop(model_id, []):
-            submit()
+            submit(True)
     if loop is not None:
         loop.call_soon_threadsafe(release_samples)
     log.info("recovered training run %s (%d sample requests waited for it)", model_id, len(waiting))
     return Outcome()
 
 
-def when_recovered(st: ServerState, adapter_uri: str | None, submit: Callable[[], None]) -> None:
-    """Run `submit` now, or once the replay of the run whose sampler snapshot `adapter_uri` names is done."""
-    model_id = snapshot_run(adapter_uri)
+def when_recovered(st: ServerState, adapter_uri: str | None, submit: Callable[[bool], None]) -> None:
+    """`submit(False)` now, or `submit(True)` once the replay of the run whose sampler snapshot `adapter_uri`
+    names is done (a published snapshot is rebuilt under a new name: look it up again)."""
+    model_id = snapshot_run(adapter_uri, st.config.published_adapters)
     if model_id is not None and model_id in st.runs.recovering:
         st.runs.recovering[model_id].append(submit)
     else:
-        submit()
+        submit(False)

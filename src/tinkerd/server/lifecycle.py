@@ -75,9 +75,7 @@ def before_training_request(st: ServerState, model_id: str) -> None:
 def check_snapshot(st: ServerState, adapter_uri: str | None) -> None:
     """410 when a sampler snapshot (`mem://`, or a folder published for vLLM under DATA_DIR/adapters/<run>/)
     belonged to a run that was unloaded."""
-    model_id = snapshot_run(adapter_uri)
-    if model_id is None and adapter_uri and Path(adapter_uri).parent.parent == st.config.data_dir / "adapters":
-        model_id = Path(adapter_uri).parent.name
+    model_id = snapshot_run(adapter_uri, st.config.published_adapters)
     if model_id is None:
         return
     key = adapter_uri[len("mem://"):] if adapter_uri.startswith("mem://") else f"{model_id}@{Path(adapter_uri).name}"

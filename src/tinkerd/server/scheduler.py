@@ -20,6 +20,7 @@ import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable
 
 from tinkerd.engine.fencing import ordered_op
@@ -68,8 +69,12 @@ class PendingSample:
 
 class Scheduler:
     def __init__(self, board: FutureBoard, run_forward_batch: BatchRunner, sampler: Sampler,
-                 metrics: ServerMetrics | None = None, gather_seconds: float = 0.0) -> None:
+                 metrics: ServerMetrics | None = None, gather_seconds: float = 0.0,
+                 published_root: Path | None = None) -> None:
+        """`published_root`: where sampler snapshots are published as folders (to tell whose run a sample's
+        weights are, `snapshot_run`); None: only in-memory snapshots name a run."""
         self.board = board
+        self.published_root = published_root
         # A job whose run the engine lost (`RunLost`): called with the run's model_id; True means the run is
         # being rebuilt (from the journal, which hands the job over again), so its future stays pending.
         self.on_run_lost: Callable[[str], bool] = lambda model_id: False
@@ -282,7 +287,7 @@ class Scheduler:
             if pending is None:
                 continue  # cancelled meanwhile
             if isinstance(outcome, RunLost):  # sampling changes nothing: the client may send it again (410)
-                run = snapshot_run(pending.adapter_uri)
+                run = snapshot_run(pending.adapter_uri, self.published_root)
                 if run is not None and self._rebuilding(run, outcome, rebuilding):
                     self.board.lose(request_id, f"{outcome}; the server is rebuilding its training run: send the "
                                                 "request again")

@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from tinkerd.engine.adapter_publish import published_root
 from tinkerd.engine.interface import BaseModelInfo, Sampler, Trainer
 from tinkerd.server.futures import FutureBoard
 from tinkerd.server.scheduler import Scheduler
@@ -37,6 +38,11 @@ class ServerConfig:
     parked_state_ttl_seconds: float = 86400.0
     shutdown_park_seconds: float = 0.0  # how long a stopping server waits for its runs' state to reach the disk; 0: park none (`serve`: 300)
     snapshot_every_steps: int = 0  # write a run's state to disk every N optim_steps, so a crash loses nothing (`journal`); 0: never
+
+    @property
+    def published_adapters(self) -> Path:
+        """Where sampler snapshots are published as folders when the sampler runs out of process (vLLM)."""
+        return published_root(self.data_dir)
 
 
 @dataclass

@@ -233,8 +233,8 @@ class VllmSampler:
             response = await self._post("/v1/load_lora_adapter", body)
             message = _vllm_message(response) if response.status_code >= 400 else ""
             if response.status_code == 400 and "already" in message:
-                # Registered by an earlier tinkerd process (names restart after a restart) or loaded and
-                # lost by vLLM's side: replace the registration so the name points at our folder.
+                # vLLM holds the name although this process did not load it or unloaded it (a load that timed out
+                # here but finished there, an unload that failed): replace the registration with our folder.
                 await self._post("/v1/unload_lora_adapter", {"lora_name": name})
                 response = await self._post("/v1/load_lora_adapter", body)
                 message = _vllm_message(response) if response.status_code >= 400 else ""

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import httpx
 
-from tinkerd.engine.adapter_publish import AdapterVersions, PublishingTrainer
+from tinkerd.engine.adapter_publish import AdapterVersions, PublishingTrainer, published_root
 from tinkerd.engine.interface import Trainer
 from tinkerd.vllm.sampler import VllmSampler
 
@@ -24,7 +24,7 @@ def vllm_engine(trainer: Trainer, base_model: str, data_dir: Path, url: str, vll
                 keep_versions: int = 8) -> tuple[PublishingTrainer, VllmSampler]:
     """`base_model`: the one base model tinkerd trains; `vllm_model`: vLLM's name for it (default the same)."""
     served = vllm_model or base_model
-    versions = AdapterVersions(Path(data_dir) / "adapters", keep=keep_versions)
+    versions = AdapterVersions(published_root(data_dir), keep=keep_versions)
     _check(url, served)
     return PublishingTrainer(trainer, versions), VllmSampler(url, {base_model: served}, versions)
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse
 
@@ -89,7 +91,15 @@ async def asample(body: SampleRequest, request: Request, owner: str = Depends(ca
     engine_request = EngineSampleRequest(
         future_id, ref, tokens, body.num_samples, params, bool(body.prompt_logprobs), body.topk_prompt_logprobs,
         body.prompt_logprobs_last_n, targets, body.prompt_alt_tokens_k, body.topk_sample_logprobs)
-    journal.when_recovered(st, ref.uri, lambda: st.scheduler.submit_sample(engine_request, encode, session_id))
+
+    def submit(after_replay: bool) -> None:
+        request = engine_request
+        if after_replay and body.sampling_session_id:  # the replay may have republished its weights under a new name
+            row = st.store.sampling_session(body.sampling_session_id)
+            request = dataclasses.replace(request, adapter=AdapterRef(row["adapter_uri"], row["base_model"]))
+        st.scheduler.submit_sample(request, encode, session_id)
+
+    journal.when_recovered(st, ref.uri, submit)
     return {"request_id": future_id, "sample_sequence_ids": sequence_ids}
 
 
