@@ -147,3 +147,27 @@ def test_a_finished_session_leaves_no_snapshot_or_journal_behind(tmp_path):
         other.train_step()  # queued behind the unload; its snapshot covers its journal
         assert client.st.store.journaled_models() == [] and client.st.store.journal(run.model_id, -1)[0]["request"] is None
         assert [p.name for p in (data / "snapshots").iterdir()] == [other.model_id.replace(":", "_")]
+
+
+def test_a_run_parked_by_a_server_without_journal_is_recoverable_after_its_restore(tmp_path):
+    """The parked state becomes the journal's base when a journaling server restores it (else a crash
+    after the restore would find neither a snapshot nor the run's creation in the journal)."""
+    losses, logprobs, _ = _uninterrupted(tmp_path)
+    data = tmp_path / "data"
+    with _app(data, shutdown_park_seconds=30) as client:  # no journal; a graceful stop parks the run
+        run = Run(client)
+        before = [run.train_step() for _ in range(2)]  # seq_ids 1..4
+    with _app(data, snapshot_every_steps=10) as client:  # adopts the parked run; crashes below
+        client.st = client.app.state.tinkerd
+        run.client = client
+        before.append(run.train_step())  # restored (its state becomes the journal's base), seq_ids 5, 6
+        gate = _hold_engine(client)
+        fb, step = _post(run, "forward_backward", TRAIN), _post(run, "optim_step", ADAM)  # in flight
+    gate.set()
+    assert before == losses[:3]
+    with _app(data, snapshot_every_steps=10) as client:
+        client.st = client.app.state.tinkerd
+        assert future_result(client, fb)["metrics"]["loss:sum"] == losses[3]
+        assert "metrics" in future_result(client, step)
+        run.client = client
+        np.testing.assert_array_equal(run.logprobs(), logprobs)

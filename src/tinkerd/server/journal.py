@@ -15,7 +15,8 @@ saves are skipped). The run then equals the one the crash interrupted, bitwise w
 are batched as they were (one tenant's requests one at a time, the same threads). A run whose
 journal has a hole (a request kept without its payload, e.g. from an SDK that sends no seq_id) is
 not recovered: its in-flight requests fail with a `server` error that says why, never a silent
-rollback. Sample requests of a run's sampler snapshots wait until its replay is done.
+rollback. Sample requests of a run's sampler snapshots wait until its replay is done. A run parked
+by a server that kept no journal gets a snapshot when it is restored (`lifecycle`): the journal's base.
 
 The same replay `rebuild`s a run whose engine worker died while the server lives on (a Ray actor
 killed or lost with its node): the scheduler hands over the failed job's run instead of failing its
