@@ -1,17 +1,16 @@
 """RL on a multi-turn text adventure: the policy learns to find the key and open the chest within a turn budget.
 
-    python -m cookbook.text_game.train [base_url=http://127.0.0.1:8000] [steps=10] [games_per_step=5] ...
+    python -m cookbook.text_game.train [base_url=http://127.0.0.1:8000] [steps=8] [games_per_step=3] [seed=0] ...
 
 The game is `env.TextGame` (deterministic under a seed); its observations list the commands that do something,
-numbered, and the policy replies with a number (one token after the prefilled "I choose command "; a reply that
-is not a listed number wastes the turn). An episode is ONE conversation: each turn appends the reply and the
-next observation to the previous prompt, so the policy sees its history, and the whole episode is one datum
-whose advantages sit on the reply tokens only. Every step plays `group_size` episodes on each of
-`games_per_step` fresh maps in lockstep. Each command is scored by its reward to go (0.5 for the key, 1 for the
-chest, `shaping` per command of progress along the optimal plan, minus `turn_cost` per command), centred over the
-map's episodes at the same turn: one `importance_sampling` step per step over all episodes. Held-out games are
-played greedily and at temperature 1 before and after training, next to a random player and the scripted
-optimal player: the plot's two ends.
+numbered. Each turn the policy sees the observation under a system prompt stating the goal and replies with a
+number: one token after the prefilled "I choose command " (a reply that is not a listed number wastes the
+turn). Every step plays `group_size` episodes on each of `games_per_step` fresh maps in lockstep (episodes that
+see the same observation share one `sample` request). Each command is scored by its reward to go (0.5 for the
+key, 1 for the chest, `shaping` per command of progress along the optimal plan, minus `turn_cost` per command),
+centred over the map's episodes at the same turn; every (observation, reply) pair is trained on, in one
+`importance_sampling` step per step. Held-out games are played greedily and at temperature 1 before and after
+training, next to a random player and the scripted optimal player: the plot's two ends.
 """
 
 from __future__ import annotations
@@ -26,10 +25,10 @@ from tinker import types
 from tqdm import tqdm
 
 from cookbook.common import (BaseConfig, MetricsLogger, adam, decode, log_dir_for, messages, parse_config,
-                             prompt_tokens, service_client)
+                             prompt_tokens, rl_datum, service_client, stop_params)
 from cookbook.text_game.env import TextGame
 
-PREFILL = "I choose command "
+REPLY_PREFIX = "I choose command "
 GOAL = "You play a text adventure. Find the key, take it, then open the chest. Reply with a command's number."
 
 
@@ -43,6 +42,7 @@ class Config(BaseConfig):
     shaping: float = 0.1  # training reward per command of progress along the optimal plan (potential-based)
     max_turns: int = 8
     num_rooms: int = 4
+    max_tokens: int = 1  # the reply: a command's number
     num_eval: int = 20  # held-out maps (seeds never trained on)
     eval_every: int = 8  # greedy; at temperature 1 before and after training only
 
@@ -50,70 +50,50 @@ class Config(BaseConfig):
 @dataclasses.dataclass
 class Episode:
     game: TextGame
-    tokens: list  # the conversation so far: prompt, replies and observations, ending where the model speaks next
-    turns: list = dataclasses.field(default_factory=list)  # (position in tokens, reply tokens, logprobs, reward)
+    observation: str
+    turns: list = dataclasses.field(default_factory=list)  # (prompt, tokens, logprobs, reward) per command
     reward: float = 0.0
+    seen: set = dataclasses.field(default_factory=set)  # observations so far (greedy play only)
     wasted: int = 0  # turns whose reply named no listed command
 
 
-def first_prompt(tokenizer, observation: str) -> list[int]:
-    return prompt_tokens(tokenizer, messages(observation, system=GOAL)) + tokenizer.encode(PREFILL, add_special_tokens=False)
-
-
-def next_turn(tokenizer, observation: str) -> list[int]:
-    """The tokens that close a reply and open the next turn (end of turn, the user's observation, the assistant
-    header, the prefill), cut from the chat template so that prompt + reply + these extend the conversation."""
-    chat = messages("x", system=GOAL) + [{"role": "assistant", "content": "@@"}]
-    before = tokenizer.apply_chat_template(chat, tokenize=False)
-    after = tokenizer.apply_chat_template(chat + [{"role": "user", "content": observation}], tokenize=False,
-                                          add_generation_prompt=True)
-    return tokenizer.encode(after[before.index("@@") + 2:] + PREFILL, add_special_tokens=False)
-
-
-def play(sampler, tokenizer, episodes: list[Episode], temperature: float, rng: random.Random, shaping: float = 0.0):
-    """Play every episode to its end, one turn of all active episodes at a time (episodes with the same
-    conversation so far share one `sample` request)."""
+def play(sampler, tokenizer, episodes: list[Episode], temperature: float, max_tokens: int, rng: random.Random,
+         shaping: float = 0.0):
+    """Play every episode to its end, one turn of all active episodes at a time. Greedy play (temperature 0) is
+    deterministic and an observation fixes the game's state, so a greedy episode that sees an observation again is
+    in a loop it never leaves: it ends there, lost, with its budget spent (this only saves time)."""
     while active := [e for e in episodes if not e.game.done]:
         waiting = defaultdict(list)
         for e in active:
-            waiting[tuple(e.tokens)].append(e)
-        params = types.SamplingParams(max_tokens=1, temperature=temperature, seed=rng.randrange(2**31))
-        futures = {key: sampler.sample(types.ModelInput.from_ints(list(key)), len(es), params)
-                   for key, es in waiting.items()}
-        for key, es in waiting.items():
-            for e, seq in zip(es, futures[key].result().sequences):
+            waiting[e.observation].append(e)
+        params = stop_params(tokenizer, max_tokens, temperature, seed=rng.randrange(2**31))
+        prompts = {obs: prompt_tokens(tokenizer, messages(obs, system=GOAL))
+                   + tokenizer.encode(REPLY_PREFIX, add_special_tokens=False) for obs in waiting}
+        futures = {obs: sampler.sample(types.ModelInput.from_ints(prompts[obs]), len(es), params)
+                   for obs, es in waiting.items()}
+        for obs, es in waiting.items():
+            for e, seq in zip(es, futures[obs].result().sequences):
                 to_go = e.game.plan_length()
-                observation, reward, done = e.game.step(decode(tokenizer, seq.tokens))
+                e.observation, reward, _ = e.game.step(decode(tokenizer, seq.tokens))
                 e.reward += reward  # the game's reward; training also gets the shaping term
-                e.wasted += observation.startswith("Nothing happens")  # not a listed number: a lost turn
+                e.wasted += e.observation.startswith("Nothing happens")  # not a listed number: a lost turn
                 progress = to_go - e.game.plan_length()  # +1 for a command along a shortest plan, -1 away
-                e.turns.append((len(e.tokens), list(seq.tokens), list(seq.logprobs), reward + shaping * progress))
-                e.tokens = e.tokens + list(seq.tokens) + ([] if done else next_turn(tokenizer, observation))
+                e.turns.append((prompts[obs], seq.tokens, seq.logprobs, reward + shaping * progress))
+                e.seen.add(obs)
+                if temperature == 0 and not e.game.done and e.observation in e.seen:
+                    e.game.turns, e.game.done = e.game.max_turns, True
     return episodes
 
 
-def advantages(group: list[Episode], turn_cost: float) -> list[list[float]]:
-    """Per episode, per command: its reward to go (the rewards from this command on, minus `turn_cost` per
-    command) minus the mean reward to go of the map's episodes still playing at that turn. Commands after the
-    key are thus credited only with what followed them (the chest), not with the key."""
+def advantages(group: list[Episode], turn_cost: float):
+    """(prompt, tokens, logprobs, advantage) per command: its reward to go (the rewards from this command on,
+    minus `turn_cost` per command) minus the mean reward to go of the map's episodes still playing at that turn.
+    Commands after the key are thus credited only with what followed them (the chest), not with the key."""
     to_go = [list(accumulate(reward - turn_cost for *_, reward in reversed(e.turns)))[::-1] for e in group]
-    out = [[0.0] * len(g) for g in to_go]
     for t in range(max(map(len, to_go))):
-        here = [i for i, g in enumerate(to_go) if t < len(g)]
-        mean = sum(to_go[i][t] for i in here) / len(here)
-        for i in here:
-            out[i][t] = to_go[i][t] - mean
-    return out
-
-
-def episode_datum(e: Episode, advs: list[float]) -> types.Datum:
-    """The whole episode as one `importance_sampling` datum: next-token targets over the conversation, the
-    sampler's logprobs and the command's advantage on each reply token, zero on every other token."""
-    logprobs, adv = [0.0] * len(e.tokens), [0.0] * len(e.tokens)
-    for (at, tokens, lps, _), a in zip(e.turns, advs):
-        logprobs[at:at + len(tokens)], adv[at:at + len(tokens)] = lps, [a] * len(tokens)
-    return types.Datum(model_input=types.ModelInput.from_ints(e.tokens[:-1]),
-                       loss_fn_inputs={"target_tokens": e.tokens[1:], "logprobs": logprobs[1:], "advantages": adv[1:]})
+        here = [(e, g[t]) for e, g in zip(group, to_go) if t < len(g)]
+        mean = sum(v for _, v in here) / len(here)
+        yield from ((*e.turns[t][:3], v - mean) for e, v in here)
 
 
 def rate(episodes: list[Episode], what: str) -> float:
@@ -144,15 +124,16 @@ def main(config: Config) -> dict:
         tokenizer = training.get_tokenizer()
         sampler = training.save_weights_and_get_sampling_client().result()  # fresh adapter == base model
         logger = MetricsLogger(log_dir, config, plot_name="text_game.png")
-        fresh = lambda games: [Episode(g, first_prompt(tokenizer, g.reset())) for g in games]  # noqa: E731
 
         def evaluate(sampler, at_temperature_1: bool) -> dict:
-            greedy = play(sampler, tokenizer, fresh(map(new_game, held_out)), 0.0, random.Random(0))
+            greedy = play(sampler, tokenizer, [Episode(g, g.reset()) for g in map(new_game, held_out)], 0.0,
+                          config.max_tokens, random.Random(0))
             out = {"eval_success": rate(greedy, "won"), "eval_key_taken": rate(greedy, "key"),
                    "eval_turns": sum(e.game.turns for e in greedy) / len(greedy),
                    "random_player": reference["random"], "optimal_player": reference["optimal"]}
             if at_temperature_1:  # the same maps, one episode each at temperature 1 (before and after training)
-                sampled = play(sampler, tokenizer, fresh(map(new_game, held_out)), 1.0, random.Random(1))
+                sampled = play(sampler, tokenizer, [Episode(g, g.reset()) for g in map(new_game, held_out)], 1.0,
+                               config.max_tokens, random.Random(1))
                 out.update(eval_success_t1=rate(sampled, "won"), eval_key_taken_t1=rate(sampled, "key"))
             return out
 
@@ -160,20 +141,22 @@ def main(config: Config) -> dict:
         logger.log(0, **start)
         for step in tqdm(range(1, config.steps + 1), desc="text_game", unit="step"):
             seeds = [rng.randrange(10**6) for _ in range(config.games_per_step)]
-            groups = [fresh(map(new_game, [seed] * config.group_size)) for seed in seeds]
-            play(sampler, tokenizer, [e for g in groups for e in g], 1.0, rng, config.shaping)
-            data = [episode_datum(e, a) for g in groups for e, a in zip(g, advantages(g, config.turn_cost))
-                    if any(abs(x) > 1e-9 for x in a)]  # an episode with no advantage anywhere adds nothing
+            groups = [[Episode(g, g.reset()) for g in map(new_game, [seed] * config.group_size)] for seed in seeds]
+            play(sampler, tokenizer, [e for g in groups for e in g], 1.0, config.max_tokens, rng, config.shaping)
+            merged: dict = {}  # the loss is linear in the advantage: identical (prompt, reply) pairs add up
+            for prompt, tokens, logprobs, adv in (a for g in groups for a in advantages(g, config.turn_cost)):
+                key = (tuple(prompt), tuple(tokens))
+                merged[key] = (logprobs, merged.get(key, (None, 0.0))[1] + adv)
+            data = [rl_datum(list(p), list(t), lps, adv) for (p, t), (lps, adv) in merged.items() if abs(adv) > 1e-9]
             if data:
                 fwd = training.forward_backward(data, "importance_sampling")
                 opt = training.optim_step(adam(config.learning_rate))
                 fwd.result(), opt.result()
             sampler = training.save_weights_and_get_sampling_client().result()
-            episodes = [e for g in groups for e in g]
-            metrics = {"datums": len(data), "train_success": rate(episodes, "won"),
-                       "train_key_taken": rate(episodes, "key"),
-                       "train_turns": sum(len(e.turns) for e in episodes) / len(episodes),
-                       "train_valid_replies": 1 - sum(e.wasted for e in episodes) / sum(len(e.turns) for e in episodes)}
+            full = [e for g in groups for e in g]
+            metrics = {"datums": len(data), "train_success": rate(full, "won"), "train_key_taken": rate(full, "key"),
+                       "train_turns": sum(len(e.turns) for e in full) / len(full),
+                       "train_valid_replies": 1 - sum(e.wasted for e in full) / sum(len(e.turns) for e in full)}
             if step % config.eval_every == 0 or step == config.steps:
                 metrics.update(evaluate(sampler, step == config.steps))
             logger.log(step, **metrics)
@@ -181,12 +164,14 @@ def main(config: Config) -> dict:
         logger.close({"success rate (held-out maps)": ["train_success", "eval_success", "eval_success_t1",
                                                        "random_player", "optimal_player"],
                       "key taken": ["train_key_taken", "eval_key_taken", "eval_key_taken_t1"],
+                      "valid replies (training)": ["train_valid_replies"],
                       "turns per episode": ["train_turns", "eval_turns"]})
-        (example,) = play(sampler, tokenizer, fresh([new_game(held_out[0])]), 0.0, random.Random(0))
+        game = new_game(held_out[0])
+        example = play(sampler, tokenizer, [Episode(game, game.reset())], 0.0, config.max_tokens, random.Random(0))[0]
     transcript = [decode(tokenizer, turn[1]) for turn in example.turns]
     print(f"held-out map {held_out[0]}: {transcript} -> reward {example.reward}")
     summary = {"before": start, "after": end, "reference": reference, "held_out_maps": len(held_out),
-               "example_replies": transcript, "wall_time_s": logger.rows[-1]["elapsed_s"]}
+               "example_commands": transcript, "wall_time_s": logger.rows[-1]["elapsed_s"]}
     print(json.dumps(summary, indent=2))
     (log_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary

@@ -138,62 +138,75 @@ def test_plan_length_counts_the_optimal_players_commands():
 
 def test_text_game_credits_each_command_with_what_followed_it():
     def episode(rewards):
-        e = text_game.Episode(TextGame(0), [])
-        e.turns = [(i, [i], [0.0], r) for i, r in enumerate(rewards)]
+        e = text_game.Episode(TextGame(0), "")
+        e.turns = [([i], [i], [0.0], r) for i, r in enumerate(rewards)]
         return e
 
     lucky, unlucky = episode([0.0, 0.5, 0.0]), episode([0.0, 0.0, 0.0, 0.0])
+    adv = [a for *_, a in text_game.advantages([lucky, unlucky], turn_cost=0.0)]
     # turns 0 and 1 led to the key (+0.25 against the other episode), turn 2 came after it: no credit
-    assert text_game.advantages([lucky, unlucky], turn_cost=0.0) == [[0.25, 0.25, 0.0], [-0.25, -0.25, 0.0, 0.0]]
-    adv = text_game.advantages([episode([0.0, 1.0]), episode([0.0, 0.0, 0.0])], turn_cost=0.1)
-    assert adv[0] == pytest.approx([0.55, 0.55]) and adv[1] == pytest.approx([-0.55, -0.55, 0.0])  # a lone episode: 0
+    assert adv == [0.25, -0.25, 0.25, -0.25, 0.0, 0.0, 0.0]
+    adv = [a for *_, a in text_game.advantages([episode([0.0, 1.0]), episode([0.0, 0.0, 0.0])], turn_cost=0.1)]
+    assert adv == pytest.approx([0.55, -0.55, 0.55, -0.55, 0.0])  # the winner's commands above the loser's; a lone episode: 0
 
 
-class _CharTokenizer:  # one token per character; a chat template in the ChatML style
-    eos_token_id = 0
+class _Reply:  # a sampler that always answers the same text (a greedy policy that ignores the observation)
+    class _Tokenizer:
+        eos_token_id = 0
 
-    def apply_chat_template(self, msgs, tokenize=True, add_generation_prompt=False, **_):
-        text = "".join(f"<{m['role']}>{m['content']}<end>" for m in msgs) + ("<assistant>" if add_generation_prompt else "")
-        return self.encode(text) if tokenize else text
+        def apply_chat_template(self, msgs, **_):
+            return [len(m["content"]) for m in msgs]
 
-    def encode(self, text, **_):
-        return [ord(c) for c in text]
+        def encode(self, text, **_):
+            return [1]
 
-    def decode(self, tokens, **_):
-        return "".join(chr(t) for t in tokens)
-
-
-class _Player:  # a sampler that replies with an invalid number first, then the optimal command's number
-    def __init__(self, games):
-        self.games, self.calls = games, []
+        def decode(self, tokens, **_):
+            return _Reply.text
 
     def sample(self, prompt, num_samples, params):
-        game = self.games[0]
-        self.calls.append(num_samples)
-        reply = "9" if game.turns == 0 else str(game.commands().index(game.optimal_action()) + 1)
-        done = types.SimpleNamespace(sequences=[types.SimpleNamespace(tokens=[ord(reply)], logprobs=[-0.5])] * num_samples)
-        return types.SimpleNamespace(result=lambda: done)
+        class Future:
+            def result(self):
+                return types.SimpleNamespace(sequences=[types.SimpleNamespace(tokens=[1], logprobs=[0.0])] * num_samples)
+        return Future()
 
 
-def test_text_game_episode_is_one_conversation_with_advantages_on_the_replies_only():
-    tok, game = _CharTokenizer(), TextGame(3, 4, 8)
-    (e,) = text_game.play(player := _Player([game]), tok, [text_game.Episode(game, text_game.first_prompt(tok, game.reset()))],
-                          1.0, random.Random(0))
-    assert game.won and e.wasted == 1 and e.turns[0][3] == 0.0  # "9" is not listed: a lost turn, nothing happens
-    replies = [tok.decode(t[1]) for t in e.turns]
-    assert replies[0] == "9" and len(replies) == game.turns == TextGame(3, 4, 8).plan_length() + 1
-    text = tok.decode(e.tokens)  # each turn extends the conversation: prompt, reply, the next observation, ...
-    assert text.startswith(tok.decode(text_game.first_prompt(tok, TextGame(3, 4, 8).reset())))
-    assert text.count(text_game.PREFILL) == len(replies) and text.count("<user>") == len(replies) and text.endswith(replies[-1])
-    assert text.count("Nothing happens.") == 1 and text.endswith(f"{text_game.PREFILL}{replies[-1]}")
-    datum = text_game.episode_datum(e, [float(i + 1) for i in range(len(replies))])
-    targets, adv, lps = (datum.loss_fn_inputs[k] for k in ("target_tokens", "advantages", "logprobs"))
-    targets, adv, lps = [list(getattr(x, "data", x)) for x in (targets, adv, lps)]
-    assert datum.model_input.to_ints() + [targets[-1]] == e.tokens and targets == e.tokens[1:]
-    marked = [i for i, a in enumerate(adv) if a != 0]
-    assert [chr(targets[i]) for i in marked] == replies and [adv[i] for i in marked] == [float(i + 1) for i in range(len(replies))]
-    assert all(tok.decode(e.tokens[:i + 1]).endswith(text_game.PREFILL) for i in marked)  # each reply follows its prompt
-    assert [lps[i] for i in marked] == [-0.5] * len(replies) and sum(lp != 0 for lp in lps) == len(replies)
+def test_text_game_greedy_loop_ends_the_episode_lost():
+    _Reply.text = "dance"  # "Nothing happens." then the same observation again: a loop
+    (e,) = text_game.play(_Reply(), _Reply._Tokenizer(), [text_game.Episode(g := TextGame(3, 4, 10), g.reset())],
+                          0.0, 4, random.Random(0))
+    assert len(e.turns) == 2 and e.game.done and not e.game.won and e.game.turns == 10
+    (e,) = text_game.play(_Reply(), _Reply._Tokenizer(), [text_game.Episode(g := TextGame(3, 4, 10), g.reset())],
+                          1.0, 4, random.Random(0))
+    assert len(e.turns) == 10 and not e.game.won  # sampled play is not deterministic: the whole budget is played
+    game = TextGame(3, 4, 10)
+    _Reply.text = game.optimal_action()  # a first move that leads somewhere new is played on
+    (e,) = text_game.play(_Reply(), _Reply._Tokenizer(), [text_game.Episode(game, game.reset())], 0.0, 4,
+                          random.Random(0))
+    assert len(e.turns) > 2 and not e.game.won
+
+
+def test_text_game_numbered_reply_plays_that_command_and_the_datum_trains_only_the_reply():
+    game = TextGame(3, 4, 8)
+    game.reset()
+    right = game.commands().index(game.optimal_action()) + 1
+    _Reply.text = str(right)  # the number of the first optimal command, then (wrongly listed or not) the same number
+    (e,) = text_game.play(_Reply(), _Reply._Tokenizer(), [text_game.Episode(game, game.reset())], 1.0, 1,
+                          random.Random(0), shaping=0.1)
+    assert e.turns[0][3] == pytest.approx(0.1) and game.turns == len(e.turns)  # progress along the plan: +0.1
+    twin, wasted = TextGame(3, 4, 8), []  # the same number played by hand: a number not listed wastes the turn
+    twin.reset()
+    for _ in e.turns:
+        wasted.append(twin.step(str(right))[0].startswith("Nothing happens"))
+    assert twin.room == game.room and e.wasted == sum(wasted) and twin.done
+    _Reply.text = "9"  # never listed: every turn is lost, with no reward and no progress
+    (e,) = text_game.play(_Reply(), _Reply._Tokenizer(), [text_game.Episode(g := TextGame(3, 4, 8), g.reset())], 1.0, 1,
+                          random.Random(0), shaping=0.1)
+    assert e.wasted == len(e.turns) == 8 and g.room == g.start and all(t[3] == 0.0 for t in e.turns)
+    prompt, tokens, logprobs, _ = e.turns[0]
+    datum = text_game.rl_datum(list(prompt), list(tokens), logprobs, 0.7)
+    adv = list(datum.loss_fn_inputs["advantages"].data if hasattr(datum.loss_fn_inputs["advantages"], "data")
+               else datum.loss_fn_inputs["advantages"])
+    assert adv == pytest.approx([0.0] * (len(prompt) - 1) + [0.7]) and len(tokens) == 1
 
 
 def test_parse_command():
