@@ -69,6 +69,10 @@ def _parser() -> argparse.ArgumentParser:
                        help="run RMSNorm layers in eager mode instead of compiling them at start (a few seconds "
                             "faster start, ~13 %% slower training steps; also where no C++ compiler is installed, "
                             "which is detected and falls back to this by itself)")
+    serve.add_argument("--packed-gemms", choices=["auto", "on", "off"], default="auto",
+                       help="keep the frozen base weights also prepacked for oneDNN on CPU (forward and input-gradient "
+                            "GEMMs; ~1.2x faster training steps and sampling on an AMD AVX2 CPU) at twice the "
+                            "linear weights' memory; auto: fp32 on CPU when that fits in a quarter of the RAM")
     serve.add_argument("--batch-gather-ms", type=float, default=50.0, metavar="MS",
                        help="how long a multi-tenant forward batch waits for the next request of each tenant of the "
                             "previous batch before it runs without it (default 50; 0: never wait)")
@@ -175,7 +179,7 @@ def serve(args: argparse.Namespace) -> None:
         from tinkerd.engine.ray_engine import connect
 
         trainer, sampler, where = connect(args.ray_address, args.base_model or [None], str(model_cache), args.dtype,
-                                          args.device, args.threads)
+                                          args.device, args.threads, args.packed_gemms)
         names = [m.name for m in trainer.base_models()]
         if args.sampler == "vllm":  # the actor writes the adapter folders (DATA_DIR must be shared storage)
             from tinkerd.vllm.serve import vllm_engine
@@ -213,7 +217,7 @@ def _embedded_engine(args: argparse.Namespace, data_dir: Path, model_cache: Path
     for spec in args.base_model or [None]:
         files = resolve_base_model(spec, model_cache)
         runtimes[files.name] = ModelRuntime.load(files, dtype=args.dtype, device=args.device,
-                                                 compile_norms=not args.eager_norms)
+                                                 compile_norms=not args.eager_norms, packed_gemms=args.packed_gemms)
     trainer, sampler = LocalTrainer(runtimes), None
     if args.trainer_ranks > 1:  # the group loads its own shards; `runtimes` stay for sampling and names
         from tinkerd.engine.fsdp_group import fsdp_trainer

@@ -379,7 +379,7 @@ def load_base_models(specs: list[str | None], model_cache: str, dtype: str, comp
     runtimes = {}
     for spec in specs:
         files = resolve_base_model(spec, Path(model_cache))
-        runtimes[files.name] = ModelRuntime.load(files, dtype=dtype, compile_norms=compile_norms)
+        runtimes[files.name] = ModelRuntime.load(files, dtype=dtype, compile_norms=compile_norms, packed_gemms="off")
     return runtimes
 
 

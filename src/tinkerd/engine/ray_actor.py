@@ -27,7 +27,7 @@ log = logging.getLogger(__name__)
 
 
 def load_base_model(spec: str | None, model_cache: str, dtype: str = "auto", device: str = "cpu",
-                    threads: int | None = None) -> dict[str, Any]:
+                    threads: int | None = None, packed_gemms: str = "auto") -> dict[str, Any]:
     """The actor's loader for `tinkerd serve --engine ray`: resolve and load one `--base-model`."""
     from tinkerd.cli import configure_threads
     from tinkerd.engine.base_models import resolve_base_model
@@ -35,7 +35,7 @@ def load_base_model(spec: str | None, model_cache: str, dtype: str = "auto", dev
 
     log.info("engine actor: %s", configure_threads(threads))
     files = resolve_base_model(spec, Path(model_cache))
-    return {files.name: ModelRuntime.load(files, dtype=dtype, device=device)}
+    return {files.name: ModelRuntime.load(files, dtype=dtype, device=device, packed_gemms=packed_gemms)}
 
 
 @ray.remote(max_task_retries=0)  # a training call is never re-run by Ray: the fence and the scheduler decide

@@ -110,7 +110,8 @@ def remove(key: str) -> None:
 
 
 def connect(address: str | None, specs: list[str | None], model_cache: str, dtype: str = "auto",
-            device: str = "cpu", threads: int | None = None) -> tuple["RayTrainer", "RaySampler", str]:
+            device: str = "cpu", threads: int | None = None,
+            packed_gemms: str = "auto") -> tuple["RayTrainer", "RaySampler", str]:
     """`tinkerd serve --engine ray`: join (or start) the cluster, start or re-attach one actor per
     `--base-model`, and return the proxies plus a line for the log. An actor gets `threads` CPUs
     (default 1) and as many torch threads, and one GPU when `device` is CUDA."""
@@ -127,7 +128,8 @@ def connect(address: str | None, specs: list[str | None], model_cache: str, dtyp
     cpus = threads or 1
     gpus = 1.0 if device.startswith("cuda") else 0.0
     handles = [start_or_attach(ActorPlacement(f"{spec or 'embedded'}@{dtype}", load_base_model,
-                                              (spec, model_cache, dtype, device, cpus), num_cpus=cpus, num_gpus=gpus))
+                                              (spec, model_cache, dtype, device, cpus, packed_gemms), num_cpus=cpus,
+                                              num_gpus=gpus))
                for spec in specs]
     trainer = RayTrainer(handles)
     where = f"engine: {len(handles)} Ray actor(s) of {cpus} CPU(s) on {address or 'a private local cluster'}"

@@ -13,7 +13,7 @@ import time
 import torch
 from torch import nn
 
-from tinkerd.engine import fused_norm
+from tinkerd.engine import fused_norm, packed_gemm
 from tinkerd.engine.base_models import BaseModelFiles
 from tinkerd.engine.lora import LoRAAdapters
 
@@ -60,9 +60,10 @@ class ModelRuntime:
 
     @classmethod
     def load(cls, files: BaseModelFiles, dtype: str = "auto", device: str = "cpu",
-             compile_norms: bool = True) -> "ModelRuntime":
+             compile_norms: bool = True, packed_gemms: str = "auto") -> "ModelRuntime":
         """`dtype`: bf16, fp32 or auto (`resolve_dtype`). `compile_norms`: RMSNorm layers as compiled kernels
-        (`tinkerd.engine.fused_norm`), compiled here."""
+        (`tinkerd.engine.fused_norm`), compiled here. `packed_gemms`: auto, on or off
+        (`tinkerd.engine.packed_gemm`; off where something else owns the weights, e.g. FSDP shards)."""
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         started = time.perf_counter()
@@ -71,6 +72,7 @@ class ModelRuntime:
         tokenizer = AutoTokenizer.from_pretrained(files.folder)
         log.info("loaded %s (%s, %s) in %.1f s", files.name, dtype, device, time.perf_counter() - started)
         runtime = cls(files.name, model, tokenizer)
+        packed_gemm.install(runtime.model, packed_gemms)
         if compile_norms and fused_norm.install(model):
             started = time.perf_counter()
             fused_norm.warm_up(int(runtime.config.hidden_size), runtime.dtype, runtime.device)
