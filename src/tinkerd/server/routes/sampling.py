@@ -93,11 +93,11 @@ async def asample(body: SampleRequest, request: Request, owner: str = Depends(ca
         body.prompt_logprobs_last_n, targets, body.prompt_alt_tokens_k, body.topk_sample_logprobs)
 
     def submit(after_replay: bool) -> None:
-        request = engine_request
+        queued = engine_request
         if after_replay and body.sampling_session_id:  # the replay may have republished its weights under a new name
             row = st.store.sampling_session(body.sampling_session_id)
-            request = dataclasses.replace(request, adapter=AdapterRef(row["adapter_uri"], row["base_model"]))
-        st.scheduler.submit_sample(request, encode, session_id)
+            queued = dataclasses.replace(queued, adapter=AdapterRef(row["adapter_uri"], row["base_model"]))
+        st.scheduler.submit_sample(queued, encode, session_id)
 
     journal.when_recovered(st, ref.uri, submit)
     return {"request_id": future_id, "sample_sequence_ids": sequence_ids}
