@@ -37,7 +37,7 @@ class Config(BaseConfig):
     steps: int = 8
     games_per_step: int = 3  # fresh maps per step
     group_size: int = 4  # episodes per map
-    learning_rate: float = 1e-3
+    learning_rate: float = 5e-4  # 1e-3: one of two seeds drifted to unlisted numbers
     turn_cost: float = 0.02  # prefer short wins among the episodes of a map
     shaping: float = 0.1  # training reward per command of progress along the optimal plan (potential-based)
     max_turns: int = 8
