@@ -98,3 +98,16 @@ def test_merge_metrics_by_reduction():
     merged = merge_metrics([({"a:sum": 1.0, "b:mean": 0.5, "c:max": 3.0}, 1.0),
                             ({"a:sum": 2.0, "b:mean": 1.0, "c:max": 2.0}, 3.0)])
     assert merged == {"a:sum": 3.0, "b:mean": pytest.approx(0.875), "c:max": 3.0}
+
+
+def test_the_token_budget_is_a_power_of_two_that_stays_put_as_free_memory_moves(monkeypatch):
+    from types import SimpleNamespace
+
+    from tinkerd.engine import batching
+
+    config = SimpleNamespace(num_hidden_layers=30, hidden_size=576, intermediate_size=1536, vocab_size=49152)
+    budgets = []
+    for gib in (12, 16, 20, 22):  # free memory moving by almost a factor of 2
+        monkeypatch.setattr(batching, "available_memory_bytes", lambda device, gib=gib: int(gib * (1 << 30)))
+        budgets.append(batching.token_budget(config, torch.device("cpu"), 4))
+    assert len(set(budgets)) == 1 and budgets[0] & (budgets[0] - 1) == 0 and budgets[0] > batching.TOKEN_BUDGET_FLOOR

@@ -87,7 +87,8 @@ def validate_datums(data: list[Datum], required: tuple[str, ...], optional: tupl
 
 
 def token_budget(config, device: torch.device, dtype_bytes: int) -> int:
-    """Tokens per micro-batch: a quarter of free memory over a per-token estimate of what training keeps.
+    """Tokens per micro-batch: a quarter of free memory over a per-token estimate of what training keeps,
+    rounded down to a power of two.
 
     Per token: saved activations (~34 values of width `hidden` per layer, in the compute dtype)
     plus fp32 logits, their log-softmax pieces and gradient (~3 x vocab x 4 bytes).
@@ -97,6 +98,9 @@ def token_budget(config, device: torch.device, dtype_bytes: int) -> int:
     inter = int(getattr(config, "intermediate_size", 4 * hidden))
     per_token = layers * (24 * hidden + 4 * inter) * dtype_bytes + 3 * int(config.vocab_size) * 4
     budget = available_memory_bytes(device) // 4 // max(per_token, 1)
+    # A power of two: the same split (and so bitwise the same sums) while free memory moves within a factor
+    # of 2, e.g. when a crashed run's requests are replayed on a machine that is busier than before.
+    budget = 1 << (int(budget).bit_length() - 1) if budget > 0 else 0
     return int(min(TOKEN_BUDGET_CAP, max(TOKEN_BUDGET_FLOOR, budget)))
 
 
