@@ -7,6 +7,8 @@ below oneDNN once the weight is reordered into oneDNN's blocked layout (one core
 twice in fact: W for the forward and W^T for the input gradient of the backward pass (the base
 weights get no gradient of their own). That costs twice the linear weights' memory, so `auto`
 packs only fp32 on CPU, and only while the copies take at most a quarter of the machine's memory.
+`tinkerd serve` leaves it off by default: the one-core gain (~1.2x a step) did not show in the
+two-thread server bench.
 
 Knows nothing of LoRA (the adapters' rank-r GEMMs stay plain torch) or of particular models.
 """
