@@ -34,9 +34,10 @@ def peak_flops(dtype: torch.dtype, n: int = 2048) -> float:
     b = torch.randn(n, n, dtype=dtype)
     seconds = median_seconds(lambda: a @ b, repeats=5, warmup=2)
     if a.device.type == "cpu" and torch.backends.mkldnn.is_available():
-        packed = torch.ops.mkldnn._reorder_linear_weight(b)
-        onednn = median_seconds(lambda: torch.ops.mkldnn._linear_pointwise(a, packed, None, "none", [], ""),
-                                repeats=5, warmup=2)
+        from tinkerd.engine.packed_gemm import pack_weight, packed_linear
+
+        packed = pack_weight(b)
+        onednn = median_seconds(lambda: packed_linear(a, packed, None), repeats=5, warmup=2)
         seconds = min(seconds, onednn)
     return 2 * n**3 / seconds
 

@@ -27,11 +27,11 @@ MODES = ("auto", "on", "off")
 MAX_MEMORY_SHARE = 0.25  # `auto`: the packed copies may take at most this share of physical memory
 
 
-def _pack(weight: torch.Tensor) -> torch.Tensor:
+def pack_weight(weight: torch.Tensor) -> torch.Tensor:
     return torch.ops.mkldnn._reorder_linear_weight(weight.detach().contiguous())
 
 
-def _linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+def packed_linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     return torch.ops.mkldnn._linear_pointwise(x.contiguous(), packed, bias, "none", [], "")
 
 
@@ -41,11 +41,11 @@ class _PackedLinearFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, layer: "PackedLinear") -> torch.Tensor:
         ctx.layer = layer
-        return _linear(x, layer.packed_weight, layer.bias)
+        return packed_linear(x, layer.packed_weight, layer.bias)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        return _linear(grad, ctx.layer.packed_weight_t, None), None
+        return packed_linear(grad, ctx.layer.packed_weight_t, None), None
 
 
 class PackedLinear(nn.Linear):
@@ -57,7 +57,7 @@ class PackedLinear(nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if torch.is_grad_enabled() and x.requires_grad:
             return _PackedLinearFunction.apply(x, self)
-        return _linear(x, self.packed_weight, self.bias)
+        return packed_linear(x, self.packed_weight, self.bias)
 
 
 def frozen_linears(model: nn.Module) -> list[nn.Linear]:
@@ -91,8 +91,8 @@ def install(model: nn.Module, mode: str = "auto") -> int:
         return 0
     with torch.no_grad():
         for layer in layers:
-            layer.packed_weight = _pack(layer.weight)
-            layer.packed_weight_t = _pack(layer.weight.t())
+            layer.packed_weight = pack_weight(layer.weight)
+            layer.packed_weight_t = pack_weight(layer.weight.t())
             layer.__class__ = PackedLinear
     log.info("prepacked %d frozen linear layers for oneDNN (%.0f MB)", len(layers), extra / 2**20)
     return len(layers)

@@ -81,9 +81,14 @@ def enabled(st: ServerState) -> bool:
     return st.config.snapshot_every_steps > 0
 
 
+def journaling(st: ServerState, model_id: str) -> bool:
+    """Whether this server journals the run (it keeps a journal, and the run never lost its place in it)."""
+    return enabled(st) and model_id not in st.runs.unjournaled
+
+
 def entry(st: ServerState, model_id: str, args: dict, body: bytes = b"") -> bytes | None:
     """What the Store keeps with a request's future to run it again; None when this server keeps no journal."""
-    if not enabled(st) or model_id in st.runs.unjournaled:
+    if not journaling(st, model_id):
         return None
     return json.dumps(args).encode() + b"\n" + body
 
@@ -118,13 +123,12 @@ def latest_snapshot(st: ServerState, model_id: str) -> tuple[int, Path] | None:
 
 def after_optim_step(st: ServerState, model_id: str, seq_id: int | None) -> None:
     """On the engine thread, right after a run's optim_step: every `snapshot_every_steps`-th writes a snapshot."""
-    runs = st.runs
-    if not enabled(st) or not seq_id or model_id in runs.unjournaled:
+    if not seq_id or not journaling(st, model_id):
         return
+    runs = st.runs
     runs.steps_since_snapshot[model_id] = runs.steps_since_snapshot.get(model_id, 0) + 1
     if runs.steps_since_snapshot[model_id] >= st.config.snapshot_every_steps:
         write_snapshot(st, model_id, seq_id)
-        runs.steps_since_snapshot[model_id] = 0
 
 
 def write_snapshot(st: ServerState, model_id: str, seq_id: int) -> None:
@@ -139,6 +143,7 @@ def write_snapshot(st: ServerState, model_id: str, seq_id: int) -> None:
         if old.is_dir() and old.name != str(seq_id):
             shutil.rmtree(old, ignore_errors=True)
     st.store.forget_journal(model_id, seq_id)
+    st.runs.steps_since_snapshot[model_id] = 0
 
 
 def forget(st: ServerState, model_id: str) -> None:
@@ -247,7 +252,7 @@ def rebuild(st: ServerState, model_id: str) -> bool:
     """The engine lost a live run (a Ray actor died): rebuild it like `recover` does at start. Its queued
     and waiting jobs are dropped, because the journal hands them over again. False (the job then fails with
     the engine's error) without a journal, after MAX_REBUILDS, or when the journal cannot rebuild it."""
-    if not enabled(st) or model_id in st.runs.unjournaled or model_id not in st.scheduler.models:
+    if not journaling(st, model_id) or model_id not in st.scheduler.models:
         return False
     st.runs.rebuilds[model_id] = st.runs.rebuilds.get(model_id, 0) + 1
     if st.runs.rebuilds[model_id] > MAX_REBUILDS:

@@ -207,8 +207,7 @@ def _restore(st: ServerState, model_id: str) -> None:
     def run() -> Outcome:
         if directory.is_dir():  # else parking failed and the run is still loaded
             st.trainer.load_state(model_id, None, directory, with_optimizer=True)
-            if journal.enabled(st) and model_id not in st.runs.unjournaled and \
-                    journal.latest_snapshot(st, model_id) is None:
+            if journal.journaling(st, model_id) and journal.latest_snapshot(st, model_id) is None:
                 # parked by a server that kept no journal: the journal from here on needs this state as its base
                 journal.write_snapshot(st, model_id, parked_after)
             shutil.rmtree(directory, ignore_errors=True)
