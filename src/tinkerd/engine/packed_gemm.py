@@ -1,14 +1,14 @@
-"""Frozen linear layers as prepacked oneDNN GEMMs on CPU: the forward and the input gradient.
+"""Frozen linear layers' forward as prepacked oneDNN GEMMs on CPU.
 
 torch multiplies fp32 on CPU with MKL, which on the AMD EPYC (AVX2) development machine ran well
-below oneDNN once the weight is reordered into oneDNN's blocked layout (one core, 16 x 576 @ 576 x
-1536: 565 us vs 409 us; 512 rows: 15.4 ms vs 12.0 ms; SmolLM2's 49k-row unembedding at 16 rows:
-47.7 ms vs 25.8 ms). A base model's linears never change, so `install` reorders each weight once,
-twice in fact: W for the forward and W^T for the input gradient of the backward pass (the base
-weights get no gradient of their own). That costs twice the linear weights' memory, so `auto`
-packs only fp32 on CPU, and only while the copies take at most a quarter of the machine's memory.
-`tinkerd serve` leaves it off by default: the one-core gain (~1.2x a step) did not show in the
-two-thread server bench.
+below oneDNN once the weight is reordered into oneDNN's blocked layout, most of all for the few
+rows of a decode step (one core, 16 x 576 @ 576 x 1536: 565 us vs 409 us; 512 rows: 15.4 ms vs
+12.0 ms; SmolLM2's 49k-row unembedding at 16 rows: 47.7 ms vs 25.8 ms). A base model's linears
+never change, so `install` reorders each weight once and the forward multiplies with that copy;
+the input gradient of the backward pass stays a plain matmul (packing W^T too, for 2048-row
+training steps, measured no faster and doubled the memory). The copy costs the linear weights'
+memory once more (0.5 GB for SmolLM2 in fp32), so `auto` packs only fp32 on CPU, and only while
+the copies take at most a quarter of the machine's memory.
 
 Knows nothing of LoRA (the adapters' rank-r GEMMs stay plain torch) or of particular models.
 """
@@ -36,7 +36,7 @@ def packed_linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | No
 
 
 class _PackedLinearFunction(torch.autograd.Function):
-    """y = x W^T + b with both GEMMs prepacked; the gradient reaches x only (W and b are frozen)."""
+    """y = x W^T + b with W prepacked; the gradient reaches x only (W and b are frozen)."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, layer: "PackedLinear") -> torch.Tensor:
@@ -45,14 +45,13 @@ class _PackedLinearFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        return packed_linear(grad, ctx.layer.packed_weight_t, None), None
+        return grad @ ctx.layer.weight, None
 
 
 class PackedLinear(nn.Linear):
     """An `nn.Linear` whose frozen weight also lives prepacked (`install` turns linears into these)."""
 
     packed_weight: torch.Tensor
-    packed_weight_t: torch.Tensor
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if torch.is_grad_enabled() and x.requires_grad:
@@ -86,13 +85,12 @@ def install(model: nn.Module, mode: str = "auto") -> int:
     if not layers:
         return 0
     weight = layers[0].weight
-    extra = 2 * sum(layer.weight.numel() * layer.weight.element_size() for layer in layers)
+    extra = sum(layer.weight.numel() * layer.weight.element_size() for layer in layers)
     if not should_pack(mode, weight.dtype, weight.device, extra, physical_memory_bytes()):
         return 0
     with torch.no_grad():
         for layer in layers:
             layer.packed_weight = pack_weight(layer.weight)
-            layer.packed_weight_t = pack_weight(layer.weight.t())
             layer.__class__ = PackedLinear
     log.info("prepacked %d frozen linear layers for oneDNN (%.0f MB)", len(layers), extra / 2**20)
     return len(layers)

@@ -27,7 +27,7 @@ log = logging.getLogger(__name__)
 
 
 def load_base_model(spec: str | None, model_cache: str, dtype: str = "auto", device: str = "cpu",
-                    threads: int | None = None, packed_gemms: str = "off") -> dict[str, Any]:
+                    threads: int | None = None, packed_gemms: str = "auto") -> dict[str, Any]:
     """The actor's loader for `tinkerd serve --engine ray`: resolve and load one `--base-model`."""
     from tinkerd.cli import configure_threads
     from tinkerd.engine.base_models import resolve_base_model

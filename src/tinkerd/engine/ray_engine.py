@@ -111,7 +111,7 @@ def remove(key: str) -> None:
 
 def connect(address: str | None, specs: list[str | None], model_cache: str, dtype: str = "auto",
             device: str = "cpu", threads: int | None = None,
-            packed_gemms: str = "off") -> tuple["RayTrainer", "RaySampler", str]:
+            packed_gemms: str = "auto") -> tuple["RayTrainer", "RaySampler", str]:
     """`tinkerd serve --engine ray`: join (or start) the cluster, start or re-attach one actor per
     `--base-model`, and return the proxies plus a line for the log. An actor gets `threads` CPUs
     (default 1) and as many torch threads, and one GPU when `device` is CUDA."""

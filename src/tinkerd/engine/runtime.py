@@ -60,7 +60,7 @@ class ModelRuntime:
 
     @classmethod
     def load(cls, files: BaseModelFiles, dtype: str = "auto", device: str = "cpu",
-             compile_norms: bool = True, packed_gemms: str = "off") -> "ModelRuntime":
+             compile_norms: bool = True, packed_gemms: str = "auto") -> "ModelRuntime":
         """`dtype`: bf16, fp32 or auto (`resolve_dtype`). `compile_norms`: RMSNorm layers as compiled kernels
         (`tinkerd.engine.fused_norm`), compiled here. `packed_gemms`: auto, on or off
         (`tinkerd.engine.packed_gemm`; off where something else owns the weights, e.g. FSDP shards)."""
