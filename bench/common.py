@@ -40,6 +40,14 @@ def median_seconds(fn: Callable[[], object], repeats: int = 3, warmup: int = 1) 
     return statistics.median(times)
 
 
+def memory_read_gb_s(gib: float = 1.0) -> float:
+    """This machine's memory read bandwidth as torch sees it: a sum over a tensor far bigger than any cache."""
+    import torch
+
+    x = torch.ones(int(gib * 2**28))  # fp32
+    return x.numel() * 4 / median_seconds(x.sum, repeats=5) / 1e9
+
+
 def machine() -> dict:
     import torch
 

@@ -1,7 +1,8 @@
 """`make bench`: run every benchmark, one after another, and write bench/RESULTS.md.
 
 Each benchmark prints one JSON line; this collects them with the machine and commit, so the
-ratios (never absolute seconds alone) can be compared across commits on the same machine kind.
+ratios (never absolute seconds alone) can be compared across commits on the same machine kind,
+and opens the report with the performance issue's targets, met or not.
 """
 
 from __future__ import annotations
@@ -14,6 +15,28 @@ from pathlib import Path
 
 BENCHES = ["train", "overhead", "multitenant", "weights_to_sampler", "sample"]
 OUT = Path(__file__).resolve().parent / "RESULTS.md"
+# (bench, figure, ">=" or "<=", target, what it measures): the targets of the performance issue
+TARGETS = [
+    ("train", "ratio_vs_hf_peft", ">=", 1.5, "train tokens/s vs HF + PEFT"),
+    ("multitenant", "tenants8_vs_ideal", ">=", 0.8, "8 tenants x batch 1 vs 1 tenant x batch 8"),
+    ("overhead", "overhead_fraction", "<=", 0.10, "SDK + HTTP step time over in-process"),
+    ("weights_to_sampler", "tinkerd_ms", "<=", 200, "optim_step done -> first token from the new weights (ms)"),
+    ("sample", "ratio_b16", ">=", 8, "sampled tokens/s at batch 16 vs HF generate"),
+]
+
+
+def target_rows(results: list[dict]) -> list[str]:
+    """The targets table: each target's figure as measured in this run, and whether it is met."""
+    by_name = {r["bench"]: r for r in results}
+    rows = ["| target | figure | wanted | measured | met |\n", "|---|---|---|---|---|\n"]
+    for bench, figure, sense, wanted, what in TARGETS:
+        value = by_name.get(bench, {}).get(figure)
+        if not isinstance(value, (int, float)):
+            verdict, shown = "not measured", "-"
+        else:
+            verdict, shown = ("yes" if (value >= wanted if sense == ">=" else value <= wanted) else "no"), f"{value:g}"
+        rows.append(f"| {what} | {bench}.{figure} | {sense} {wanted:g} | {shown} | {verdict} |\n")
+    return rows
 
 
 def main() -> None:
@@ -30,7 +53,8 @@ def main() -> None:
             results.append(json.loads(lines[-1]))
         print(json.dumps(results[-1]), f"({time.time() - started:.0f} s)", flush=True)
     machine = next((r["machine"] for r in results if "machine" in r), {})
-    body = ["# Benchmark results\n", f"Machine: {json.dumps(machine)}  \nRun: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}\n"]
+    body = ["# Benchmark results\n", f"Machine: {json.dumps(machine)}  \nRun: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}\n",
+            "\n## Targets\n\n", *target_rows(results)]
     for r in results:
         figures = {k: v for k, v in r.items() if k not in ("bench", "machine")}
         body.append(f"\n## {r['bench']}\n\n| figure | value |\n|---|---|\n")

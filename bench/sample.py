@@ -5,6 +5,10 @@
 Both sample at temperature 1 with 64 new tokens (no early stop) from the same chat prompt, at
 batch 1, batch 16 and a 64-sample GRPO-style group. Figures are sampled tokens per second
 (all streams), median of 3 after a warm-up; the JSON line gives ours, the peer's, and ratios.
+The roofline says what this machine allows: a decode step reads every weight once whatever the
+batch (N x read GB/s / weight bytes caps small batches) and multiplies 2 x params FLOPs per token
+(peak / (2 x params) caps big ones); `roofline_tok_s_bN` is the lower of the two, both measured
+in the same run, and `tinkerd_vs_roofline_bN` how close ours comes to it.
 """
 
 from __future__ import annotations
@@ -13,7 +17,8 @@ import argparse
 
 import torch
 
-from bench.common import compute_dtype, embedded_model_files, emit, median_seconds
+from bench.common import compute_dtype, embedded_model_files, emit, median_seconds, memory_read_gb_s
+from bench.train import peak_flops
 
 
 def main() -> None:
@@ -39,7 +44,13 @@ def main() -> None:
         [{"role": "user", "content": "Write a short story about a robot who learns to paint."}],
         add_generation_prompt=True, tokenize=True, return_dict=False)
     n_new = args.new_tokens
-    figures: dict[str, float] = {"new_tokens": n_new, "prompt_tokens": len(prompt), "dtype": args.dtype}
+    params = list(runtime.model.parameters())  # a tied embedding counted once, as the unembedding
+    weight_bytes = sum(p.numel() * p.element_size() for p in params)
+    bandwidth, peak = memory_read_gb_s() * 1e9, peak_flops(DTYPES[args.dtype])
+    compute_bound = peak / (2 * sum(p.numel() for p in params))
+    figures: dict[str, float] = {"new_tokens": n_new, "prompt_tokens": len(prompt), "dtype": args.dtype,
+                                 "weight_gb": weight_bytes / 1e9, "memory_read_gb_s": bandwidth / 1e9,
+                                 "peak_gflops": peak / 1e9}
 
     for batch in (int(b) for b in args.batches.split(",")):
         params = SamplingParams(max_tokens=n_new, seed=0, stop_at_eos=False)
@@ -55,6 +66,9 @@ def main() -> None:
         figures[f"tinkerd_tok_s_b{batch}"] = batch * n_new / ours
         figures[f"hf_generate_tok_s_b{batch}"] = batch * n_new / theirs
         figures[f"ratio_b{batch}"] = theirs / ours
+        roofline = min(batch * bandwidth / weight_bytes, compute_bound)
+        figures[f"roofline_tok_s_b{batch}"] = roofline
+        figures[f"tinkerd_vs_roofline_b{batch}"] = batch * n_new / ours / roofline
     emit("sample", **figures)
 
 
