@@ -1,4 +1,4 @@
-"""What every benchmark needs: the embedded model's files, a median timer, and the JSON line."""
+"""What every benchmark needs: the embedded model's files, median timers, and the JSON line."""
 
 from __future__ import annotations
 
@@ -38,6 +38,21 @@ def median_seconds(fn: Callable[[], object], repeats: int = 3, warmup: int = 1) 
         fn()
         times.append(time.perf_counter() - started)
     return statistics.median(times)
+
+
+def alternating_medians(steps: dict[str, Callable[[], object]], repeats: int = 3, warmup: int = 1) -> dict[str, float]:
+    """Median seconds of each named step, timed in turns (a, b, a, b, ...) after each one's warm-up, so a
+    machine that slows down or speeds up mid-run (a shared VM) moves every arm alike and ratios hold."""
+    for fn in steps.values():
+        for _ in range(warmup):
+            fn()
+    times: dict[str, list[float]] = {name: [] for name in steps}
+    for _ in range(repeats):
+        for name, fn in steps.items():
+            started = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - started)
+    return {name: statistics.median(t) for name, t in times.items()}
 
 
 def memory_read_gb_s(gib: float = 1.0) -> float:

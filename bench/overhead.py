@@ -7,11 +7,12 @@ from __future__ import annotations
 
 import argparse
 
-from bench.common import embedded_model_files, emit, median_seconds
-from bench.train import random_batch, tinkerd_step_seconds
+from bench.common import alternating_medians, embedded_model_files, emit
+from bench.train import random_batch, tinkerd_step
 
 
-def in_process_step_seconds(tokens, rank: int, steps: int) -> float:
+def in_process_step(tokens, rank: int):
+    """The same step calling tinkerd's engine directly, no SDK, HTTP or scheduler."""
     import numpy as np
 
     from tinkerd.engine.interface import AdapterSpec
@@ -29,7 +30,7 @@ def in_process_step_seconds(tokens, rank: int, steps: int) -> float:
         trainer.forward_backward(ForwardBackwardCall("m", 1, "cross_entropy", {}, False, data))
         trainer.optim_step("m", AdamParams(learning_rate=1e-4))
 
-    return median_seconds(step, repeats=steps)
+    return step
 
 
 def main() -> None:
@@ -39,8 +40,9 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=3)
     args = parser.parse_args()
     tokens = random_batch(49152, args.batch, args.seq)
-    sdk = tinkerd_step_seconds(tokens, 32, args.steps)
-    local = in_process_step_seconds(tokens, 32, args.steps)
+    with tinkerd_step(tokens, 32) as sdk_step:  # the two arms in turns: see alternating_medians
+        seconds = alternating_medians({"sdk": sdk_step, "local": in_process_step(tokens, 32)}, args.steps)
+    sdk, local = seconds["sdk"], seconds["local"]
     emit("overhead", batch=args.batch, seq=args.seq, sdk_step_s=sdk, in_process_step_s=local,
          overhead_fraction=sdk / local - 1.0)
 

@@ -4,7 +4,7 @@
 
 Both sample at temperature 1 with 64 new tokens (no early stop) from the same chat prompt, at
 batch 1, batch 16 and a 64-sample GRPO-style group. Figures are sampled tokens per second
-(all streams), median of 3 after a warm-up; the JSON line gives ours, the peer's, and ratios.
+(all streams), median of 3 after a warm-up, the two timed in turns; the JSON line gives ours, the peer's, and ratios.
 The roofline says what this machine allows: a decode step reads every weight once whatever the
 batch (N x read GB/s / weight bytes caps small batches) and multiplies 2 x params FLOPs per token
 (peak / (2 x params) caps big ones); `roofline_tok_s_bN` is the lower of the two, both measured
@@ -17,7 +17,7 @@ import argparse
 
 import torch
 
-from bench.common import compute_dtype, embedded_model_files, emit, median_seconds, memory_read_gb_s
+from bench.common import alternating_medians, compute_dtype, embedded_model_files, emit, memory_read_gb_s
 from bench.train import peak_flops
 
 
@@ -54,7 +54,6 @@ def main() -> None:
 
     for batch in (int(b) for b in args.batches.split(",")):
         params = SamplingParams(max_tokens=n_new, seed=0, stop_at_eos=False)
-        ours = median_seconds(lambda: sampler.sample(AdapterRef(None, runtime.name), prompt, batch, params))
         inputs = torch.tensor([prompt])
 
         def hf_generate() -> None:
@@ -62,7 +61,9 @@ def main() -> None:
                 peer.generate(inputs, do_sample=True, temperature=1.0, top_k=0, max_new_tokens=n_new,
                               min_new_tokens=n_new, num_return_sequences=batch, pad_token_id=0)
 
-        theirs = median_seconds(hf_generate)
+        seconds = alternating_medians({"tinkerd": lambda: sampler.sample(AdapterRef(None, runtime.name), prompt,
+                                                                         batch, params), "hf": hf_generate})
+        ours, theirs = seconds["tinkerd"], seconds["hf"]
         figures[f"tinkerd_tok_s_b{batch}"] = batch * n_new / ours
         figures[f"hf_generate_tok_s_b{batch}"] = batch * n_new / theirs
         figures[f"ratio_b{batch}"] = theirs / ours

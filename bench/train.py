@@ -7,7 +7,7 @@ random tokens with the loss on every token. tinkerd runs as a real server driven
 SDK; the peer is the loop a user would write (bf16 autocast where this CPU multiplies bf16 natively,
 else plain fp32: the best of HF + PEFT on the hardware at hand, in the dtype tinkerd's `--dtype auto`
 picks), and TRL's SFTTrainer (the `bench` extra installs it). Reports train tokens/s (median step
-after a warm-up), ratios, and MFU against this machine's matmul peak in that dtype, measured in the
+after a warm-up; tinkerd's and the HF + PEFT loop's steps timed in turns, TRL's after), ratios, and MFU against this machine's matmul peak in that dtype, measured in the
 same run (4 x params FLOPs per token: forward plus activation gradients; the base weights get no
 weight gradients).
 """
@@ -15,14 +15,16 @@ weight gradients).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import tempfile
 from pathlib import Path
+from typing import Callable, Iterator
 
 import numpy as np
 import torch
 
-from bench.common import MODEL_CACHE, compute_dtype, embedded_model_files, emit, median_seconds
+from bench.common import MODEL_CACHE, alternating_medians, compute_dtype, embedded_model_files, emit, median_seconds
 
 EMBEDDED = "HuggingFaceTB/SmolLM2-135M-Instruct"
 
@@ -46,7 +48,9 @@ def random_batch(vocab: int, batch: int, seq: int, seed: int = 0) -> np.ndarray:
     return np.random.default_rng(seed).integers(3, vocab, size=(batch, seq + 1))
 
 
-def tinkerd_step_seconds(tokens: np.ndarray, rank: int, steps: int) -> float:
+@contextlib.contextmanager
+def tinkerd_step(tokens: np.ndarray, rank: int) -> Iterator[Callable[[], None]]:
+    """One training step (forward_backward + optim_step) through the SDK against a local tinkerd."""
     import tinker
     from tinker import types
 
@@ -65,10 +69,11 @@ def tinkerd_step_seconds(tokens: np.ndarray, rank: int, steps: int) -> float:
             fwd.result()
             opt.result()
 
-        return median_seconds(step, repeats=steps)
+        yield step
 
 
-def hf_peft_step_seconds(folder: Path, tokens: np.ndarray, rank: int, steps: int, bf16: bool) -> float:
+def hf_peft_step(folder: Path, tokens: np.ndarray, rank: int, bf16: bool) -> Callable[[], None]:
+    """One step of the loop a user would write with HF transformers + PEFT."""
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
@@ -85,7 +90,7 @@ def hf_peft_step_seconds(folder: Path, tokens: np.ndarray, rank: int, steps: int
         optimizer.step()
         optimizer.zero_grad()
 
-    return median_seconds(step, repeats=steps)
+    return step
 
 
 def trl_sft_step_seconds(folder: Path, tokens: np.ndarray, rank: int, steps: int, bf16: bool) -> float:
@@ -140,8 +145,10 @@ def main() -> None:
     bf16 = dtype == "bf16"
     peak = peak_flops(torch.bfloat16 if bf16 else torch.float32)
 
-    ours = n_tokens / tinkerd_step_seconds(tokens, args.rank, args.steps)
-    hf = n_tokens / hf_peft_step_seconds(files.folder, tokens, args.rank, args.steps, bf16)
+    with tinkerd_step(tokens, args.rank) as ours_step:  # in turns with the peer: see alternating_medians
+        seconds = alternating_medians({"tinkerd": ours_step,
+                                       "hf": hf_peft_step(files.folder, tokens, args.rank, bf16)}, args.steps)
+    ours, hf = n_tokens / seconds["tinkerd"], n_tokens / seconds["hf"]
     figures = dict(compute_dtype=dtype, tinkerd_tok_s=ours, hf_peft_tok_s=hf, ratio_vs_hf_peft=ours / hf)
     try:
         trl = n_tokens / trl_sft_step_seconds(files.folder, tokens, args.rank, args.steps, bf16)
