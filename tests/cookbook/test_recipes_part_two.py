@@ -14,7 +14,7 @@ import pytest
 from cookbook.debate import train as debate
 from cookbook.rl_grader import train as rl_grader
 from cookbook.text_game import train as text_game
-from cookbook.text_game.env import TextGame, parse_command
+from cookbook.text_game.env import TextGame, parse_command, reactive_action
 
 pytestmark = pytest.mark.slow
 
@@ -60,7 +60,7 @@ def test_scripted_optimal_player_solves_every_seed_and_random_player_rarely():
 def test_text_game_rules():
     game = TextGame(5)
     obs = game.reset()
-    assert obs.startswith("You are in the") and "\n1. go " in obs
+    assert obs.startswith("You are in the") and "\n- go " in obs and "(command 1)" in obs.split("\n")[1]
     obs, reward, done = game.step("dance wildly")
     assert obs.startswith("Nothing happens.") and reward == 0.0 and not done and game.turns == 1
     while not game.done:
@@ -78,10 +78,10 @@ def test_text_game_lists_numbered_commands_and_a_number_picks_one():
         game = TextGame(seed, 4, 8)
         obs = game.reset()
         lines = obs.split("\n")[1:]
-        assert [line.split(". ", 1)[1].split(" to the ")[0] for line in lines] == game.commands()
-        assert [line.split(". ", 1)[0] for line in lines] == [str(i) for i in range(1, len(lines) + 1)]
+        assert [line[2:].split(" to the ")[0].split(" (")[0] for line in lines] == game.commands()
+        assert [line.rsplit("command ", 1)[1] for line in lines] == [f"{i})" for i in range(1, len(lines) + 1)]
         for line in lines:  # a door names the room behind it and what the player glimpses there
-            if line.split(". ", 1)[1].startswith("go "):
+            if line.startswith("- go "):
                 room = game.doors[game.room][line.split()[2]]
                 assert f"to the {game.names[room]}" in line and (room == game.key_room) == ("(a key" in line)
         n = len(game.commands())
@@ -136,18 +136,67 @@ def test_plan_length_counts_the_optimal_players_commands():
             assert game.plan_length() == before + 1
 
 
-def test_text_game_credits_each_command_with_what_followed_it():
-    def episode(rewards):
+def test_text_game_doors_tell_what_the_player_has_seen_and_no_more():
+    rng = random.Random(0)
+    for seed in range(300):
+        game = TextGame(seed, 4, 8)
+        obs = game.reset()
+        while not game.done:
+            seen = game.seen()
+            for line in obs.split("\n")[1:]:
+                if " to the " not in line:
+                    continue
+                room = game.doors[game.room][line.split()[2]]
+                past = game.beyond(room, game.room)
+                for thing, at in (("key", game.key_at), ("chest", game.chest_room)):
+                    # "the way to the key": the key lies past this door, in a room the player entered or glimpsed
+                    assert (f"the way to the {thing}" in line) == (at is not None and at != room and at in seen & past)
+                assert ("(a key" in line) == (room == game.key_at)
+                need = game.key_at if game.key_at is not None else game.chest_room
+                assert ("unexplored" in line) == (need not in seen and bool(past & (seen - game.visited)))
+            obs = game.step(game.random_action(rng))[0]
+
+
+def test_reactive_player_reading_only_the_observation_nearly_always_wins():
+    wins, turns = 0, []
+    for seed in range(1000):
+        game = TextGame(seed, 4, 8)
+        obs = game.reset()
+        while not game.done:
+            obs = game.step(reactive_action(obs))[0]
+        wins += game.won
+        turns.append(game.turns)
+        if game.won:  # it wastes no command: the key and the chest are each a single listed choice
+            assert "Nothing happens" not in obs
+    assert wins >= 970  # measured 98.35 % on 2,000 maps: it loses only when it explores the wrong way first
+    rng, random_wins = random.Random(0), 0
+    for seed in range(1000):
+        game = TextGame(seed, 4, 8)
+        game.reset()
+        while not game.done:
+            game.step(game.random_action(rng))
+        random_wins += game.won
+    assert random_wins < 150
+
+
+def test_reply_prefix_states_what_the_observation_says_is_needed_next():
+    game = TextGame(3, 4, 8)
+    assert text_game.reply_prefix(game.reset()) == "I need the key, so I choose command "
+    assert text_game.reply_prefix(game.reset(carry_key=True)) == "I need the chest, so I choose command "
+
+
+def test_text_game_advantage_is_the_discounted_return_centred_per_observation():
+    def episode(prompts, rewards):
         e = text_game.Episode(TextGame(0), "")
-        e.turns = [([i], [i], [0.0], r) for i, r in enumerate(rewards)]
+        e.turns = [([p], [i], [0.0], r) for i, (p, r) in enumerate(zip(prompts, rewards))]
         return e
 
-    lucky, unlucky = episode([0.0, 0.5, 0.0]), episode([0.0, 0.0, 0.0, 0.0])
-    adv = [a for *_, a in text_game.advantages([lucky, unlucky], turn_cost=0.0)]
-    # turns 0 and 1 led to the key (+0.25 against the other episode), turn 2 came after it: no credit
-    assert adv == [0.25, -0.25, 0.25, -0.25, 0.0, 0.0, 0.0]
-    adv = [a for *_, a in text_game.advantages([episode([0.0, 1.0]), episode([0.0, 0.0, 0.0])], turn_cost=0.1)]
-    assert adv == pytest.approx([0.55, -0.55, 0.55, -0.55, 0.0])  # the winner's commands above the loser's; a lone episode: 0
+    # two episodes leave observation 0 with different commands; the second reaches observation 2 alone
+    lucky, unlucky = episode([0, 1], [0.2, 1.0]), episode([0, 2, 3], [-0.2, 0.0, 0.0])
+    adv = [a for *_, a in text_game.advantages([lucky, unlucky], turn_cost=0.0, discount=0.5)]
+    assert adv == pytest.approx([0.45, 0.0, -0.45, 0.0, 0.0])  # returns 0.7 and -0.2 from observation 0
+    adv = [a for *_, a in text_game.advantages([episode([0], [1.0]), episode([0, 1], [0.0, 1.0])], 0.1, 1.0)]
+    assert adv == pytest.approx([0.05, -0.05, 0.0])  # the shorter win is the better one
 
 
 class _Reply:  # a sampler that always answers the same text (a greedy policy that ignores the observation)
@@ -202,6 +251,9 @@ def test_text_game_numbered_reply_plays_that_command_and_the_datum_trains_only_t
     (e,) = text_game.play(_Reply(), _Reply._Tokenizer(), [text_game.Episode(g := TextGame(3, 4, 8), g.reset())], 1.0, 1,
                           random.Random(0), shaping=0.1)
     assert e.wasted == len(e.turns) == 8 and g.room == g.start and all(t[3] == 0.0 for t in e.turns)
+    (e,) = text_game.play(_Reply(), _Reply._Tokenizer(), [text_game.Episode(g := TextGame(3, 4, 8), g.reset())], 1.0, 1,
+                          random.Random(0), shaping=0.1, invalid_penalty=0.1)
+    assert all(t[3] == -0.1 for t in e.turns)  # a reply that names no listed command costs
     prompt, tokens, logprobs, _ = e.turns[0]
     datum = text_game.rl_datum(list(prompt), list(tokens), logprobs, 0.7)
     adv = list(datum.loss_fn_inputs["advantages"].data if hasattr(datum.loss_fn_inputs["advantages"], "data")
