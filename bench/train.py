@@ -7,9 +7,9 @@ random tokens with the loss on every token. tinkerd runs as a real server driven
 SDK; the peer is the loop a user would write (bf16 autocast where this CPU multiplies bf16 natively,
 else plain fp32: the best of HF + PEFT on the hardware at hand, in the dtype tinkerd's `--dtype auto`
 picks), and TRL's SFTTrainer (the `bench` extra installs it). Reports train tokens/s (median step
-after a warm-up; tinkerd's and the HF + PEFT loop's steps timed in turns, TRL's after), ratios, and MFU against this machine's matmul peak in that dtype, measured in the
-same run (4 x params FLOPs per token: forward plus activation gradients; the base weights get no
-weight gradients).
+after a warm-up; tinkerd's and the HF + PEFT loop's steps timed in turns, TRL's after), ratios, and
+MFU against this machine's matmul peak in that dtype, measured in the same run (4 x params FLOPs
+per token: forward plus activation gradients; the base weights get no weight gradients).
 """
 
 from __future__ import annotations
