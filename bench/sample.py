@@ -44,10 +44,10 @@ def main() -> None:
         [{"role": "user", "content": "Write a short story about a robot who learns to paint."}],
         add_generation_prompt=True, tokenize=True, return_dict=False)
     n_new = args.new_tokens
-    params = list(runtime.model.parameters())  # a tied embedding counted once, as the unembedding
-    weight_bytes = sum(p.numel() * p.element_size() for p in params)
+    weights = list(runtime.model.parameters())  # a tied embedding counted once, as the unembedding
+    weight_bytes = sum(w.numel() * w.element_size() for w in weights)
     bandwidth, peak = memory_read_gb_s() * 1e9, peak_flops(DTYPES[args.dtype])
-    compute_bound = peak / (2 * sum(p.numel() for p in params))
+    compute_bound = peak / (2 * sum(w.numel() for w in weights))
     figures: dict[str, float] = {"new_tokens": n_new, "prompt_tokens": len(prompt), "dtype": args.dtype,
                                  "weight_gb": weight_bytes / 1e9, "memory_read_gb_s": bandwidth / 1e9,
                                  "peak_gflops": peak / 1e9}

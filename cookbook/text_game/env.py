@@ -156,8 +156,8 @@ def reactive_action(observation: str) -> str:
     lines = observation.split("\n")[1:]
     need = "chest" if "You carry the key." in observation else "key"
     glimpse = "a locked chest" if need == "chest" else "a key"
-    for wanted in ("take key", "open chest" if need == "chest" else "take key", glimpse, f"the way to the {need}",
-                   "unexplored"):
+    for wanted in ["take key"] + (["open chest"] if need == "chest" else []) + [glimpse, f"the way to the {need}",
+                                                                                 "unexplored"]:
         for line in lines:
             if wanted in line:
                 return re.findall(r"command (\d+)\)$", line)[0]

@@ -108,8 +108,9 @@ def advantages(episodes: list[Episode], turn_cost: float, discount: float):
     state = defaultdict(list)
     for prompt, *_, ret in played:
         state[tuple(prompt)].append(ret)
+    baseline = {prompt: sum(returns) / len(returns) for prompt, returns in state.items()}
     for prompt, tokens, logprobs, ret in played:
-        yield prompt, tokens, logprobs, ret - sum(state[tuple(prompt)]) / len(state[tuple(prompt)])
+        yield prompt, tokens, logprobs, ret - baseline[tuple(prompt)]
 
 
 def rate(episodes: list[Episode], what: str) -> float:
