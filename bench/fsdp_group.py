@@ -27,13 +27,14 @@ def _rss_mb(pid: int) -> float:
 
 
 def measure(tokens: np.ndarray, rank: int, steps: int) -> dict[str, float]:
-    from tinkerd.engine.fsdp_group import FsdpTrainerGroup, load_base_models
+    from tinkerd.backends.fsdp_group import FsdpTrainerGroup
+    from tinkerd.engine.runtime import load_runtimes
 
     groups, figures = {}, {}
     try:
         for world in (1, 2):
             started = time.perf_counter()
-            groups[world] = FsdpTrainerGroup(world, load_base_models, ([None], str(MODEL_CACHE), "bf16", False))
+            groups[world] = FsdpTrainerGroup(world, load_runtimes, ([None], str(MODEL_CACHE), "bf16", "cpu", False, "off"))
             figures[f"ranks{world}_ready_s"] = time.perf_counter() - started
             figures[f"ranks{world}_rss_mb_per_rank_at_start"] = max(_rss_mb(pid) for pid in groups[world].pids)
         (name,) = [m.name for m in groups[1].base_models()]

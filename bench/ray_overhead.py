@@ -46,9 +46,9 @@ def measure(tokens: np.ndarray, rank: int, steps: int) -> dict[str, float]:
     """Ray and in-process steps alternate, so load from other processes hits both alike."""
     import ray
 
-    from tinkerd.engine.interface import AdapterRef, SampleRequest
-    from tinkerd.engine.ray_actor import load_base_model
-    from tinkerd.engine.ray_engine import ActorPlacement, RaySampler, RayTrainer, remove, start_or_attach
+    from tinkerd.engine.interface import AdapterRef, SampleTask
+    from tinkerd.backends.ray_actor import load_base_model
+    from tinkerd.backends.ray_engine import ActorPlacement, RaySampler, RayTrainer, remove, start_or_attach
     from tinkerd.protocol.types import SamplingParams
 
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
@@ -67,7 +67,7 @@ def measure(tokens: np.ndarray, rank: int, steps: int) -> dict[str, float]:
             ray.get(handle.describe.remote())
             trips.append(time.perf_counter() - t0)
         sampler = RaySampler(trainer)
-        sampler.submit(SampleRequest("decode", AdapterRef(None, name), [1, 2, 3], 1,
+        sampler.submit(SampleTask("decode", AdapterRef(None, name), [1, 2, 3], 1,
                                      SamplingParams(max_tokens=40, temperature=0.0, stop_at_eos=False)))
         decode = []
         while sampler.has_work():

@@ -36,7 +36,7 @@ def peak_flops(dtype: torch.dtype, n: int = 2048) -> float:
     b = torch.randn(n, n, dtype=dtype)
     seconds = median_seconds(lambda: a @ b, repeats=5, warmup=2)
     if a.device.type == "cpu" and torch.backends.mkldnn.is_available():
-        from tinkerd.engine.packed_gemm import pack_weight, packed_linear
+        from tinkerd.engine.kernels.packed_gemm import pack_weight, packed_linear
 
         packed = pack_weight(b)
         onednn = median_seconds(lambda: packed_linear(a, packed, None), repeats=5, warmup=2)

@@ -40,3 +40,11 @@ def tiny_runtimes(name: str = "tiny", seed: int = 0) -> dict:
 @pytest.fixture
 def tiny_runtime():
     return make_tiny_runtime()
+
+
+@pytest.fixture
+def api(tmp_path):
+    """A TestClient of the app on a tiny random model (`tests.app_client`)."""
+    from tests.app_client import app_client
+
+    yield from app_client(tmp_path)

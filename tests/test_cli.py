@@ -16,7 +16,7 @@ from tinkerd.engine.runtime import ModelRuntime
 from tinkerd.engine.sampler import LocalSampler
 from tinkerd.engine.trainer import LocalTrainer
 from tinkerd.server.app import create_app
-from tinkerd.server.state import ServerConfig
+from tinkerd.control.plane import ServerConfig
 from tests.conftest import make_tiny_model
 
 KEY = {"X-API-Key": "tml-cli"}
@@ -132,14 +132,17 @@ def _tiny_model_folder(folder):
 
 
 def test_serve_threads_are_parsed_and_applied_with_a_short_openmp_spin(tmp_path, monkeypatch):
-    from tinkerd.cli import _parser, configure_threads
+    from tinkerd.cli import _parser, main
+    from tinkerd.engine.threads import configure_threads
     from tinkerd.local_server import LocalServer
 
     args = _parser().parse_args(["serve", "--threads", "1", "--session-timeout", "60", "--parked-state-ttl", "0"])
     assert (args.threads, args.session_timeout, args.parked_state_ttl) == (1, 60.0, 0.0)
     assert _parser().parse_args(["serve"]).threads is None
-    with pytest.raises(SystemExit, match="--threads must be >= 1"):
+    with pytest.raises(ValueError, match="threads must be >= 1"):
         configure_threads(0)
+    with pytest.raises(SystemExit, match="--threads must be >= 1"):  # before anything loads
+        main(["serve", "--threads", "0", "--data-dir", str(tmp_path / "unused")])
     monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
     monkeypatch.delenv("GOMP_SPINCOUNT", raising=False)
     folder = _tiny_model_folder(tmp_path / "tiny")
@@ -149,7 +152,7 @@ def test_serve_threads_are_parsed_and_applied_with_a_short_openmp_spin(tmp_path,
 
 
 def test_a_wait_policy_from_the_environment_is_kept():
-    code = "from tinkerd.cli import configure_threads; print(configure_threads(None))"
+    code = "from tinkerd.engine.threads import configure_threads; print(configure_threads(None))"
     env = {**os.environ, "OMP_WAIT_POLICY": "ACTIVE"}
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True).stdout
     assert out.strip().endswith("OMP_WAIT_POLICY=ACTIVE"), out

@@ -31,6 +31,6 @@ def test_engine_never_imports_http():
 
 
 def test_importing_the_server_loads_no_torch():
-    code = ("import sys, tinkerd.server.app, tinkerd.vllm.sampler; "
+    code = ("import sys, tinkerd.server.app, tinkerd.backends.vllm_sampler; "
             "assert 'torch' not in sys.modules, 'torch was imported'")
     subprocess.run([sys.executable, "-c", code], check=True)

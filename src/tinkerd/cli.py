@@ -4,7 +4,7 @@
 the base model(s) and starts the HTTP server. `runs` and `checkpoints` print plain aligned tables
 read straight from the same Store (every owner's rows; safe while the server runs, SQLite WAL allows
 concurrent readers). `export` copies a checkpoint's PEFT adapter files to a folder, or with
-`--merged` writes a full Hugging Face model (base + adapter, `tinkerd.engine.export`), resolving the
+`--merged` writes a full Hugging Face model (base + adapter, `tinkerd.engine.merge`), resolving the
 base model the way `serve` does. These commands never change the Store. They show owners only as
 the key hashes the server stores.
 """
@@ -60,11 +60,13 @@ def _parser() -> argparse.ArgumentParser:
                        help="on SIGTERM/Ctrl-C, write every loaded training run's exact state to DATA_DIR/unloaded "
                             "(after the queued work) and wait up to this long for it; the next start resumes each "
                             "run on its next request (default 300; 0: park nothing, unsaved state is lost)")
-    serve.add_argument("--snapshot-every", type=int, default=10, metavar="STEPS",
-                       help="crash safety: keep every training request in a journal in the store and write each run's "
-                            "exact state to DATA_DIR/snapshots every STEPS optim_steps; after a kill -9 or power loss "
-                            "the next start rebuilds each run from its snapshot and journal and answers the requests "
-                            "that were in flight (default 10; 0: no journal, such runs are lost)")
+    serve.add_argument("--restore-point-every", "--snapshot-every", dest="restore_point_every", type=int, default=10,
+                       metavar="STEPS",
+                       help="crash safety: keep every training request in a journal in the store and write a restore "
+                            "point of each run (its exact state, under DATA_DIR/snapshots) every STEPS optim_steps; "
+                            "after a kill -9 or power loss the next start rebuilds each run from its restore point and "
+                            "journal and answers the requests that were in flight (default 10; 0: no journal, such "
+                            "runs are lost). --snapshot-every is its older name")
     serve.add_argument("--eager-norms", action="store_true",
                        help="run RMSNorm layers in eager mode instead of compiling them at start (a few seconds "
                             "faster start, ~13 %% slower training steps; also where no C++ compiler is installed, "
@@ -79,12 +81,12 @@ def _parser() -> argparse.ArgumentParser:
                             "previous batch before it runs without it (default 50; 0: never wait)")
     serve.add_argument("--sampler", choices=["local", "vllm"], default="local",
                        help="who samples: the embedded sampler (default), or a vLLM server (--vllm-url) that loads "
-                            "each published adapter version from DATA_DIR/adapters (docs/scale-out.md)")
+                            "each adapter version tinkerd writes under DATA_DIR/adapters (docs/scale-out.md)")
     serve.add_argument("--vllm-url", metavar="URL", help="the vLLM OpenAI-compatible server, e.g. http://gpu1:8000")
     serve.add_argument("--vllm-model", metavar="NAME", help="vLLM's name for the base model (its --served-model-name; "
                                                            "default: tinkerd's base model name)")
     serve.add_argument("--vllm-keep-versions", type=int, default=8, metavar="N",
-                       help="published versions per training run that sampling clients may keep using (default 8)")
+                       help="adapter versions per training run that sampling clients may keep using (default 8)")
     serve.add_argument("--engine", choices=["embedded", "ray"], default="embedded",
                        help="where the engine runs: in this process (default), or one Ray actor per base model "
                             "(needs tinkerd[ray]; this process then never imports torch; docs/scale-out.md)")
@@ -123,116 +125,49 @@ def _data_dir_arg(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--store", metavar="URL", default=None, help="the server's --store, if it was given one")
 
 
-# GNU OpenMP (torch's) spins an idle worker 300,000 iterations before it sleeps. Measured here (2 cores,
-# SmolLM2 LoRA step): alone, 10,000 costs ~5 % vs the default and OMP_WAIT_POLICY=PASSIVE ~20 %; with
-# two such processes side by side the default makes both ~7x slower, 10,000 ~2.5x, PASSIVE ~2x.
-SHORT_SPIN = "10000"
-
-
-def configure_threads(threads: int | None) -> str:
-    """Before torch loads: a short OpenMP spin (unless the environment sets OMP_WAIT_POLICY or
-    GOMP_SPINCOUNT), so idle worker threads soon stop burning cores that other processes need; then
-    `threads` compute and inter-op threads. Returns a summary for the log."""
-    if threads is not None and threads < 1:
-        raise SystemExit(f"tinkerd serve: --threads must be >= 1, got {threads}")
-    late = "torch" in sys.modules  # in-process callers (tests): the OpenMP runtime has read its environment
-    if "OMP_WAIT_POLICY" not in os.environ:
-        os.environ.setdefault("GOMP_SPINCOUNT", SHORT_SPIN)
-    import torch
-
-    if threads is not None:
-        torch.set_num_threads(threads)
-        try:
-            torch.set_num_interop_threads(threads)
-        except RuntimeError:  # inter-op threads can only be set before any inter-op work ran
-            logging.getLogger("tinkerd").warning("--threads: inter-op threads were already started; left at %d",
-                                                 torch.get_num_interop_threads())
-    name = "OMP_WAIT_POLICY" if "OMP_WAIT_POLICY" in os.environ else "GOMP_SPINCOUNT"
-    policy = os.environ[name] + (" (set after torch was imported: no effect)" if late else "")
-    return (f"torch threads {torch.get_num_threads()}, inter-op threads {torch.get_num_interop_threads()}, "
-            f"{name}={policy}")
-
-
 def serve(args: argparse.Namespace) -> None:
+    from tinkerd.backends.assemble import EngineOptions, assemble, check_options
+    from tinkerd.control.datadir import DataDir
     from tinkerd.store.db import StoreError, open_store
 
     data_dir = args.data_dir.expanduser()
-    if args.sampler == "vllm" and (not args.vllm_url or len(args.base_model or [None]) != 1
-                                   or args.vllm_keep_versions < 1):
-        raise SystemExit("tinkerd serve: --sampler vllm needs --vllm-url, one base model and --vllm-keep-versions >= 1")
-    if args.trainer_ranks < 1 or (args.trainer_ranks > 1 and (args.engine != "embedded" or args.device != "cpu")):
-        raise SystemExit("tinkerd serve: --trainer-ranks must be >= 1; groups of more run with --engine embedded on "
-                         "--device cpu (gloo; NCCL groups are not implemented)")
+    paths = DataDir(data_dir)
+    options = EngineOptions(
+        base_models=tuple(args.base_model or [None]), model_cache=(args.model_cache or paths.models).expanduser(),
+        versions_root=paths.versions, engine=args.engine, sampler=args.sampler, dtype=args.dtype,
+        device=args.device, threads=args.threads, eager_norms=args.eager_norms, packed_gemms=args.packed_gemms,
+        trainer_ranks=args.trainer_ranks, ray_address=args.ray_address, vllm_url=args.vllm_url,
+        vllm_model=args.vllm_model, vllm_keep_versions=args.vllm_keep_versions)
+    try:
+        check_options(options)
+    except ValueError as exc:
+        raise SystemExit(f"tinkerd serve: {exc}") from None
     try:  # before loading anything heavy: a bad URL or an unreachable database fails at once
         store = open_store(args.store, data_dir)
     except StoreError as exc:
         raise SystemExit(f"tinkerd serve: --store: {exc}") from None
     import uvicorn
 
+    from tinkerd.control.plane import ServerConfig
     from tinkerd.server.app import create_app
-    from tinkerd.server.state import ServerConfig
 
-    model_cache = (args.model_cache or data_dir / "models").expanduser()
     keys = set(args.api_key)
     if args.api_keys_file:
         keys |= {line.strip() for line in args.api_keys_file.read_text().splitlines() if line.strip()}
-    if args.engine == "ray":  # the engine runs in Ray actors: this process never imports torch
-        from tinkerd.engine.ray_engine import connect
-
-        trainer, sampler, where = connect(args.ray_address, args.base_model or [None], str(model_cache), args.dtype,
-                                          args.device, args.threads, args.packed_gemms)
-        names = [m.name for m in trainer.base_models()]
-        if args.sampler == "vllm":  # the actor writes the adapter folders (DATA_DIR must be shared storage)
-            from tinkerd.vllm.serve import vllm_engine
-
-            trainer, sampler = vllm_engine(trainer, names[0], data_dir, args.vllm_url, args.vllm_model,
-                                           args.vllm_keep_versions)
-            where += f"; sampling through vLLM at {args.vllm_url}"
-    else:
-        trainer, sampler, names, where = _embedded_engine(args, data_dir, model_cache)
+    engine = assemble(options)
     config = ServerConfig(data_dir=data_dir, api_keys=frozenset(keys), max_pending_samples=args.max_pending_samples,
                           store=args.store, session_timeout_seconds=args.session_timeout,
                           parked_state_ttl_seconds=args.parked_state_ttl,
                           batch_gather_seconds=args.batch_gather_ms / 1000,
-                          shutdown_park_seconds=args.shutdown_park_seconds, snapshot_every_steps=args.snapshot_every)
-    app = create_app(config, trainer, sampler, store)
-    logging.getLogger("tinkerd").info("serving %s on http://%s:%d (store: %s; %s)", ", ".join(names), args.host,
-                                      args.port, store.description, where)
+                          shutdown_park_seconds=args.shutdown_park_seconds,
+                          restore_point_every_steps=args.restore_point_every)
+    app = create_app(config, engine.trainer, engine.sampler, store)
+    logging.getLogger("tinkerd").info("serving %s on http://%s:%d (store: %s; %s)", ", ".join(engine.names),
+                                      args.host, args.port, store.description, engine.where)
     try:
         uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, access_log=False)
     finally:
         store.close()
-
-
-def _embedded_engine(args: argparse.Namespace, data_dir: Path, model_cache: Path):
-    """The in-process engine: base models loaded here, the fenced trainer and its sampler (or vLLM's)."""
-    threads = configure_threads(args.threads)  # before anything else imports torch
-
-    from tinkerd.engine.base_models import resolve_base_model
-    from tinkerd.engine.fencing import FencedTrainer
-    from tinkerd.engine.runtime import ModelRuntime
-    from tinkerd.engine.sampler import LocalSampler
-    from tinkerd.engine.trainer import LocalTrainer
-
-    runtimes = {}
-    for spec in args.base_model or [None]:
-        files = resolve_base_model(spec, model_cache)
-        runtimes[files.name] = ModelRuntime.load(files, dtype=args.dtype, device=args.device,
-                                                 compile_norms=not args.eager_norms, packed_gemms=args.packed_gemms)
-    trainer, sampler = LocalTrainer(runtimes), None
-    if args.trainer_ranks > 1:  # the group loads its own shards; `runtimes` stay for sampling and names
-        from tinkerd.engine.fsdp_group import fsdp_trainer
-
-        trainer = fsdp_trainer(args.trainer_ranks, args.base_model or [None], model_cache, data_dir, args.dtype,
-                               not args.eager_norms, args.threads or 1,
-                               publish=args.sampler != "vllm")  # vLLM's path publishes the folders itself
-        threads += f"; FSDP2 trainer group of {args.trainer_ranks} ranks"
-    if args.sampler == "vllm":
-        from tinkerd.vllm.serve import vllm_engine
-
-        trainer, sampler = vllm_engine(trainer, next(iter(runtimes)), data_dir, args.vllm_url, args.vllm_model,
-                                       args.vllm_keep_versions)
-    return FencedTrainer(trainer), sampler or LocalSampler(runtimes), list(runtimes), threads
 
 
 class CommandError(Exception):
@@ -343,7 +278,7 @@ def export(args: argparse.Namespace) -> str:
         raise CommandError(f"{out} exists and is not an empty folder")
     if args.merged:
         from tinkerd.engine.base_models import resolve_base_model
-        from tinkerd.engine.export import merge_adapter_into_model
+        from tinkerd.engine.merge import merge_adapter_into_model
 
         model_cache = (args.model_cache or args.data_dir / "models").expanduser()
         spec = args.base_model or row["base_model"]

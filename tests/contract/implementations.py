@@ -25,7 +25,7 @@ class EngineUnderTest:
 
 
 def embedded(base_model: str) -> EngineUnderTest:
-    from tinkerd.engine.fencing import FencedTrainer
+    from tinkerd.backends.fencing import FencedTrainer
     from tinkerd.engine.sampler import LocalSampler
     from tinkerd.engine.trainer import LocalTrainer
 
@@ -41,17 +41,17 @@ def vllm_fake(base_model: str) -> EngineUnderTest:
 
     from tests.vllm.conftest import FAST_RETRY
     from tests.vllm.fake_vllm import FakeVllm
-    from tinkerd.engine.adapter_publish import AdapterVersions, PublishingTrainer
-    from tinkerd.engine.fencing import FencedTrainer
+    from tinkerd.backends.versions import AdapterVersions, VersionedTrainer
+    from tinkerd.backends.fencing import FencedTrainer
     from tinkerd.engine.sampler import LocalSampler
     from tinkerd.engine.trainer import LocalTrainer
-    from tinkerd.vllm.sampler import VllmSampler
+    from tinkerd.backends.vllm_sampler import VllmSampler
 
     data_dir = Path(tempfile.mkdtemp(prefix="tinkerd-vllm-contract-"))
     served = f"{base_model}-served"
     fake = FakeVllm(LocalSampler({base_model: make_tiny_runtime(base_model, seed=TINY_SEED)}), served, base_model).start()
     versions = AdapterVersions(data_dir / "adapters")
-    trainer = PublishingTrainer(LocalTrainer({base_model: make_tiny_runtime(base_model, seed=TINY_SEED)}), versions)
+    trainer = VersionedTrainer(LocalTrainer({base_model: make_tiny_runtime(base_model, seed=TINY_SEED)}), versions)
     sampler = VllmSampler(fake.url, {base_model: served}, versions, retry=FAST_RETRY)
 
     def close() -> None:
@@ -76,14 +76,14 @@ def fsdp_two_ranks(base_model: str) -> EngineUnderTest:
     from pathlib import Path
 
     from tests.conftest import tiny_runtimes
-    from tinkerd.engine.adapter_publish import AdapterVersions, PublishingTrainer
-    from tinkerd.engine.fencing import FencedTrainer
-    from tinkerd.engine.fsdp_group import FsdpTrainerGroup
+    from tinkerd.backends.versions import AdapterVersions, VersionedTrainer
+    from tinkerd.backends.fencing import FencedTrainer
+    from tinkerd.backends.fsdp_group import FsdpTrainerGroup
     from tinkerd.engine.sampler import LocalSampler
 
     data_dir = Path(tempfile.mkdtemp(prefix="tinkerd-fsdp-contract-"))
     group = FsdpTrainerGroup(2, tiny_runtimes, (base_model, TINY_SEED))
-    trainer = PublishingTrainer(group, AdapterVersions(data_dir / "adapters"))
+    trainer = VersionedTrainer(group, AdapterVersions(data_dir / "adapters"))
 
     def close() -> None:
         group.close()

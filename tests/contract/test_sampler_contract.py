@@ -9,7 +9,7 @@ import uuid
 import numpy as np
 import pytest
 
-from tinkerd.engine.interface import AdapterRef, AdapterSpec, SampleRequest
+from tinkerd.engine.interface import AdapterRef, AdapterSpec, SampleTask
 from tinkerd.protocol.types import AdamParams, BadRequest, Datum, ForwardBackwardCall, SamplingParams
 
 BASE = "tiny"
@@ -17,7 +17,7 @@ GREEDY = SamplingParams(max_tokens=6, temperature=0.0, stop_at_eos=False)
 PROMPT = [3, 5, 7, 9]
 
 
-def _sample_all(sampler, requests: list[SampleRequest]) -> dict:
+def _sample_all(sampler, requests: list[SampleTask]) -> dict:
     for request in requests:
         sampler.submit(request)
     done: dict = {}
@@ -32,7 +32,7 @@ def _sample_all(sampler, requests: list[SampleRequest]) -> dict:
 
 def _sample(sampler, ref: AdapterRef, prompt=PROMPT, params=GREEDY, n=1):
     request_id = uuid.uuid4().hex
-    outcome = _sample_all(sampler, [SampleRequest(request_id, ref, list(prompt), n, params)])[request_id]
+    outcome = _sample_all(sampler, [SampleTask(request_id, ref, list(prompt), n, params)])[request_id]
     if isinstance(outcome, Exception):
         raise outcome
     return outcome
@@ -87,9 +87,9 @@ def test_sampler_weights_on_disk_sample_like_the_in_memory_snapshot(engine, tmp_
 def test_bad_sample_requests_fail_alone_as_user_errors(engine):
     good, empty, unknown = (uuid.uuid4().hex for _ in range(3))
     done = _sample_all(engine.sampler, [
-        SampleRequest(good, AdapterRef(None, BASE), PROMPT, 1, GREEDY),
-        SampleRequest(empty, AdapterRef(None, BASE), [], 1, GREEDY),
-        SampleRequest(unknown, AdapterRef(None, "no-such-model"), PROMPT, 1, GREEDY),
+        SampleTask(good, AdapterRef(None, BASE), PROMPT, 1, GREEDY),
+        SampleTask(empty, AdapterRef(None, BASE), [], 1, GREEDY),
+        SampleTask(unknown, AdapterRef(None, "no-such-model"), PROMPT, 1, GREEDY),
     ])
     assert len(done[good].sequences[0].tokens) == GREEDY.max_tokens
     assert isinstance(done[empty], BadRequest) and "prompt" in str(done[empty])

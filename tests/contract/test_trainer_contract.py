@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from tinkerd.engine.fencing import ordered_op
+from tinkerd.engine.interface import ordered_op
 from tinkerd.engine.interface import AdapterSpec
 from tinkerd.protocol.types import AdamParams, BadRequest, Datum, ForwardBackwardCall
 from tests.conftest import make_tiny_model

@@ -73,7 +73,7 @@ def kill_mid_loop_and_compare(data_dir, *flags: str) -> str:
         thread.join(600)
         assert not thread.is_alive() and "error" not in outcome, outcome.get("error")
         log = restarted.log_tail(200_000)
-        assert "recovering training run" in log and "snapshot after seq_id" in log, log[-3000:]
+        assert "recovering training run" in log and "restore point after seq_id" in log, log[-3000:]
         assert "(0 still awaited by clients)" not in log  # the kill caught requests in flight
 
         reference = _loop(service.create_lora_training_client(base_model=EMBEDDED, rank=4, seed=3).result(), prompt)
@@ -84,4 +84,4 @@ def kill_mid_loop_and_compare(data_dir, *flags: str) -> str:
 
 
 def test_kill_9_mid_loop_the_sdk_loop_finishes_with_the_uninterrupted_result(tmp_path):
-    kill_mid_loop_and_compare(tmp_path / "data", "--snapshot-every", "2")
+    kill_mid_loop_and_compare(tmp_path / "data", "--restore-point-every", "2")

@@ -71,9 +71,9 @@ def _gap_waiting_request(url: str, model_id: str, datum: types.Datum) -> str:
 
 
 def test_state_survives_kill_9_bit_exactly(tmp_path):
-    """Without the request journal (--snapshot-every 0), a kill -9 loses the unsaved state: resume from save_state."""
+    """Without the request journal (--restore-point-every 0), a kill -9 loses the unsaved state: resume from save_state."""
     data_dir = tmp_path / "data"
-    first = ServerProcess(data_dir, "--snapshot-every", "0")
+    first = ServerProcess(data_dir, "--restore-point-every", "0")
     try:
         service = tinker.ServiceClient(base_url=first.url, api_key="tml-state")
         training = service.create_lora_training_client(base_model=EMBEDDED, rank=4, seed=1).result()
@@ -93,7 +93,7 @@ def test_state_survives_kill_9_bit_exactly(tmp_path):
     finally:
         first.kill()  # SIGKILL: no shutdown code runs
 
-    second = ServerProcess(data_dir, "--snapshot-every", "0")
+    second = ServerProcess(data_dir, "--restore-point-every", "0")
     try:
         service = tinker.ServiceClient(base_url=second.url, api_key="tml-state")
         lost = httpx.post(f"{second.url}/api/v1/retrieve_future", json={"request_id": in_flight},

@@ -5,7 +5,7 @@ import logging
 
 import torch
 
-from tinkerd.engine import fused_norm
+from tinkerd.engine.kernels import fused_norm
 from tinkerd.engine.interface import AdapterSpec
 from tests.conftest import make_tiny_runtime
 
@@ -70,7 +70,7 @@ def test_a_failing_compiler_falls_back_to_the_same_math(monkeypatch, caplog):
     monkeypatch.setattr(kernel, "failed", False)
     monkeypatch.setattr(fused_norm, "MIN_COMPILED_ELEMENTS", 0)
     tokens, mask = torch.tensor([[5, 9, 3, 7]]), torch.ones(1, 4, dtype=torch.long)
-    with caplog.at_level(logging.WARNING, logger="tinkerd.engine.fused_norm"):
+    with caplog.at_level(logging.WARNING, logger="tinkerd.engine.kernels.fused_norm"):
         got, _ = _logits_and_grads(compiled, tokens, mask)
     want, _ = _logits_and_grads(eager, tokens, mask)
     assert torch.equal(got, want) and kernel.failed

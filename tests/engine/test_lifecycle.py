@@ -6,7 +6,7 @@ import torch
 
 from tinkerd.engine import lora as lora_module
 from tinkerd.engine.adapter_files import write_peft_adapter
-from tinkerd.engine.interface import AdapterRef, AdapterSpec, SampleRequest
+from tinkerd.engine.interface import AdapterRef, AdapterSpec, SampleTask
 from tinkerd.engine.sampler import LocalSampler
 from tinkerd.engine.trainer import LocalTrainer
 from tinkerd.protocol.types import AdamParams, Datum, ForwardBackwardCall, SamplingParams
@@ -44,7 +44,7 @@ def test_sampler_adapters_from_folders_are_evicted_lru_but_never_while_pinned(tm
     sampler = LocalSampler({"tiny": rt})
     params = SamplingParams(max_tokens=4, seed=1, stop_at_eos=False)
     # A long sample on dirs[0] is in flight (admitted, pinned) while the others come and go.
-    sampler.submit(SampleRequest("long", AdapterRef(dirs[0], "tiny"), [3, 4], 1,
+    sampler.submit(SampleTask("long", AdapterRef(dirs[0], "tiny"), [3, 4], 1,
                                  SamplingParams(max_tokens=40, seed=1, stop_at_eos=False)))
     sampler.step()
     assert rt.lora.pins == {f"dir:{dirs[0]}": 1}

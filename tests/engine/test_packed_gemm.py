@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from tests.conftest import make_tiny_runtime
-from tinkerd.engine import packed_gemm
+from tinkerd.engine.kernels import packed_gemm
 from tinkerd.engine.interface import AdapterSpec
 from tinkerd.engine.trainer import LocalTrainer
 from tinkerd.protocol.types import AdamParams, Datum, ForwardBackwardCall

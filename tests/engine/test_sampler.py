@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from tinkerd.engine.interface import AdapterRef, AdapterSpec, SampleRequest
+from tinkerd.engine.interface import AdapterRef, AdapterSpec, SampleTask
 from tinkerd.engine.sampler import LocalSampler
 from tinkerd.engine.trainer import LocalTrainer
 from tinkerd.protocol.types import BadRequest, Datum, ForwardBackwardCall, SamplingParams
@@ -57,9 +57,9 @@ def test_batched_kv_cache_decode_equals_full_recomputation(engine):
     trainer, sampler, refs = engine
     runtime = trainer.runtimes["tiny"]
     params = SamplingParams(max_tokens=9, seed=5, stop_at_eos=False)
-    requests = [SampleRequest("short", refs["a1"], [3, 4], 2, params),
-                SampleRequest("long", BASE, [9, 8, 7, 6, 5, 4, 3], 1, params),
-                SampleRequest("mid", refs["a2"], [11, 12, 13, 14], 3, SamplingParams(max_tokens=4, seed=1, stop_at_eos=False))]
+    requests = [SampleTask("short", refs["a1"], [3, 4], 2, params),
+                SampleTask("long", BASE, [9, 8, 7, 6, 5, 4, 3], 1, params),
+                SampleTask("mid", refs["a2"], [11, 12, 13, 14], 3, SamplingParams(max_tokens=4, seed=1, stop_at_eos=False))]
     results = _run_together(sampler, requests)
     for request in requests:
         key = None if request.adapter.uri is None else request.adapter.uri[len("mem://"):]
@@ -74,9 +74,9 @@ def test_same_seed_same_tokens_alone_or_in_a_batch_and_samples_differ(engine):
     alone = sampler.sample(refs["a1"], [3, 4, 5], 4, params)
     assert len({tuple(s.tokens) for s in alone.sequences}) > 1
     crowd = _run_together(sampler, [
-        SampleRequest("other", refs["a2"], [7, 7, 7, 7, 7, 7], 3, SamplingParams(max_tokens=5, seed=1)),
-        SampleRequest("me", refs["a1"], [3, 4, 5], 4, params),
-        SampleRequest("base", BASE, [1, 2], 2, SamplingParams(max_tokens=20, seed=9, stop_at_eos=False))])
+        SampleTask("other", refs["a2"], [7, 7, 7, 7, 7, 7], 3, SamplingParams(max_tokens=5, seed=1)),
+        SampleTask("me", refs["a1"], [3, 4, 5], 4, params),
+        SampleTask("base", BASE, [1, 2], 2, SamplingParams(max_tokens=20, seed=9, stop_at_eos=False))])
     assert [s.tokens for s in crowd["me"].sequences] == [s.tokens for s in alone.sequences]
 
 
@@ -84,7 +84,7 @@ def test_two_adapters_in_one_batch_match_each_alone(engine):
     _, sampler, refs = engine
     params = SamplingParams(max_tokens=10, seed=3, stop_at_eos=False)
     alone = {name: sampler.sample(ref, [5, 6, 7], 2, params) for name, ref in refs.items()}
-    together = _run_together(sampler, [SampleRequest(name, ref, [5, 6, 7], 2, params) for name, ref in refs.items()])
+    together = _run_together(sampler, [SampleTask(name, ref, [5, 6, 7], 2, params) for name, ref in refs.items()])
     for name in refs:
         assert [s.tokens for s in together[name].sequences] == [s.tokens for s in alone[name].sequences]
     assert alone["a1"].sequences[0].tokens != alone["a2"].sequences[0].tokens
@@ -128,7 +128,7 @@ def test_prompt_logprobs_match_the_trainer_and_topk_rows_are_sorted(engine):
 
 def test_cancel_frees_rows_and_bad_requests_are_named(engine):
     _, sampler, _ = engine
-    sampler.submit(SampleRequest("long", BASE, [1, 2, 3], 4, SamplingParams(max_tokens=40, stop_at_eos=False)))
+    sampler.submit(SampleTask("long", BASE, [1, 2, 3], 4, SamplingParams(max_tokens=40, stop_at_eos=False)))
     sampler.step()
     assert sampler.active_rows() == 4
     sampler.cancel("long")
@@ -185,7 +185,7 @@ def test_prompt_scoring_requests_prefilled_together_equal_each_alone(engine):
     params = SamplingParams(max_tokens=3, seed=5, stop_at_eos=False)
     alone = [sampler.sample(ref, prompt, 2, params, prompt_logprobs=True, topk_prompt_logprobs=3)
              for ref, prompt in asks]
-    requests = [SampleRequest(f"r{i}", ref, prompt, 2, params, prompt_logprobs=True, topk_prompt_logprobs=3)
+    requests = [SampleTask(f"r{i}", ref, prompt, 2, params, prompt_logprobs=True, topk_prompt_logprobs=3)
                 for i, (ref, prompt) in enumerate(asks)]
     prefills = []
     original = sampler._prefill

@@ -41,7 +41,7 @@ def tiny_placement(base_model: str, seed: int = 0, **options):
 
     import tests.conftest
     import tests.ray.cluster
-    from tinkerd.engine.ray_engine import ActorPlacement
+    from tinkerd.backends.ray_engine import ActorPlacement
 
     for module in (tests.conftest, tests.ray.cluster):  # the worker cannot import the tests package
         cloudpickle.register_pickle_by_value(module)
@@ -49,7 +49,7 @@ def tiny_placement(base_model: str, seed: int = 0, **options):
 
 
 def tiny_ray_engine(base_model: str, seed: int = 0) -> EngineUnderTest:
-    from tinkerd.engine.ray_engine import RaySampler, RayTrainer, remove, start_or_attach
+    from tinkerd.backends.ray_engine import RaySampler, RayTrainer, remove, start_or_attach
 
     ensure_ray()
     placement = tiny_placement(base_model, seed)

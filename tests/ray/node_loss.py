@@ -28,10 +28,10 @@ def main() -> None:
 
     from tests.ray.cluster import tiny_placement
     from tests.ray.test_ray_recovery import BIG, _steps
-    from tests.server.test_lifecycle import Run
-    from tinkerd.engine.ray_engine import RaySampler, RayTrainer, start_or_attach
+    from tests.control.test_lifecycle import Run
+    from tinkerd.backends.ray_engine import RaySampler, RayTrainer, start_or_attach
     from tinkerd.server.app import create_app
-    from tinkerd.server.state import ServerConfig
+    from tinkerd.control.plane import ServerConfig
 
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "include_dashboard": False,
                                                             "object_store_memory": 128 * 1024 * 1024})
@@ -48,7 +48,7 @@ def main() -> None:
         cluster.remove_node(doomed, allow_graceful=False)
 
     with tempfile.TemporaryDirectory() as tmp:
-        app = create_app(ServerConfig(data_dir=Path(tmp), long_poll_seconds=5, snapshot_every_steps=2), trainer,
+        app = create_app(ServerConfig(data_dir=Path(tmp), long_poll_seconds=5, restore_point_every_steps=2), trainer,
                          RaySampler(trainer))
         with TestClient(app) as client:
             run = Run(client, seed=4)

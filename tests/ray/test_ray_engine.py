@@ -27,9 +27,10 @@ pytestmark = pytest.mark.ray
 
 import ray  # noqa: E402  (after the importorskip in tests.ray.cluster)
 
-from tinkerd.engine.fencing import StaleEpoch, ordered_op  # noqa: E402
+from tinkerd.backends.fencing import StaleEpoch  # noqa: E402
+from tinkerd.engine.interface import ordered_op  # noqa: E402
 from tinkerd.engine.interface import AdapterSpec  # noqa: E402
-from tinkerd.engine.ray_engine import EngineLost, RaySampler, RayTrainer, attach, remove, start_or_attach  # noqa: E402
+from tinkerd.backends.ray_engine import EngineLost, RaySampler, RayTrainer, attach, remove, start_or_attach  # noqa: E402
 from tinkerd.protocol.types import AdamParams, BadRequest, Datum, ForwardBackwardCall  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -65,9 +66,9 @@ def test_the_front_end_serves_on_ray_without_importing_torch(placement, tmp_path
     out = _driver(f"""
         from fastapi.testclient import TestClient
         from pathlib import Path
-        from tinkerd.engine.ray_engine import RaySampler, RayTrainer, attach
+        from tinkerd.backends.ray_engine import RaySampler, RayTrainer, attach
         from tinkerd.server.app import create_app
-        from tinkerd.server.state import ServerConfig
+        from tinkerd.control.plane import ServerConfig
 
         trainer = RayTrainer([attach({placement.key!r})])
         app = create_app(ServerConfig(data_dir=Path({str(tmp_path)!r}), long_poll_seconds=5), trainer, RaySampler(trainer))
@@ -99,9 +100,9 @@ def test_actors_outlive_the_front_end_that_started_them_and_a_new_one_reattaches
         from ray import cloudpickle
         import tests.conftest, tests.ray.cluster
         from tests.ray.cluster import tiny_runtimes
-        from tinkerd.engine.fencing import ordered_op
+        from tinkerd.engine.interface import ordered_op
         from tinkerd.engine.interface import AdapterSpec
-        from tinkerd.engine.ray_engine import ActorPlacement, RayTrainer, start_or_attach
+        from tinkerd.backends.ray_engine import ActorPlacement, RayTrainer, start_or_attach
         from tinkerd.protocol.types import AdamParams, Datum, ForwardBackwardCall
 
         for module in (tests.conftest, tests.ray.cluster):
@@ -156,8 +157,8 @@ def _kill_mid_call(trainer: RayTrainer, handle, call) -> Exception | None:
 
 
 def test_a_killed_actor_fails_in_flight_training_as_a_server_error_and_its_runs_fail_fast(placement, tmp_path):
-    from tinkerd.server.futures import FutureBoard
-    from tinkerd.server.scheduler import Job, Outcome, Scheduler
+    from tinkerd.control.futures import FutureBoard
+    from tinkerd.control.scheduler import Job, Outcome, Scheduler
     from tinkerd.store.db import open_store
 
     handle = start_or_attach(placement)
@@ -204,16 +205,16 @@ def test_ray_trainer_samples_through_vllm_on_the_weights_the_actor_published(pla
     from tests.conftest import make_tiny_runtime
     from tests.vllm.conftest import FAST_RETRY, train_steps
     from tests.vllm.fake_vllm import FakeVllm
-    from tinkerd.engine.interface import SampleRequest
+    from tinkerd.engine.interface import SampleTask
     from tinkerd.engine.sampler import LocalSampler
     from tinkerd.protocol.types import SamplingParams
-    from tinkerd.vllm.sampler import VllmSampler
-    from tinkerd.vllm.serve import vllm_engine
+    from tinkerd.backends.vllm_sampler import VllmSampler
+    from tinkerd.backends.assemble import vllm_engine
 
     fake = FakeVllm(LocalSampler({"tiny": make_tiny_runtime("tiny")}), served_name="tiny", base_model="tiny",
                     max_loras=2).start()
     ray_trainer = RayTrainer([start_or_attach(placement)])
-    trainer, sampler = vllm_engine(ray_trainer, "tiny", tmp_path, fake.url)
+    trainer, sampler = vllm_engine(ray_trainer, "tiny", tmp_path / "adapters", fake.url)
     sampler.close()
     sampler = VllmSampler(fake.url, {"tiny": "tiny"}, trainer.versions, retry=FAST_RETRY)
     try:
@@ -222,10 +223,10 @@ def test_ray_trainer_samples_through_vllm_on_the_weights_the_actor_published(pla
         published = trainer.snapshot_for_sampler("run")
         assert Path(published.uri).parent.parent == tmp_path / "adapters"
         params = SamplingParams(max_tokens=6, temperature=1.0, seed=7, stop_at_eos=False)
-        through_vllm = sampler.sample(SampleRequest("r1", published, [3, 5, 7], 2, params))
+        through_vllm = sampler.sample(SampleTask("r1", published, [3, 5, 7], 2, params))
         in_the_actor = RaySampler(ray_trainer)
         in_memory = ray_trainer.snapshot_for_sampler("run")
-        in_the_actor.submit(SampleRequest("r2", in_memory, [3, 5, 7], 2, params))
+        in_the_actor.submit(SampleTask("r2", in_memory, [3, 5, 7], 2, params))
         finished = []
         while not finished:
             finished = in_the_actor.step()

@@ -14,7 +14,7 @@ from tests.ray.cluster import RAY_ENV, ensure_ray
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
 from tests.e2e.test_crash_recovery_e2e import kill_mid_loop_and_compare  # noqa: E402
-from tinkerd.engine.ray_engine import remove  # noqa: E402
+from tinkerd.backends.ray_engine import remove  # noqa: E402
 
 
 def test_kill_9_of_the_front_end_the_actor_lives_on_and_the_sdk_loop_finishes_exactly(tmp_path, monkeypatch):

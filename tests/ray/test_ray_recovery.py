@@ -26,12 +26,12 @@ pytestmark = pytest.mark.ray
 
 import ray  # noqa: E402  (after the importorskip in tests.ray.cluster)
 
-from tinkerd.engine.ray_engine import RaySampler, RayTrainer, remove, start_or_attach  # noqa: E402
+from tinkerd.backends.ray_engine import RaySampler, RayTrainer, remove, start_or_attach  # noqa: E402
 from tinkerd.server.app import create_app  # noqa: E402
-from tinkerd.server.state import ServerConfig  # noqa: E402
-from tests.server.conftest import future_result  # noqa: E402
-from tests.server.test_journal import _sample  # noqa: E402
-from tests.server.test_lifecycle import DATUM, Run  # noqa: E402
+from tinkerd.control.plane import ServerConfig  # noqa: E402
+from tests.app_client import future_result  # noqa: E402
+from tests.control.test_journal import _sample  # noqa: E402
+from tests.control.test_lifecycle import DATUM, Run  # noqa: E402
 
 ADAM = {"adam_params": {"learning_rate": 0.01}}
 BIG = {"forward_backward_input": {"data": [DATUM] * 3000, "loss_fn": "cross_entropy"}}  # long enough to kill in flight
@@ -44,8 +44,8 @@ def served(tmp_path):
     handle = start_or_attach(placement)
     trainer = RayTrainer([handle])
 
-    def serve(snapshot_every_steps: int) -> TestClient:
-        app = create_app(ServerConfig(data_dir=tmp_path, long_poll_seconds=5, snapshot_every_steps=snapshot_every_steps),
+    def serve(restore_point_every_steps: int) -> TestClient:
+        app = create_app(ServerConfig(data_dir=tmp_path, long_poll_seconds=5, restore_point_every_steps=restore_point_every_steps),
                          trainer, RaySampler(trainer))
         client = TestClient(app)
         client.handle = handle
@@ -78,7 +78,7 @@ def _killer(handle):
 
 
 def test_a_killed_actor_is_rebuilt_from_the_journal_and_the_run_carries_on_exactly(served):
-    with served(snapshot_every_steps=2) as client:
+    with served(restore_point_every_steps=2) as client:
         client.st = client.app.state.tinkerd
         run = Run(client, seed=4)
         interrupted = _steps(run, _killer(client.handle))
@@ -91,7 +91,7 @@ def test_a_killed_actor_is_rebuilt_from_the_journal_and_the_run_carries_on_exact
 
 
 def test_without_a_journal_a_killed_actor_fails_the_run_clearly(served):
-    with served(snapshot_every_steps=0) as client:
+    with served(restore_point_every_steps=0) as client:
         run = Run(client, seed=4)
         run.train_step()
         fb = run.post("forward_backward", BIG).json()["request_id"]

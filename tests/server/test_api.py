@@ -10,7 +10,7 @@ from tinker.proto.response_conv import deserialize_forward_backward_output
 from tinkerd.engine.sampler import LocalSampler
 from tinkerd.engine.trainer import LocalTrainer
 from tinkerd.server.app import create_app
-from tinkerd.server.state import ServerConfig
+from tinkerd.control.plane import ServerConfig
 from tests.conftest import make_tiny_runtime
 
 KEY = {"X-API-Key": "tml-test"}

@@ -14,7 +14,7 @@ from tinkerd.engine.sampler import LocalSampler
 from tinkerd.engine.trainer import LocalTrainer
 from tinkerd.protocol.wire_pb import pb
 from tinkerd.server.app import create_app
-from tinkerd.server.state import ServerConfig
+from tinkerd.control.plane import ServerConfig
 from tests.conftest import make_tiny_runtime
 
 KEY = {"X-API-Key": "tml-fuzz"}

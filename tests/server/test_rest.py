@@ -8,11 +8,11 @@ from pathlib import Path
 import pytest
 from tinker import types
 
-from tinkerd.server.checkpoint_access import purge_expired, readable_checkpoint
-from tinkerd.server.state import NotFound
+from tinkerd.control.checkpoints import purge_expired, readable_checkpoint
+from tinkerd.control.plane import NotFound
 from tinkerd.store.db import Store
 from tinkerd.store.dialects import SQLite
-from tests.server.conftest import future_result
+from tests.app_client import future_result
 
 KEY = {"X-API-Key": "tml-owner"}
 OTHER = {"X-API-Key": "tml-someone-else"}

@@ -9,10 +9,10 @@ from tinkerd import cli
 from tinkerd.engine.sampler import LocalSampler
 from tinkerd.engine.trainer import LocalTrainer
 from tinkerd.server.app import create_app
-from tinkerd.server.state import ServerConfig
+from tinkerd.control.plane import ServerConfig
 from tinkerd.store.db import DEFAULT_FILE
 from tests.conftest import make_tiny_runtime
-from tests.server.conftest import future_result
+from tests.app_client import future_result
 
 KEY = {"X-API-Key": "tml-owner"}
 

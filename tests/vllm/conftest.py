@@ -8,11 +8,11 @@ import pytest
 
 from tests.conftest import make_tiny_runtime
 from tests.vllm.fake_vllm import FakeVllm
-from tinkerd.engine.adapter_publish import AdapterVersions, PublishingTrainer
+from tinkerd.backends.versions import AdapterVersions, VersionedTrainer
 from tinkerd.engine.interface import AdapterSpec
 from tinkerd.engine.sampler import LocalSampler
 from tinkerd.engine.trainer import LocalTrainer
-from tinkerd.vllm.sampler import RetryPolicy, VllmSampler
+from tinkerd.backends.vllm_sampler import RetryPolicy, VllmSampler
 from tinkerd.protocol.types import AdamParams, Datum, ForwardBackwardCall
 
 FAST_RETRY = RetryPolicy(attempts=3, backoff_seconds=0.01, timeout_seconds=30.0)
@@ -43,7 +43,7 @@ def versions(tmp_path):
 def trainer(versions):
     inner = LocalTrainer({"tiny": make_tiny_runtime("tiny")})
     inner.create_adapter("run", "tiny", AdapterSpec(rank=4, seed=0))
-    return PublishingTrainer(inner, versions)
+    return VersionedTrainer(inner, versions)
 
 
 @pytest.fixture

@@ -8,13 +8,13 @@ import math
 import numpy as np
 import pytest
 
-from tinkerd.engine.interface import AdapterRef, SampleRequest
+from tinkerd.engine.interface import AdapterRef, SampleTask
 from tinkerd.protocol.types import TOPK_SENTINEL_LOGPROB, BadRequest, SamplingParams
-from tinkerd.vllm.completions import build_result, check_supported, completion_bodies
+from tinkerd.backends.vllm_completions import build_result, check_supported, completion_bodies
 
 
-def _request(**kwargs) -> SampleRequest:
-    return SampleRequest("r", AdapterRef(None, "m"), [1, 2, 3], 1, SamplingParams(max_tokens=2), **kwargs)
+def _request(**kwargs) -> SampleTask:
+    return SampleTask("r", AdapterRef(None, "m"), [1, 2, 3], 1, SamplingParams(max_tokens=2), **kwargs)
 
 
 def test_ids_from_logprob_tokens_and_topk_without_the_extra_sampled_entry():
@@ -37,7 +37,7 @@ def test_ids_from_logprob_tokens_and_topk_without_the_extra_sampled_entry():
 def test_answers_that_do_not_fit_the_request_are_errors():
     ok = {"index": 0, "finish_reason": "stop", "token_ids": [5], "logprobs": {"token_logprobs": [-1.0]}}
     with pytest.raises(ValueError, match="1 samples, 2 were asked"):
-        build_result([{"choices": [ok]}], SampleRequest("r", AdapterRef(None, "m"), [1], 2, SamplingParams()))
+        build_result([{"choices": [ok]}], SampleTask("r", AdapterRef(None, "m"), [1], 2, SamplingParams()))
     with pytest.raises(ValueError, match="finish_reason 'abort'"):
         build_result([{"choices": [{**ok, "finish_reason": "abort"}]}], _request())
     with pytest.raises(ValueError, match="without its id"):
@@ -46,7 +46,7 @@ def test_answers_that_do_not_fit_the_request_are_errors():
 
 
 def test_seeded_requests_split_per_sample_and_unsupported_fields_are_named():
-    request = SampleRequest("r", AdapterRef(None, "m"), [1, 2], 3, SamplingParams(seed=5, top_k=-1))
+    request = SampleTask("r", AdapterRef(None, "m"), [1, 2], 3, SamplingParams(seed=5, top_k=-1))
     bodies = completion_bodies(request, "m@2")
     assert [(b["n"], b["seed"]) for b in bodies] == [(1, 5), (1, 6), (1, 7)]
     assert "top_k" not in bodies[0] and "prompt_logprobs" not in bodies[0] and bodies[0]["model"] == "m@2"

@@ -11,19 +11,19 @@ from pathlib import Path
 from fastapi.testclient import TestClient
 
 from tests.conftest import make_tiny_runtime
-from tests.server.conftest import future_result
-from tests.server.test_journal import _sample as _sample_async
-from tests.server.test_lifecycle import Run, _sample
+from tests.app_client import future_result
+from tests.control.test_journal import _sample as _sample_async
+from tests.control.test_lifecycle import Run, _sample
 from tinkerd.engine.trainer import LocalTrainer
-from tinkerd.server import lifecycle
+from tinkerd.control import lifecycle
 from tinkerd.server.app import create_app
-from tinkerd.server.state import ServerConfig
-from tinkerd.vllm.serve import vllm_engine
+from tinkerd.control.plane import ServerConfig
+from tinkerd.backends.assemble import vllm_engine
 
 
 def test_a_published_version_of_a_parked_run_answers_410_and_the_run_resumes(tmp_path, fake):
-    trainer, sampler = vllm_engine(LocalTrainer({"tiny": make_tiny_runtime("tiny")}), "tiny", tmp_path, fake.url,
-                                   vllm_model="tiny-served")
+    trainer, sampler = vllm_engine(LocalTrainer({"tiny": make_tiny_runtime("tiny")}), "tiny", tmp_path / "adapters",
+                                   fake.url, vllm_model="tiny-served")
     app = create_app(ServerConfig(data_dir=tmp_path, long_poll_seconds=5), trainer, sampler)
     try:
         with TestClient(app) as client:
@@ -49,7 +49,7 @@ def test_a_published_version_of_a_parked_run_answers_410_and_the_run_resumes(tmp
 
 def _vllm_app(data, fake, **config):
     inner = LocalTrainer({"tiny": make_tiny_runtime("tiny")})
-    trainer, sampler = vllm_engine(inner, "tiny", data, fake.url, vllm_model="tiny-served")
+    trainer, sampler = vllm_engine(inner, "tiny", data / "adapters", fake.url, vllm_model="tiny-served")
     app = create_app(ServerConfig(data_dir=data, long_poll_seconds=5, **config), trainer, sampler)
     client = TestClient(app)
     client.inner, client.vllm = inner, sampler
@@ -57,7 +57,7 @@ def _vllm_app(data, fake, **config):
 
 
 def test_after_a_crash_a_sampling_session_samples_its_republished_weights(tmp_path, fake):
-    with _vllm_app(tmp_path, fake, snapshot_every_steps=1) as client:  # leaves without parking: a crash
+    with _vllm_app(tmp_path, fake, restore_point_every_steps=1) as client:  # leaves without parking: a crash
         run = Run(client)
         run.train_step()  # snapshot after seq_id 2
         sampler_id = run.sampler(0)  # seq_id 3: in the journal only
@@ -65,7 +65,7 @@ def test_after_a_crash_a_sampling_session_samples_its_republished_weights(tmp_pa
         expected = future_result(client, _sample_async(client, sampler_id))["sequences"]
     client.vllm.close()
 
-    client = _vllm_app(tmp_path, fake, snapshot_every_steps=1)
+    client = _vllm_app(tmp_path, fake, restore_point_every_steps=1)
     gate, load = threading.Event(), client.inner.load_state
     client.inner.load_state = lambda *a, **k: gate.wait(30) and load(*a, **k)  # the replay's first job waits
     try:

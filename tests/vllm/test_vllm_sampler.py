@@ -10,18 +10,18 @@ import numpy as np
 import pytest
 
 from tests.vllm.conftest import FAST_RETRY, train_steps
-from tinkerd.engine.interface import AdapterRef, SampleRequest
+from tinkerd.engine.interface import AdapterRef, SampleTask
 from tinkerd.engine.sampler import LocalSampler
-from tinkerd.vllm.completions import completion_bodies
-from tinkerd.vllm.sampler import RetryPolicy, VllmSampler, VllmUnavailable
+from tinkerd.backends.vllm_completions import completion_bodies
+from tinkerd.backends.vllm_sampler import RetryPolicy, VllmSampler, VllmUnavailable
 from tinkerd.protocol.types import BadRequest, SamplingParams
 
 PROMPT = [3, 5, 7, 9]
 GREEDY = SamplingParams(max_tokens=8, temperature=0.0, stop_at_eos=False)
 
 
-def _request(ref: AdapterRef, n: int = 1, params: SamplingParams = GREEDY, **scoring) -> SampleRequest:
-    return SampleRequest(f"r{time.monotonic_ns()}", ref, list(PROMPT), n, params, **scoring)
+def _request(ref: AdapterRef, n: int = 1, params: SamplingParams = GREEDY, **scoring) -> SampleTask:
+    return SampleTask(f"r{time.monotonic_ns()}", ref, list(PROMPT), n, params, **scoring)
 
 
 def _wait_for(condition, seconds: float = 5.0) -> None:
@@ -193,7 +193,7 @@ def test_after_a_restart_names_are_new_and_an_old_folder_is_refused_not_resolved
     """A run resuming in a new process numbers its versions from 1 again: without the process's generation in
     the name, a client holding the old folder (and vLLM's registration of the old name) would get the new
     weights in place of the ones it saved."""
-    from tinkerd.engine.adapter_publish import AdapterVersions, PublishingTrainer
+    from tinkerd.backends.versions import AdapterVersions, VersionedTrainer
 
     old = trainer.snapshot_for_sampler("run")
     before = vllm.sample(_request(old)).sequences[0].logprobs
@@ -203,7 +203,7 @@ def test_after_a_restart_names_are_new_and_an_old_folder_is_refused_not_resolved
     versions = AdapterVersions(tmp_path / "adapters", keep=1)  # a new tinkerd process
     assert not Path(old.uri).exists()
     train_steps(trainer.trainer, "run", 2)
-    new = PublishingTrainer(trainer.trainer, versions).snapshot_for_sampler("run")
+    new = VersionedTrainer(trainer.trainer, versions).snapshot_for_sampler("run")
     assert Path(new.uri).name.startswith("v1.") and new.uri != old.uri
     sampler = VllmSampler(fake.url, {"tiny": "tiny-served"}, versions, retry=FAST_RETRY)
     try:

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from tinkerd.engine.memory import available_memory_bytes
+from tinkerd.engine.kernels.memory import available_memory_bytes
 from tinkerd.protocol.types import BadRequest, Datum
 
 TOKEN_BUDGET_CAP = 16384

@@ -7,9 +7,11 @@ the operations it is handed, in the order it is handed them.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Iterator, Protocol
 
 import numpy as np
 
@@ -44,37 +46,56 @@ class AdapterSpec:
     alpha: float = 32.0
 
 
+MEMORY = "mem://"  # AdapterRef.uri of an in-memory sampler snapshot: mem://<run>@<version>
+
+
 @dataclass(frozen=True)
 class AdapterRef:
     """Immutable handle to adapter weights a sampler can use.
 
-    `uri` is `mem://<key>` for an in-memory snapshot or a directory holding adapter files;
-    None means the base model without adapter.
+    `uri` is `mem://<run>@<version>` for an in-memory sampler snapshot or a directory holding adapter
+    files (a checkpoint, or a version folder written for an out-of-process sampler); None means the
+    base model without adapter.
     """
 
     uri: str | None
     base_model: str
 
+    @classmethod
+    def in_memory(cls, key: str, base_model: str) -> "AdapterRef":
+        return cls(uri=MEMORY + key, base_model=base_model)
 
-def published_version_folder(published_root: Path, model_id: str, label: str) -> Path:
-    """Where the version `label` of a run's adapter is published for an out-of-process sampler."""
-    return Path(published_root) / model_id / label
+    @property
+    def memory_key(self) -> str | None:
+        """`<run>@<version>` of an in-memory snapshot; None for a folder or the base model."""
+        return memory_key(self.uri)
 
 
-def published_run(adapter_uri: str | None, published_root: Path) -> str | None:
-    """The training run whose published version folder (`published_version_folder`) a URI is; else None."""
-    if not adapter_uri or adapter_uri.startswith("mem://"):
+def memory_key(adapter_uri: str | None) -> str | None:
+    """The key of an in-memory sampler snapshot's URI (`mem://<key>`); None for anything else."""
+    return adapter_uri[len(MEMORY):] if adapter_uri and adapter_uri.startswith(MEMORY) else None
+
+
+def version_folder(versions_root: Path, model_id: str, label: str) -> Path:
+    """Where the version `label` of a run's adapter is written for an out-of-process sampler (vLLM)."""
+    return Path(versions_root) / model_id / label
+
+
+def version_run(adapter_uri: str | None, versions_root: Path) -> str | None:
+    """The training run whose version folder (`version_folder`) a URI is; else None."""
+    if not adapter_uri or memory_key(adapter_uri) is not None:
         return None
     folder = Path(adapter_uri)
-    return folder.parent.name if folder.parent.parent == Path(published_root) else None
+    return folder.parent.name if folder.parent.parent == Path(versions_root) else None
 
 
-def snapshot_run(adapter_uri: str | None, published_root: Path | None = None) -> str | None:
+def snapshot_run(adapter_uri: str | None, versions_root: Path | None = None) -> str | None:
     """The training run whose sampler snapshot a URI names: an in-memory one (`mem://<run>@<version>`) or,
-    given where versions are published, a published version folder; else None (base model, saved weights)."""
-    if adapter_uri and adapter_uri.startswith("mem://"):
-        return adapter_uri[len("mem://"):].rsplit("@", 1)[0]
-    return published_run(adapter_uri, published_root) if published_root is not None else None
+    given where versions are written, a version folder; else None (base model, a checkpoint's folder)."""
+    key = memory_key(adapter_uri)
+    if key is not None:
+        return key.rsplit("@", 1)[0]
+    return version_run(adapter_uri, versions_root) if versions_root is not None else None
 
 
 @dataclass(frozen=True)
@@ -119,7 +140,7 @@ def forward_backward_one(trainer: Trainer, call: ForwardBackwardCall) -> Forward
 
 
 @dataclass(frozen=True)
-class SampleRequest:
+class SampleTask:
     request_id: str
     adapter: AdapterRef
     prompt: list[int]
@@ -142,7 +163,7 @@ class SampleRequest:
 class Sampler(Protocol):
     """Continuous batching: requests are submitted from any thread and advance one token per `step`."""
 
-    def submit(self, request: SampleRequest) -> None: ...
+    def submit(self, request: SampleTask) -> None: ...
 
     def cancel(self, request_id: str) -> None: ...
 
@@ -151,3 +172,24 @@ class Sampler(Protocol):
     def step(self) -> list[tuple[str, SampleResult | Exception]]:
         """Advance every active request by one token; return the requests that finished (or failed)."""
         ...
+
+
+# Which ordered operation the trainer calls of the engine thread belong to.
+_ordered: contextvars.ContextVar[tuple[str, int] | None] = contextvars.ContextVar("tinkerd_ordered_op", default=None)
+
+
+@contextlib.contextmanager
+def ordered_op(model_id: str | None, seq_id: int | None) -> Iterator[None]:
+    """Trainer calls made inside belong to operation `seq_id` of `model_id` (no-op without a seq_id).
+
+    The scheduler sets it around each ordered job on the engine thread; a fenced backend reads it
+    (`current_op`) to check that order, never to decide it."""
+    token = _ordered.set((model_id, seq_id) if model_id and seq_id else None)
+    try:
+        yield
+    finally:
+        _ordered.reset(token)
+
+
+def current_op() -> tuple[str, int] | None:
+    return _ordered.get()

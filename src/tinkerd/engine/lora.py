@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from tinkerd.engine.interface import AdapterSpec
-from tinkerd.engine.memory import release_freed_memory
+from tinkerd.engine.kernels.memory import release_freed_memory
 
 ATTN, MLP, UNEMBED = "attn", "mlp", "unembed"
 CACHE_MAX_ADAPTERS = 16  # read-only adapters loaded from files kept in memory (least recently used go first)

@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import logging
 import time
+from pathlib import Path
 
 import torch
 from torch import nn
 
-from tinkerd.engine import fused_norm, packed_gemm
-from tinkerd.engine.base_models import BaseModelFiles
+from tinkerd.engine.base_models import BaseModelFiles, resolve_base_model
+from tinkerd.engine.kernels import fused_norm, packed_gemm
 from tinkerd.engine.lora import LoRAAdapters
 
 log = logging.getLogger(__name__)
@@ -62,8 +63,8 @@ class ModelRuntime:
     def load(cls, files: BaseModelFiles, dtype: str = "auto", device: str = "cpu",
              compile_norms: bool = True, packed_gemms: str = "auto") -> "ModelRuntime":
         """`dtype`: bf16, fp32 or auto (`resolve_dtype`). `compile_norms`: RMSNorm layers as compiled kernels
-        (`tinkerd.engine.fused_norm`), compiled here. `packed_gemms`: auto, on or off
-        (`tinkerd.engine.packed_gemm`; off where something else owns the weights, e.g. FSDP shards)."""
+        (`tinkerd.engine.kernels.fused_norm`), compiled here. `packed_gemms`: auto, on or off
+        (`tinkerd.engine.kernels.packed_gemm`; off where something else owns the weights, e.g. FSDP shards)."""
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         started = time.perf_counter()
@@ -152,3 +153,15 @@ def _checkpointed_chunk_logprobs(runtime: ModelRuntime, hidden_N_H, targets_N_K,
     from torch.utils.checkpoint import checkpoint
 
     return checkpoint(_chunk_logprobs, runtime, hidden_N_H, targets_N_K, adapters, use_reentrant=False)
+
+
+def load_runtimes(specs: list[str | None], model_cache: Path, dtype: str = "auto", device: str = "cpu",
+                  compile_norms: bool = True, packed_gemms: str = "auto") -> dict[str, ModelRuntime]:
+    """{served name: runtime} for every `--base-model` spec (None: the embedded model), resolved as `serve`
+    does (`base_models.resolve_base_model`) and loaded with `ModelRuntime.load`."""
+    runtimes = {}
+    for spec in specs:
+        files = resolve_base_model(spec, Path(model_cache))
+        runtimes[files.name] = ModelRuntime.load(files, dtype=dtype, device=device, compile_norms=compile_norms,
+                                                 packed_gemms=packed_gemms)
+    return runtimes

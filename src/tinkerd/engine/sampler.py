@@ -27,7 +27,7 @@ import torch
 from tinkerd.engine.adapter_files import read_peft_adapter
 from tinkerd.engine.batching import check_token_range
 from tinkerd.engine.decoder import Decoder
-from tinkerd.engine.interface import AdapterRef, SampleRequest
+from tinkerd.engine.interface import AdapterRef, SampleTask
 from tinkerd.engine.kv_cache import SlotKVCache
 from tinkerd.engine.runtime import ModelRuntime
 from tinkerd.protocol.types import TOPK_SENTINEL_LOGPROB, BadRequest, SampledSequence, SampleResult, SamplingParams
@@ -42,7 +42,7 @@ SCORED_POSITIONS_PER_FORWARD = 512  # padded positions of prompts scored togethe
 class Pending:
     """A request in flight: its rows report into `sequences`."""
 
-    request: SampleRequest
+    request: SampleTask
     result: SampleResult
     remaining: int
     adapter_key: str | None
@@ -72,14 +72,14 @@ class LocalSampler:
     def __init__(self, runtimes: dict[str, ModelRuntime]) -> None:
         self.runtimes = runtimes
         self.decoders = {name: Decoder(runtime) for name, runtime in runtimes.items()}
-        self.incoming: queue.SimpleQueue[SampleRequest] = queue.SimpleQueue()
-        self.waiting: collections.deque[SampleRequest] = collections.deque()
+        self.incoming: queue.SimpleQueue[SampleTask] = queue.SimpleQueue()
+        self.waiting: collections.deque[SampleTask] = collections.deque()
         self.batches: dict[str, DecodeBatch] = {}
         self.cancelled: set[str] = set()
 
     # the Sampler protocol
 
-    def submit(self, request: SampleRequest) -> None:
+    def submit(self, request: SampleTask) -> None:
         """Queue a request (any thread); it joins the batch at the next `step`."""
         self.incoming.put(request)
 
@@ -106,9 +106,9 @@ class LocalSampler:
     def sample(self, adapter: AdapterRef, prompt: list[int], num_samples: int, params: SamplingParams,
                **scoring) -> SampleResult:
         """Run one request to completion (tests and in-process use); other queued work advances too.
-        `scoring`: the `SampleRequest` fields after `params` (prompt_logprobs, topk_sample_logprobs, ...)."""
+        `scoring`: the `SampleTask` fields after `params` (prompt_logprobs, topk_sample_logprobs, ...)."""
         request_id = f"local-{secrets.token_hex(6)}"
-        self.submit(SampleRequest(request_id, adapter, list(prompt), num_samples, params, **scoring))
+        self.submit(SampleTask(request_id, adapter, list(prompt), num_samples, params, **scoring))
         while True:
             for done_id, outcome in self.step():
                 if done_id == request_id:
@@ -127,8 +127,8 @@ class LocalSampler:
     def _adapter_key(self, runtime: ModelRuntime, ref: AdapterRef) -> str | None:
         if ref.uri is None:
             return None
-        if ref.uri.startswith("mem://"):
-            key = ref.uri[len("mem://"):]
+        key = ref.memory_key
+        if key is not None:
             if key not in runtime.lora.specs:
                 raise BadRequest(
                     f"sampler weights {key!r} are no longer in memory (only the newest snapshots per model "
@@ -141,7 +141,7 @@ class LocalSampler:
             runtime.lora.load(key, spec, state)
         return key
 
-    def _validate(self, runtime: ModelRuntime, request: SampleRequest) -> None:
+    def _validate(self, runtime: ModelRuntime, request: SampleTask) -> None:
         params = request.params
         if not request.prompt:
             raise BadRequest("prompt: at least one token is required")
@@ -185,7 +185,7 @@ class LocalSampler:
         """
         while not self.incoming.empty():
             self.waiting.append(self.incoming.get())
-        groups: dict[tuple[str, bool], list[tuple[SampleRequest, str | None]]] = {}  # (model, scores prompt)
+        groups: dict[tuple[str, bool], list[tuple[SampleTask, str | None]]] = {}  # (model, scores prompt)
         budget, admitted = PREFILL_TOKENS_PER_STEP, 0
         while self.waiting and (budget > 0 or admitted == 0):
             request = self.waiting.popleft()
@@ -213,7 +213,7 @@ class LocalSampler:
                 chunk.append(item)
             self._prefill(self.runtimes[name], chunk)
 
-    def _prefill(self, runtime: ModelRuntime, items: list[tuple[SampleRequest, str | None]]) -> None:
+    def _prefill(self, runtime: ModelRuntime, items: list[tuple[SampleTask, str | None]]) -> None:
         """One forward over the prompts into new cache rows; each request's row is repeated per sample."""
         batch = self.batches.get(runtime.name)
         if batch is None:
@@ -306,7 +306,7 @@ def stop_reason(runtime: ModelRuntime, params: SamplingParams, tokens: list[int]
     return None
 
 
-def fill_prompt_scores(result: SampleResult, logits_T_V: torch.Tensor, request: SampleRequest,
+def fill_prompt_scores(result: SampleResult, logits_T_V: torch.Tensor, request: SampleTask,
                        generator: torch.Generator) -> None:
     """What a request asks of its prompt. Position t is scored given prompt[:t]; position 0, and
     positions before the last `prompt_logprobs_last_n`, get NaN (top-k: a sentinel row)."""

@@ -22,7 +22,7 @@ from tinkerd.engine.adapter_files import read_peft_adapter, read_training_extras
 from tinkerd.engine.batching import Row, collate, merge_metrics, plan_micro_batches, token_budget, validate_datums
 from tinkerd.engine.interface import AdapterRef, AdapterSpec, BaseModelInfo, forward_backward_one
 from tinkerd.engine.losses import Loss, get_loss
-from tinkerd.engine.memory import release_freed_memory
+from tinkerd.engine.kernels.memory import release_freed_memory
 from tinkerd.engine.runtime import ModelRuntime
 from tinkerd.protocol.types import AdamParams, BadRequest, ForwardBackwardCall, ForwardBackwardResult
 
@@ -198,7 +198,7 @@ class LocalTrainer:
             adapter.snapshots.append(key)
         while len(adapter.snapshots) > SNAPSHOTS_KEPT_PER_MODEL:
             adapter.runtime.lora.remove(adapter.snapshots.pop(0))
-        return AdapterRef(uri=f"mem://{key}", base_model=adapter.runtime.name)
+        return AdapterRef.in_memory(key, adapter.runtime.name)
 
     def save_sampler_weights(self, model_id: str, directory: Path) -> None:
         adapter = self._adapter(model_id)

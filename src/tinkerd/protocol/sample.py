@@ -97,12 +97,3 @@ def sample_to_json(result: SampleResult) -> dict:
             None if lps[0] == TOPK_SENTINEL_LOGPROB else list(zip(ids.tolist(), lps.tolist()))
             for i, (ids, lps) in enumerate(zip(*result.topk_prompt_logprobs))],
     }
-
-
-def parse_tinker_path(path: str, field: str = "model_path") -> tuple[str, str, str]:
-    """Split `tinker://{model_id}/{kind}/{name}` into its three parts."""
-    prefix = "tinker://"
-    parts = path[len(prefix):].split("/", 2) if path.startswith(prefix) else []
-    if len(parts) != 3 or not all(parts):
-        raise BadRequest(f"{field}: expected 'tinker://<model_id>/<weights|sampler_weights>/<name>', got {path!r}")
-    return parts[0], parts[1], parts[2]

@@ -1,1 +1,1 @@
-"""The HTTP front end: wire <-> engine calls, auth, futures and per-model ordering. Never imports torch."""
+"""The HTTP front end (FastAPI): routes, auth, errors. Never imports torch; the work is `tinkerd.control`'s."""

@@ -2,7 +2,7 @@
 
 Logs one line per request with its duration. At start-up, training runs the previous process parked
 on its way down are adopted (`lifecycle`), runs it left behind in a crash are rebuilt from their
-snapshots and request journal (`journal`), and the futures still pending after that fail with a
+restore points and request journal (`recovery`), and the futures still pending after that fail with a
 clear error instead of hanging their pollers (sample requests: 410, resend). At shutdown, loaded
 runs are parked.
 Background tasks: expired checkpoints are purged, and training runs of finished or lapsed
@@ -18,22 +18,23 @@ import time
 
 from fastapi import FastAPI, Request, Response
 
+from tinkerd.control.checkpoints import RememberedCopies, purge_expired
+from tinkerd.control.downloads import DownloadGrants
+from tinkerd.control.futures import FutureBoard
+from tinkerd.control.lifecycle import adopt_parked, park_all, sweep_forever
+from tinkerd.control.metrics import ServerMetrics
+from tinkerd.control.plane import ControlPlane, ServerConfig
+from tinkerd.control.recovery import rebuild, recover
+from tinkerd.control.scheduler import Scheduler
 from tinkerd.engine.interface import Sampler, Trainer
-from tinkerd.server.checkpoint_access import purge_expired
 from tinkerd.server.errors import install_error_handlers
-from tinkerd.server.futures import FutureBoard
-from tinkerd.server.journal import rebuild, recover
-from tinkerd.server.lifecycle import adopt_parked, park_all, sweep_forever
-from tinkerd.server.metrics import ServerMetrics
-from tinkerd.server.routes import checkpoints, export, futures, rest, sampling, service, training
-from tinkerd.server.scheduler import Scheduler
-from tinkerd.server.state import ServerConfig, ServerState
+from tinkerd.server.routes import checkpoints, downloads, futures, rest, sampling, service, training
 from tinkerd.store.db import Store, open_store
 
 log = logging.getLogger("tinkerd.http")
 
 
-async def _purge_expired_checkpoints(state: ServerState, every_seconds: float = 600.0) -> None:
+async def _purge_expired_checkpoints(state: ControlPlane, every_seconds: float = 600.0) -> None:
     """Checkpoints whose TTL has passed are deleted (rows and files) every ten minutes."""
     while True:
         removed = await asyncio.to_thread(purge_expired, state)
@@ -53,9 +54,9 @@ def create_app(config: ServerConfig, trainer: Trainer, sampler: Sampler, store: 
         board = FutureBoard(store)
         board.bind_loop(asyncio.get_running_loop())
         scheduler = Scheduler(board, trainer.forward_backward_many, sampler, metrics, config.batch_gather_seconds,
-                              config.published_adapters)
+                              config.paths.versions)
         scheduler.start()
-        app.state.tinkerd = ServerState(config, store, trainer, sampler, board, scheduler,
+        app.state.tinkerd = ControlPlane(config, store, trainer, sampler, board, scheduler,
                                         {m.name: m for m in trainer.base_models()})
         scheduler.on_run_lost = lambda model_id: rebuild(app.state.tinkerd, model_id)
         adopted = adopt_parked(app.state.tinkerd)
@@ -63,7 +64,7 @@ def create_app(config: ServerConfig, trainer: Trainer, sampler: Sampler, store: 
             log.info("%d training runs parked by the previous process resume on their next request", adopted)
         recovered, answered = recover(app.state.tinkerd)  # before the rest of the in-flight requests fail
         if recovered:
-            log.info("%d training runs are being rebuilt from their snapshots and request journal", recovered)
+            log.info("%d training runs are being rebuilt from their restore points and request journal", recovered)
         lost = store.fail_unfinished_futures("the server restarted while this sample request was in flight; "
                                              "send it again", kind="sample", state="lost")
         stale = store.fail_unfinished_futures("the server restarted while this request was in flight; resubmit it",
@@ -79,14 +80,15 @@ def create_app(config: ServerConfig, trainer: Trainer, sampler: Sampler, store: 
         if config.parked_state_ttl_seconds > 0 and config.shutdown_park_seconds > 0:
             parked = await park_all(app.state.tinkerd, config.shutdown_park_seconds)
             if parked:
-                log.info("parked %d training runs in %s for the next process", parked, config.data_dir / "unloaded")
+                log.info("parked %d training runs in %s for the next process", parked, config.paths.parked_root)
         await scheduler.stop()
         if owns_store:
             store.close()
 
     app = FastAPI(title="tinkerd", lifespan=lifespan)
+    app.state.download_grants, app.state.remembered_copies = DownloadGrants(), RememberedCopies()
     install_error_handlers(app)
-    for module in (service, training, checkpoints, sampling, futures, rest, export):
+    for module in (service, training, checkpoints, sampling, futures, rest, downloads):
         app.include_router(module.router)
 
     @app.middleware("http")

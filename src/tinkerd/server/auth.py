@@ -7,11 +7,14 @@ from __future__ import annotations
 
 import hashlib
 
-from fastapi import Header, HTTPException, Request
+from fastapi import Depends, Header, HTTPException
+
+from tinkerd.control.plane import ControlPlane
+from tinkerd.server.deps import plane
 
 
-async def caller(request: Request, x_api_key: str | None = Header(default=None)) -> str:
-    keys = request.app.state.tinkerd.config.api_keys
+async def caller(x_api_key: str | None = Header(default=None), st: ControlPlane = Depends(plane)) -> str:
+    keys = st.config.api_keys
     if not x_api_key:
         raise HTTPException(401, "missing X-API-Key header")
     if keys and x_api_key not in keys:

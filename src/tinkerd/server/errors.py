@@ -9,7 +9,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
 from tinkerd.protocol.types import BadRequest
-from tinkerd.server.state import Gone, NotFound
+from tinkerd.control.plane import Gone, NotFound
 
 log = logging.getLogger(__name__)
 

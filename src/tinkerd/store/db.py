@@ -196,7 +196,7 @@ class Store:
     # futures
     def add_future(self, future_id: str, owner: str, kind: str, model_id: str | None = None,
                    seq_id: int | None = None, request: bytes | None = None) -> None:
-        """`request`: what it takes to run the operation again (the journal; see `tinkerd.server.journal`)."""
+        """`request`: what it takes to run the operation again (the journal; see `tinkerd.control.journal`)."""
         self._insert("futures", dict(id=future_id, owner=owner, kind=kind, model_id=model_id, seq_id=seq_id,
                                      state="pending", created=time.time(), request=request))
 

@@ -1,1 +1,3 @@
-"""HTTP routes, one module per area of the API; each route translates wire <-> state/engine calls."""
+"""The HTTP routes, one module per group of the API; shared here: the REST path of one checkpoint."""
+
+CHECKPOINT = "/training_runs/{run_id}/checkpoints/{kind}/{name}"  # the REST checkpoint_id is "{kind}/{name}"

@@ -10,15 +10,17 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, Response
 
 from tinkerd.protocol.requests import RetrieveFutureRequest
+from tinkerd.control.plane import ControlPlane
 from tinkerd.server.auth import caller
+from tinkerd.server.deps import plane
 
 router = APIRouter(prefix="/api/v1")
 PROTOBUF = "application/x-protobuf"
 
 
 @router.post("/retrieve_future")
-async def retrieve_future(body: RetrieveFutureRequest, request: Request, owner: str = Depends(caller)):
-    st = request.app.state.tinkerd
+async def retrieve_future(body: RetrieveFutureRequest, request: Request, owner: str = Depends(caller),
+                          st: ControlPlane = Depends(plane)):
     st.owned(st.store.future(body.request_id), owner, "request_id", body.request_id)
     row = await st.board.wait(body.request_id, st.config.long_poll_seconds)
     if row is None:

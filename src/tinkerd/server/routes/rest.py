@@ -21,20 +21,28 @@ import json
 from datetime import datetime, timezone
 from pathlib import Path
 
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Depends
 
+from tinkerd.control.checkpoints import (
+    KINDS,
+    check_ttl,
+    checkpoint_path,
+    is_expired,
+    owned_checkpoint,
+    purge_expired,
+    readable_checkpoint,
+    remove_checkpoint,
+)
+from tinkerd.control.plane import ControlPlane
+from tinkerd.protocol.paths import parse_tinker_path
 from tinkerd.protocol.requests import Body
-from tinkerd.protocol.sample import parse_tinker_path
 from tinkerd.protocol.types import BadRequest
 from tinkerd.server.auth import caller
-from tinkerd.server.checkpoint_access import is_expired, purge_expired, readable_checkpoint, remove_checkpoint
-from tinkerd.server.state import ServerState
+from tinkerd.server.deps import plane
+from tinkerd.server.routes import CHECKPOINT
 
 router = APIRouter(prefix="/api/v1")
-CHECKPOINT_TYPES = {"weights": "training", "sampler_weights": "sampler", "external_weights": "external"}
 MAX_PAGE = 1000
-MAX_TTL_SECONDS = 10 * 366 * 86400
-CHECKPOINT = "/training_runs/{run_id}/checkpoints/{kind}/{name}"  # checkpoint_id = "{kind}/{name}"
 
 
 class TTLBody(Body):
@@ -70,7 +78,7 @@ def _size_bytes(directory: str) -> int | None:
 def checkpoint_json(row: dict) -> dict:
     return {
         "checkpoint_id": f"{row['kind']}/{row['name']}",
-        "checkpoint_type": CHECKPOINT_TYPES[row["kind"]],
+        "checkpoint_type": KINDS[row["kind"]],
         "time": _iso(row["created"]),
         "tinker_path": row["path"],
         "training_run_id": row["model_id"],  # not in the SDK's type (ignored there); handy for other clients
@@ -81,7 +89,7 @@ def checkpoint_json(row: dict) -> dict:
     }
 
 
-def _run_json(st: ServerState, model: dict, checkpoints: list[dict]) -> dict:
+def _run_json(st: ControlPlane, model: dict, checkpoints: list[dict]) -> dict:
     def newest(kind: str) -> dict | None:
         return next((checkpoint_json(c) for c in checkpoints if c["kind"] == kind), None)
 
@@ -119,13 +127,13 @@ def _cursor(offset: int, limit: int, total: int) -> dict:
     return {"offset": offset, "limit": limit, "total_count": total}
 
 
-def _visible_checkpoints(st: ServerState, model: dict, owner: str) -> list[dict]:
+def _visible_checkpoints(st: ControlPlane, model: dict, owner: str) -> list[dict]:
     """The run's live checkpoints, newest first: all of them for its owner, the published ones for others."""
     rows = [c for c in st.store.model_checkpoints(model["id"]) if not is_expired(c)]
     return rows if model["owner"] == owner else [c for c in rows if c["public"]]
 
 
-def _run(st: ServerState, owner: str, run_id: str, accessible: bool) -> tuple[dict, list[dict]]:
+def _run(st: ControlPlane, owner: str, run_id: str, accessible: bool) -> tuple[dict, list[dict]]:
     """A run and the checkpoints the caller may see; another key's run only if `accessible` and it has
     a published checkpoint."""
     model = st.store.model(run_id)
@@ -137,26 +145,15 @@ def _run(st: ServerState, owner: str, run_id: str, accessible: bool) -> tuple[di
     return model, _visible_checkpoints(st, model, owner)
 
 
-def _owned_checkpoint(st: ServerState, owner: str, run_id: str, kind: str, name: str) -> dict:
-    if kind not in CHECKPOINT_TYPES:
-        raise BadRequest(f"checkpoint_id: expected '<{'|'.join(CHECKPOINT_TYPES)}>/<name>', got {kind + '/' + name!r}")
-    path = f"tinker://{run_id}/{kind}/{name}"
-    row = st.store.checkpoint(path)
-    if row is not None and is_expired(row):
-        row = None
-    return st.owned(row, owner, "checkpoint", path)
-
-
-def _state(request: Request) -> ServerState:
-    return request.app.state.tinkerd
+def _owned_checkpoint(st: ControlPlane, owner: str, run_id: str, kind: str, name: str) -> dict:
+    return owned_checkpoint(st, owner, checkpoint_path(run_id, kind, name))
 
 
 # Routes. Plain `def`: they do blocking SQLite and disk work, so FastAPI runs them in its thread pool.
 
 @router.get("/training_runs")
-def list_training_runs(request: Request, limit: int = 20, offset: int = 0, access_scope: str = "owned",
-                       owner: str = Depends(caller)):
-    st = _state(request)
+def list_training_runs(limit: int = 20, offset: int = 0, access_scope: str = "owned",
+                       owner: str = Depends(caller), st: ControlPlane = Depends(plane)):
     _page(limit, offset)
     accessible = _accessible(access_scope)
     purge_expired(st)
@@ -166,14 +163,13 @@ def list_training_runs(request: Request, limit: int = 20, offset: int = 0, acces
 
 
 @router.get("/training_runs/{run_id}")
-def get_training_run(run_id: str, request: Request, access_scope: str = "owned", owner: str = Depends(caller)):
-    st = _state(request)
+def get_training_run(run_id: str, access_scope: str = "owned", owner: str = Depends(caller),
+                     st: ControlPlane = Depends(plane)):
     return _run_json(st, *_run(st, owner, run_id, _accessible(access_scope)))
 
 
 @router.get("/training_runs/{run_id}/checkpoints")
-def list_run_checkpoints(run_id: str, request: Request, owner: str = Depends(caller)):
-    st = _state(request)
+def list_run_checkpoints(run_id: str, owner: str = Depends(caller), st: ControlPlane = Depends(plane)):
     purge_expired(st)
     _, checkpoints = _run(st, owner, run_id, accessible=True)
     return {"checkpoints": [checkpoint_json(c) for c in checkpoints]}
@@ -182,40 +178,38 @@ def list_run_checkpoints(run_id: str, request: Request, owner: str = Depends(cal
 # `checkpoint_id` is "{kind}/{name}" and names have no "/", so two path segments match it exactly
 # and ".../weights/publish" stays a checkpoint named "publish", not the publish route.
 @router.delete(CHECKPOINT)
-def delete_checkpoint(run_id: str, kind: str, name: str, request: Request, owner: str = Depends(caller)):
-    st = _state(request)
+def delete_checkpoint(run_id: str, kind: str, name: str, owner: str = Depends(caller),
+                      st: ControlPlane = Depends(plane)):
     remove_checkpoint(st, _owned_checkpoint(st, owner, run_id, kind, name))
     return {}
 
 
 @router.post(CHECKPOINT + "/publish")
-def publish_checkpoint(run_id: str, kind: str, name: str, request: Request, owner: str = Depends(caller)):
-    st = _state(request)
+def publish_checkpoint(run_id: str, kind: str, name: str, owner: str = Depends(caller),
+                       st: ControlPlane = Depends(plane)):
     st.store.set_checkpoint_public(_owned_checkpoint(st, owner, run_id, kind, name)["path"], True)
     return {}
 
 
 @router.delete(CHECKPOINT + "/publish")
-def unpublish_checkpoint(run_id: str, kind: str, name: str, request: Request, owner: str = Depends(caller)):
-    st = _state(request)
+def unpublish_checkpoint(run_id: str, kind: str, name: str, owner: str = Depends(caller),
+                         st: ControlPlane = Depends(plane)):
     st.store.set_checkpoint_public(_owned_checkpoint(st, owner, run_id, kind, name)["path"], False)
     return {}
 
 
 @router.put(CHECKPOINT + "/ttl")
-def set_checkpoint_ttl(run_id: str, kind: str, name: str, body: TTLBody, request: Request,
-                       owner: str = Depends(caller)):
-    st = _state(request)
+def set_checkpoint_ttl(run_id: str, kind: str, name: str, body: TTLBody,
+                       owner: str = Depends(caller), st: ControlPlane = Depends(plane)):
     row = _owned_checkpoint(st, owner, run_id, kind, name)
-    if body.ttl_seconds is not None and not 1 <= body.ttl_seconds <= MAX_TTL_SECONDS:
-        raise BadRequest(f"ttl_seconds must be in [1, {MAX_TTL_SECONDS}] or null, got {body.ttl_seconds}")
+    check_ttl(body.ttl_seconds)
     st.store.set_checkpoint_ttl(row["path"], body.ttl_seconds)
     return {}
 
 
 @router.get("/checkpoints")
-def list_user_checkpoints(request: Request, limit: int = 100, offset: int = 0, owner: str = Depends(caller)):
-    st = _state(request)
+def list_user_checkpoints(limit: int = 100, offset: int = 0, owner: str = Depends(caller),
+                          st: ControlPlane = Depends(plane)):
     _page(limit, offset)
     purge_expired(st)
     rows, total = st.store.list_checkpoints(owner, limit, offset)
@@ -223,8 +217,7 @@ def list_user_checkpoints(request: Request, limit: int = 100, offset: int = 0, o
 
 
 @router.post("/weights_info")
-def weights_info(body: WeightsInfoBody, request: Request, owner: str = Depends(caller)):
-    st = _state(request)
+def weights_info(body: WeightsInfoBody, owner: str = Depends(caller), st: ControlPlane = Depends(plane)):
     parse_tinker_path(body.tinker_path, "tinker_path")
     row = readable_checkpoint(st, owner, body.tinker_path)
     lora = (st.store.model(row["model_id"]) or {}).get("lora_config") or {}
@@ -234,9 +227,8 @@ def weights_info(body: WeightsInfoBody, request: Request, owner: str = Depends(c
 
 
 @router.get("/sessions")
-def list_sessions(request: Request, limit: int = 20, offset: int = 0, access_scope: str = "owned",
-                  owner: str = Depends(caller)):
-    st = _state(request)
+def list_sessions(limit: int = 20, offset: int = 0, access_scope: str = "owned",
+                  owner: str = Depends(caller), st: ControlPlane = Depends(plane)):
     _page(limit, offset)
     _accessible(access_scope)
     rows, total = st.store.list_sessions(owner, limit, offset)
@@ -244,8 +236,8 @@ def list_sessions(request: Request, limit: int = 20, offset: int = 0, access_sco
 
 
 @router.get("/sessions/{session_id}")
-def get_session(session_id: str, request: Request, access_scope: str = "owned", owner: str = Depends(caller)):
-    st = _state(request)
+def get_session(session_id: str, access_scope: str = "owned", owner: str = Depends(caller),
+                st: ControlPlane = Depends(plane)):
     _accessible(access_scope)
     session = st.session(session_id, owner)
     return {"training_run_ids": st.store.session_model_ids(session_id),

@@ -1,28 +1,31 @@
-"""Sampling routes: create_sampling_session, samplers/{id} and asample (a future with sequence ids)."""
+"""Sampling routes: create_sampling_session, samplers/{id}, asample (a future with sequence ids) and
+cancel_future. Samples join the scheduler's continuous batch (`control.scheduler.submit_sample`)."""
 
 from __future__ import annotations
 
 import dataclasses
 
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Depends
 from fastapi.responses import JSONResponse
 
-from tinkerd.engine.interface import AdapterRef, SampleRequest as EngineSampleRequest
+from tinkerd.control import lifecycle, recovery
+from tinkerd.control.checkpoints import readable_checkpoint
+from tinkerd.control.plane import ControlPlane
+from tinkerd.control.scheduler import Outcome
+from tinkerd.engine.interface import AdapterRef, SampleTask
+from tinkerd.protocol.paths import parse_tinker_path, sampler_id
 from tinkerd.protocol.requests import CreateSamplingSessionRequest, RetrieveFutureRequest, SampleRequest
-from tinkerd.protocol.sample import encode_sample_pb, parse_tinker_path, prompt_tokens, sample_to_json, sampling_params
+from tinkerd.protocol.sample import encode_sample_pb, prompt_tokens, sample_to_json, sampling_params
 from tinkerd.protocol.tensors import csr_layout, tensor_from_json
 from tinkerd.protocol.types import BadRequest
-from tinkerd.server import journal, lifecycle
 from tinkerd.server.auth import caller
-from tinkerd.server.checkpoint_access import readable_checkpoint
-from tinkerd.server.scheduler import Outcome
-from tinkerd.server.state import ServerState
+from tinkerd.server.deps import plane
 
 router = APIRouter(prefix="/api/v1")
 MAX_SAMPLES_PER_REQUEST = 128
 
 
-def adapter_for_path(st: ServerState, owner: str, model_path: str) -> AdapterRef:
+def adapter_for_path(st: ControlPlane, owner: str, model_path: str) -> AdapterRef:
     _, kind, _ = parse_tinker_path(model_path)
     if kind not in ("sampler_weights", "weights"):
         raise BadRequest(f"model_path: cannot sample from a {kind!r} checkpoint")
@@ -30,7 +33,7 @@ def adapter_for_path(st: ServerState, owner: str, model_path: str) -> AdapterRef
     return AdapterRef(uri=checkpoint["directory"], base_model=checkpoint["base_model"])
 
 
-def adapter_for(st: ServerState, owner: str, model_path: str | None, base_model: str | None, what: str) -> AdapterRef:
+def adapter_for(st: ControlPlane, owner: str, model_path: str | None, base_model: str | None, what: str) -> AdapterRef:
     if model_path:
         return adapter_for_path(st, owner, model_path)
     if base_model:
@@ -39,25 +42,23 @@ def adapter_for(st: ServerState, owner: str, model_path: str | None, base_model:
 
 
 @router.post("/create_sampling_session")
-async def create_sampling_session(body: CreateSamplingSessionRequest, request: Request, owner: str = Depends(caller)):
-    st: ServerState = request.app.state.tinkerd
+async def create_sampling_session(body: CreateSamplingSessionRequest, owner: str = Depends(caller),
+                                  st: ControlPlane = Depends(plane)):
     st.session(body.session_id, owner)
     ref = adapter_for(st, owner, body.model_path, body.base_model, "create_sampling_session")
-    sampler_id = f"{body.session_id}:sample:{body.sampling_session_seq_id}"
-    st.store.add_sampling_session(sampler_id, body.session_id, owner, ref.base_model, body.model_path, ref.uri)
-    return {"type": "create_sampling_session", "sampling_session_id": sampler_id}
+    sampling_session = sampler_id(body.session_id, body.sampling_session_seq_id)
+    st.store.add_sampling_session(sampling_session, body.session_id, owner, ref.base_model, body.model_path, ref.uri)
+    return {"type": "create_sampling_session", "sampling_session_id": sampling_session}
 
 
 @router.get("/samplers/{sampler_id}")
-async def get_sampler(sampler_id: str, request: Request, owner: str = Depends(caller)):
-    st: ServerState = request.app.state.tinkerd
+async def get_sampler(sampler_id: str, owner: str = Depends(caller), st: ControlPlane = Depends(plane)):
     row = st.owned(st.store.sampling_session(sampler_id), owner, "sampler", sampler_id)
     return {"sampler_id": row["id"], "base_model": row["base_model"], "model_path": row["model_path"]}
 
 
 @router.post("/asample")
-async def asample(body: SampleRequest, request: Request, owner: str = Depends(caller)):
-    st: ServerState = request.app.state.tinkerd
+async def asample(body: SampleRequest, owner: str = Depends(caller), st: ControlPlane = Depends(plane)):
     if st.scheduler.pending_samples >= st.config.max_pending_samples:
         return JSONResponse({"detail": "sampling queue is full; retry shortly"}, status_code=429)
     if body.sampling_session_id:
@@ -88,25 +89,24 @@ async def asample(body: SampleRequest, request: Request, owner: str = Depends(ca
                 st.sequences.record(sequence_id, sequence.logprobs)
         return Outcome(json=sample_to_json(result), pb=encode_sample_pb(result, target_layout))
 
-    engine_request = EngineSampleRequest(
-        future_id, ref, tokens, body.num_samples, params, bool(body.prompt_logprobs), body.topk_prompt_logprobs,
-        body.prompt_logprobs_last_n, targets, body.prompt_alt_tokens_k, body.topk_sample_logprobs)
+    task = SampleTask(future_id, ref, tokens, body.num_samples, params, bool(body.prompt_logprobs),
+                      body.topk_prompt_logprobs, body.prompt_logprobs_last_n, targets, body.prompt_alt_tokens_k,
+                      body.topk_sample_logprobs)
 
     def submit(after_replay: bool) -> None:
-        queued = engine_request
-        if after_replay and body.sampling_session_id:  # the replay may have republished its weights under a new name
+        queued = task
+        if after_replay and body.sampling_session_id:  # the replay may have rewritten its weights under a new name
             row = st.store.sampling_session(body.sampling_session_id)
             queued = dataclasses.replace(queued, adapter=AdapterRef(row["adapter_uri"], row["base_model"]))
         st.scheduler.submit_sample(queued, encode, session_id)
 
-    journal.when_recovered(st, ref.uri, submit)
+    recovery.when_recovered(st, ref.uri, submit)
     return {"request_id": future_id, "sample_sequence_ids": sequence_ids}
 
 
 @router.post("/cancel_future")
-async def cancel_future(body: RetrieveFutureRequest, request: Request, owner: str = Depends(caller)):
+async def cancel_future(body: RetrieveFutureRequest, owner: str = Depends(caller), st: ControlPlane = Depends(plane)):
     """Abandoned sample polls: the SDK cancels them, and the rows stop decoding at the next step."""
-    st: ServerState = request.app.state.tinkerd
     st.owned(st.store.future(body.request_id), owner, "request_id", body.request_id)
     st.scheduler.cancel_sample(body.request_id)
     return {}
