@@ -232,3 +232,21 @@ def next_token_logprobs(sampler, requests: list[tuple[list[int], list[int]]], to
         top = dict(f.result().sequences[0].topk_logprobs[0])
         out.append([top.get(t, min(top.values())) for t in options])
     return out
+
+
+def grpo_data(prompts: list[list[int]], groups: list, rewards: list[list[float]]) -> list[types.Datum]:
+    """GRPO-style policy-gradient data: each prompt's sampled answers with advantage = reward - the group's mean.
+    A group whose answers all scored the same carries no signal and is left out."""
+    data = []
+    for prompt, seqs, rs in zip(prompts, groups, rewards):
+        mean = sum(rs) / len(rs)
+        if any(r != mean for r in rs):
+            data += [rl_datum(prompt, s.tokens, s.logprobs, r - mean) for s, r in zip(seqs, rs)]
+    return data
+
+
+def yes_probability(grader, tokenizer, prompts: list[list[int]]) -> list[float]:
+    """A model grader's verdict on each prompt (a Yes/No question): P(Yes) against P(No) as its next token."""
+    options = [tokenizer.encode(v, add_special_tokens=False)[0] for v in ("Yes", "No")]
+    scores = next_token_logprobs(grader, [(p, options) for p in prompts])
+    return [1 / (1 + math.exp(no - yes)) for yes, no in scores]

@@ -21,15 +21,14 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import random
 import re
 
 from tqdm import tqdm
 
 from cookbook.common import (BaseConfig, MetricsLogger, adam, completion_tokens, decode, log_dir_for, messages,
-                             next_token_logprobs, parse_config, prompt_tokens, rl_datum, sample_all, service_client,
-                             sft_datum, stop_params)
+                             parse_config, prompt_tokens, rl_datum, sample_all, service_client, sft_datum,
+                             stop_params, yes_probability)
 
 CATEGORIES = ["fruit", "colour", "animal", "country", "city", "vegetable", "metal", "flower", "tree", "bird", "fish",
               "sport", "planet", "month", "drink", "tool", "vehicle", "shape", "season", "language", "job", "insect",
@@ -66,14 +65,9 @@ def grader_prompt(tokenizer, reply: str) -> list[int]:
     return prompt_tokens(tokenizer, messages(f'Count the words in: "{reply}". Is it a single word? Answer Yes or No.'))
 
 
-def verdict_tokens(tokenizer) -> list[int]:
-    return [tokenizer.encode(v, add_special_tokens=False)[0] for v in ("Yes", "No")]
-
-
 def grade(grader, tokenizer, replies: list[str]) -> list[float]:
     """The grader's P(Yes) for each reply (Yes against No)."""
-    scores = next_token_logprobs(grader, [(grader_prompt(tokenizer, r), verdict_tokens(tokenizer)) for r in replies])
-    return [1 / (1 + math.exp(no - yes)) for yes, no in scores]
+    return yes_probability(grader, tokenizer, [grader_prompt(tokenizer, r) for r in replies])
 
 
 def agreement(verdicts: list[float], replies: list[str]) -> float:

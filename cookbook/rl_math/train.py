@@ -19,8 +19,8 @@ import re
 from tinker import types
 from tqdm import tqdm
 
-from cookbook.common import (BaseConfig, MetricsLogger, decode, log_dir_for, messages, parse_config, prompt_tokens,
-                             sample_all, service_client, stop_params)
+from cookbook.common import (BaseConfig, MetricsLogger, decode, grpo_data, log_dir_for, messages, parse_config,
+                             prompt_tokens, sample_all, service_client, stop_params)
 
 SYSTEM = "You are a calculator. Reply with only the final number."
 
@@ -60,15 +60,6 @@ def accuracy(sampler, tokenizer, problems, temperature: float, num_samples: int,
     return sum(scores) / len(scores)
 
 
-def rl_datum(prompt: list[int], tokens: list[int], logprobs: list[float], advantage: float) -> types.Datum:
-    """Targets are prompt + sampled tokens shifted by one; only sampled positions get the advantage."""
-    n = len(prompt) - 1
-    return types.Datum(model_input=types.ModelInput.from_ints(prompt + tokens[:-1]),
-                       loss_fn_inputs={"target_tokens": prompt[1:] + tokens,
-                                       "logprobs": [0.0] * n + list(logprobs),
-                                       "advantages": [0.0] * n + [advantage] * len(tokens)})
-
-
 def main(config: Config) -> dict:
     log_dir = log_dir_for(config, "rl_math")
     rng = random.Random(config.seed)
@@ -100,15 +91,10 @@ def main(config: Config) -> dict:
             params = stop_params(tokenizer, config.max_tokens, temperature=1.0, seed=rng.randrange(2**31))
             groups = sample_all(sampler, prompts, params, num_samples=config.group_size)
 
-            data, rewards, lengths = [], [], []
-            for (a, b), prompt, seqs in zip(problems, prompts, groups):
-                rs = [reward(decode(tokenizer, s.tokens), a, b) for s in seqs]
-                mean = sum(rs) / len(rs)
-                rewards += rs
-                lengths += [len(s.tokens) for s in seqs]
-                if all(r == mean for r in rs):
-                    continue  # every answer scored the same: no signal in this group
-                data += [rl_datum(prompt, s.tokens, s.logprobs, r - mean) for s, r in zip(seqs, rs)]
+            scores = [[reward(decode(tokenizer, s.tokens), a, b) for s in seqs] for (a, b), seqs in zip(problems, groups)]
+            data = grpo_data(prompts, groups, scores)  # groups that all scored the same carry no signal
+            rewards = [r for rs in scores for r in rs]
+            lengths = [len(s.tokens) for seqs in groups for s in seqs]
             metrics = {"train_reward": sum(rewards) / len(rewards), "answer_tokens": sum(lengths) / len(lengths),
                        "groups_with_signal": len(data) / config.group_size / len(problems)}
             if data:

@@ -1,4 +1,4 @@
-"""The `tinkerd` command: `serve` the API, and offline views of a data dir: `runs`, `checkpoints`, `export`.
+"""The `tinkerd` command: `serve` the API, `tune` a file into an adapter (`tinkerd.jobs.tune`), and offline views of a data dir: `runs`, `checkpoints`, `export`.
 
 `serve` opens the Store (`DATA_DIR/tinkerd.sqlite3`, or `--store URL`: SQLite or PostgreSQL), loads
 the base model(s) and starts the HTTP server. `runs` and `checkpoints` print plain aligned tables
@@ -97,8 +97,17 @@ def _parser() -> argparse.ArgumentParser:
                        help="with N > 1 (embedded engine, CPU): train in an FSDP2 group of N processes over gloo, the "
                             "base model sharded over them; this process keeps a copy for sampling the adapter version "
                             "folders (docs/scale-out.md). --threads is then per rank (default 1)")
+    serve.add_argument("--jobs-per-key", type=int, default=1, metavar="N",
+                       help="task-level jobs (POST /api/v1/jobs, docs/jobs.md) running at once per API key; the rest "
+                            "queue (default 1; 0: no limit)")
+    serve.add_argument("--job-max-file-mb", type=float, default=32.0, metavar="MB",
+                       help="largest data file a job may bring (default 32)")
     serve.add_argument("--log-level", default="info")
 
+    from tinkerd.jobs.tune import add_arguments as tune_arguments
+
+    tune_arguments(sub.add_parser("tune", help="hand tinkerd a data file (sft, dpo, or rl with a grader) and get back "
+                                               "a tuned adapter that is measurably better (docs/jobs.md)"))
     runs = sub.add_parser("runs", help="list training runs (every API key's) with their checkpoint counts")
     _data_dir_arg(runs)
     checkpoints = sub.add_parser("checkpoints", help="list checkpoints: path, kind, size, created, public, expires")
@@ -160,7 +169,9 @@ def serve(args: argparse.Namespace) -> None:
                           parked_state_ttl_seconds=args.parked_state_ttl,
                           batch_gather_seconds=args.batch_gather_ms / 1000,
                           shutdown_park_seconds=args.shutdown_park_seconds,
-                          restore_point_every_steps=args.restore_point_every)
+                          restore_point_every_steps=args.restore_point_every,
+                          jobs_url=f"http://{'127.0.0.1' if args.host in ('0.0.0.0', '::', '') else args.host}:{args.port}",
+                          jobs_per_key=args.jobs_per_key, job_max_file_bytes=int(args.job_max_file_mb * 2**20))
     app = create_app(config, engine.trainer, engine.sampler, store)
     logging.getLogger("tinkerd").info("serving %s on http://%s:%d (store: %s; %s)", ", ".join(engine.names),
                                       args.host, args.port, store.description, engine.where)
@@ -311,6 +322,10 @@ def main(argv: list[str] | None = None) -> None:
     if args.command == "serve":
         serve(args)
         return
+    if args.command == "tune":
+        from tinkerd.jobs.tune import tune
+
+        raise SystemExit(tune(args))
     commands = {"runs": list_runs, "checkpoints": list_checkpoints, "export": export}
     try:
         print(commands[args.command](args))

@@ -10,6 +10,7 @@ DATA_DIR/
   snapshots/<run>/<seq_id>/  restore points of the request journal (journal; the folder keeps its
                              older name so data dirs of earlier versions still recover)
   adapters/<run>/v<N>.<gen>/ adapter versions written for an out-of-process sampler (vLLM, FSDP groups)
+  jobs/<job>/                a task-level job's data.jsonl, its checked rows.json and runner.log
 ```
 Run ids hold ':' (`<session>:train:<n>`), which becomes '_' in folder names. Knows the layout, not
 what is written inside.
@@ -55,6 +56,10 @@ class DataDir:
     def restore_points(self, model_id: str) -> Path:
         """A run's restore points, one folder per seq_id, and the pointer to the newest."""
         return self.restore_points_root / _folder(model_id)
+
+    @property
+    def jobs(self) -> Path:
+        return self.root / "jobs"
 
     @property
     def versions(self) -> Path:

@@ -21,6 +21,7 @@ from fastapi import FastAPI, Request, Response
 from tinkerd.control.checkpoints import RememberedCopies, purge_expired
 from tinkerd.control.downloads import DownloadGrants
 from tinkerd.control.futures import FutureBoard
+from tinkerd.control.jobs.manager import JobManager
 from tinkerd.control.lifecycle import adopt_parked, park_all, sweep_forever
 from tinkerd.control.metrics import ServerMetrics
 from tinkerd.control.plane import ControlPlane, ServerConfig
@@ -28,10 +29,17 @@ from tinkerd.control.recovery import rebuild, recover
 from tinkerd.control.scheduler import Scheduler
 from tinkerd.engine.interface import Sampler, Trainer
 from tinkerd.server.errors import install_error_handlers
-from tinkerd.server.routes import checkpoints, downloads, futures, rest, sampling, service, training
+from tinkerd.server.routes import checkpoints, downloads, futures, jobs, rest, sampling, service, training
 from tinkerd.store.db import Store, open_store
 
 log = logging.getLogger("tinkerd.http")
+
+
+async def _run_jobs(manager: JobManager, every_seconds: float = 0.5) -> None:
+    """The job queue's loop, in the event loop's thread on purpose (see `JobManager`)."""
+    while True:
+        manager.tick()
+        await asyncio.sleep(every_seconds)
 
 
 async def _purge_expired_checkpoints(state: ControlPlane, every_seconds: float = 600.0) -> None:
@@ -72,9 +80,17 @@ def create_app(config: ServerConfig, trainer: Trainer, sampler: Sampler, store: 
         if lost or stale:
             log.warning("%d sample requests (answered 410: resend) and %d other requests were left in flight by the "
                         "previous server process", lost, stale)
+        app.state.jobs = JobManager(store, config.paths.jobs, config.jobs_url,
+                                    {m.name: (m.tokenizer_id, m.max_context_length) for m in trainer.base_models()},
+                                    config.jobs_per_key, config.job_max_file_bytes)
+        if app.state.jobs.resume_all():
+            log.info("jobs left running by the previous process resume from their last state checkpoint")
+        job_loop = asyncio.get_running_loop().create_task(_run_jobs(app.state.jobs))
         janitor = asyncio.get_running_loop().create_task(_purge_expired_checkpoints(app.state.tinkerd))
         sweeper = asyncio.get_running_loop().create_task(sweep_forever(app.state.tinkerd))
         yield
+        job_loop.cancel()
+        app.state.jobs.stop_all()
         janitor.cancel()
         sweeper.cancel()
         if config.parked_state_ttl_seconds > 0 and config.shutdown_park_seconds > 0:
@@ -88,7 +104,7 @@ def create_app(config: ServerConfig, trainer: Trainer, sampler: Sampler, store: 
     app = FastAPI(title="tinkerd", lifespan=lifespan)
     app.state.download_grants, app.state.remembered_copies = DownloadGrants(), RememberedCopies()
     install_error_handlers(app)
-    for module in (service, training, checkpoints, sampling, futures, rest, downloads):
+    for module in (service, training, checkpoints, sampling, futures, rest, downloads, jobs):
         app.include_router(module.router)
 
     @app.middleware("http")

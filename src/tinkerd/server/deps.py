@@ -10,11 +10,16 @@ from fastapi import Request
 
 from tinkerd.control.checkpoints import RememberedCopies
 from tinkerd.control.downloads import DownloadGrants
+from tinkerd.control.jobs.manager import JobManager
 from tinkerd.control.plane import ControlPlane
 
 
 async def plane(request: Request) -> ControlPlane:
     return request.app.state.tinkerd
+
+
+async def jobs(request: Request) -> JobManager:
+    return request.app.state.jobs
 
 
 async def download_grants(request: Request) -> DownloadGrants:

@@ -48,6 +48,11 @@ CREATE TABLE IF NOT EXISTS checkpoints (
     name TEXT NOT NULL, directory TEXT NOT NULL, base_model TEXT NOT NULL, created REAL NOT NULL,
     public INTEGER NOT NULL DEFAULT 0, expires_at REAL, user_metadata TEXT
 );
+CREATE TABLE IF NOT EXISTS jobs (
+    id TEXT PRIMARY KEY, owner TEXT NOT NULL, kind TEXT NOT NULL, status TEXT NOT NULL, created REAL NOT NULL,
+    started REAL, finished REAL, job_spec TEXT NOT NULL, job_progress TEXT, job_result TEXT, job_resume TEXT,
+    token_hash TEXT, model_id TEXT, error TEXT
+);
 """
 
 # Columns added after the first release: databases created before them get them by ALTER TABLE.
@@ -66,10 +71,13 @@ CREATE INDEX IF NOT EXISTS sessions_owner ON sessions(owner, created);
 CREATE INDEX IF NOT EXISTS sampling_sessions_session ON sampling_sessions(session_id);
 CREATE INDEX IF NOT EXISTS checkpoints_model ON checkpoints(model_id, created);
 CREATE INDEX IF NOT EXISTS checkpoints_owner ON checkpoints(owner, created);
+CREATE INDEX IF NOT EXISTS jobs_owner ON jobs(owner, created);
+CREATE INDEX IF NOT EXISTS jobs_status ON jobs(status, created);
 CREATE INDEX IF NOT EXISTS checkpoints_expiry ON checkpoints(expires_at) WHERE expires_at IS NOT NULL;
 """
 
-_JSON_COLUMNS = {"tags", "user_metadata", "lora_config", "result_json"}
+_JSON_COLUMNS = {"tags", "user_metadata", "lora_config", "result_json", "job_spec", "job_progress", "job_result",
+                 "job_resume"}
 
 
 def open_store(url: str | None, data_dir: Path) -> "Store":
@@ -277,6 +285,30 @@ class Store:
 
     def delete_checkpoint(self, path: str) -> None:
         self._execute("DELETE FROM checkpoints WHERE path = ?", (path,))
+
+    # task-level jobs (`tinkerd.control.jobs`): a row per job; the job's runner reports into it
+    def add_job(self, job_id: str, owner: str, kind: str, job_spec: dict) -> None:
+        self._insert("jobs", dict(id=job_id, owner=owner, kind=kind, status="queued", created=time.time(),
+                                  job_spec=job_spec))
+
+    def job(self, job_id: str) -> dict | None:
+        return self._one("SELECT * FROM jobs WHERE id = ?", (job_id,))
+
+    def list_jobs(self, owner: str, limit: int, offset: int) -> tuple[list[dict], int]:
+        return self._page("jobs", "owner = ?", (owner,), limit, offset)
+
+    def jobs_in(self, statuses: tuple[str, ...]) -> list[dict]:
+        """Every owner's jobs in these states, oldest first (the job queue)."""
+        marks = ", ".join("?" * len(statuses))
+        return self._all(f"SELECT * FROM jobs WHERE status IN ({marks}) ORDER BY created, rowid", statuses)
+
+    def job_for_token(self, token_hash: str) -> dict | None:
+        return self._one("SELECT * FROM jobs WHERE token_hash = ?", (token_hash,))
+
+    def update_job(self, job_id: str, **fields: Any) -> None:
+        """Sets the given columns (JSON columns take dicts)."""
+        values = tuple(json.dumps(v) if k in _JSON_COLUMNS and v is not None else v for k, v in fields.items())
+        self._execute(f"UPDATE jobs SET {', '.join(f'{k} = ?' for k in fields)} WHERE id = ?", (*values, job_id))
 
     # operator views across every API key (the CLI)
     def all_models(self) -> list[dict]:
