@@ -8,7 +8,7 @@ DEMO_PORT ?= 8765
 export HF_HUB_OFFLINE := 1
 export TINKER_TELEMETRY := 0
 
-.PHONY: setup demo test test-ray serve bench cookbook-report clean
+.PHONY: setup demo test test-ray test-jobs serve bench cookbook-report clean
 
 setup: $(STAMP)
 
@@ -32,6 +32,10 @@ test: setup
 test-ray: setup
 	$(PY) -m pip install --quiet --disable-pip-version-check -e ".[ray]"
 	RAY_USAGE_STATS_ENABLED=0 $(PY) -m pytest tests/ray tests/contract -m ray
+
+# The task-level jobs on the embedded model, heavy ones included (dpo, rl, kill -9 mid-job; a few minutes here).
+test-jobs: setup
+	TINKERD_JOB_TESTS=1 $(PY) -m pytest tests/jobs
 
 # Benchmarks against the peers in one run (minutes; not part of make test). Writes bench/RESULTS.md.
 bench: setup

@@ -7,6 +7,7 @@ inside functions):
     backends -> engine, protocol                               (never control/ or server/)
     engine -> protocol                                         (never backends/, control/, server/, HTTP)
     store, protocol -> nothing of tinkerd's above them; never torch
+    jobs (the job runner, a client of the server) -> control.jobs' pure rules only; nothing imports jobs but cli
     nothing imports cli
 """
 
@@ -83,6 +84,14 @@ def test_engine_is_the_compute_core_only():
 def test_store_and_protocol_stand_alone_without_torch():
     assert violations("store", (), TORCH | HTTP) == []
     assert violations("protocol", (), TORCH | HTTP) == []
+
+
+def test_the_job_runner_is_a_client_and_nobody_imports_it():
+    """A job talks to the server through the SDK and the job routes, never through its insides; the server starts
+    it as a process by module name."""
+    assert violations("jobs", ("tinkerd.control.jobs.plan", "tinkerd.local_server")) == []
+    for layer in ("server", "control", "backends", "engine", "store", "protocol"):
+        assert [(p, n) for p, names in layer_imports(layer).items() for n in names if n.startswith("tinkerd.jobs")] == []
 
 
 def test_nothing_imports_the_command_line():

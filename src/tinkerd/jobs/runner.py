@@ -133,13 +133,14 @@ def run(job: dict, rows: list[dict], service: tinker.ServiceClient, reporter: Re
         extra = {"seed": seed * 1_000_003 + step} if job["kind"] == "rl" else {}
         metrics = {"step": step, **task.step(training, idx, lr, **extra), "lr": lr}
         step_seconds = time.time() - t0
-        if step % plan["eval_every"] == 0 or step == plan["steps"]:
+        evaluate = step % plan["eval_every"] == 0 or step == plan["steps"]
+        if evaluate:
             t0 = time.time()
-            held = task.evaluate(training)
-            metrics.update(held)
+            metrics.update(task.evaluate(training))
             eval_seconds = time.time() - t0
-            checkpoint(held)
         progress["metrics"].append({**metrics, "elapsed_s": round(elapsed(), 1)})
+        if evaluate:  # after the row is in `metrics`: the resume state holds every step up to its checkpoint
+            checkpoint({k: v for k, v in metrics.items() if k.startswith("held_out")})
         reply = reporter.report(job_progress={**progress, "step": step, "elapsed_s": elapsed()})
         if reply["cancel"]:
             progress.update(phase="done", stopped="cancelled")
