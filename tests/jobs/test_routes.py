@@ -79,3 +79,25 @@ def test_a_job_token_is_its_owner_while_the_job_runs(client):
     assert client.post(f"/api/v1/jobs/{queued['id']}/report", json={"status": "succeeded"},
                        headers=as_runner).json()["status"] == "succeeded"
     assert client.get(f"/api/v1/jobs/{queued['id']}", headers=as_runner).status_code == 401  # erased at the end
+
+
+def test_a_restart_requeues_running_jobs_and_a_dead_runner_fails_its_job(client, tmp_path):
+    manager, store = client.app.state.jobs, client.st.store
+    running, cancelling, dead = job(client).json(), job(client).json(), job(client, headers=BOB).json()
+    store.update_job(running["id"], status="running", token_hash="old")
+    store.update_job(cancelling["id"], status="cancelling")
+    manager.resume_all()
+    assert store.job(running["id"])["status"] == "queued" and store.job(running["id"])["token_hash"] is None
+    assert store.job(cancelling["id"])["status"] == "cancelled"
+
+    class Exited:
+        returncode = 3
+
+        def poll(self):
+            return 3
+    store.update_job(dead["id"], status="running")
+    manager.folder(dead["id"]).joinpath("runner.log").write_text("Traceback ...\nRuntimeError: boom\n")
+    manager.procs[dead["id"]] = Exited()
+    manager.tick()
+    failed = client.get(f"/api/v1/jobs/{dead['id']}", headers=BOB).json()
+    assert failed["status"] == "failed" and "exited with code 3" in failed["error"] and "boom" in failed["error"]

@@ -223,6 +223,22 @@ def test_checkpoints(store):
     store.delete_checkpoint("tinker://m/weights/a")  # deleting twice is harmless
 
 
+def test_jobs(store):
+    with frozen_clock(100.0):
+        store.add_job("j1", "alice", "sft", {"kind": "sft", "budget": {"steps": 3}})
+        store.add_job("j2", "alice", "rl", {"kind": "rl"})
+        store.add_job("j3", "bob", "dpo", {"kind": "dpo"})
+    row = store.job("j1")
+    assert (row["status"], row["job_spec"], row["job_progress"], row["token_hash"]) == (
+        "queued", {"kind": "sft", "budget": {"steps": 3}}, None, None)
+    store.update_job("j1", status="running", token_hash="h1", job_progress={"step": 2}, job_resume={"step": 2})
+    assert store.job("j1")["job_progress"] == {"step": 2} and store.job_for_token("h1")["id"] == "j1"
+    assert store.job_for_token("nope") is None
+    assert _ids(store.jobs_in(("queued",))) == ["j2", "j3"]  # creation order, ties by insertion
+    rows, total = store.list_jobs("alice", 10, 0)
+    assert _ids(rows) == ["j2", "j1"] and total == 2  # newest first
+
+
 def test_rows_survive_a_reopen(store_url, tmp_path):
     store = open_store(store_url, tmp_path)
     store.add_session("s", "alice", "0.38.0", ["t"], {"k": 1})

@@ -93,11 +93,10 @@ def follow(http: httpx.Client, job_id: str) -> dict:
                 shown_plan = True
                 tqdm.write("plan: " + ", ".join(f"{k} {v}" for k, v in job["plan"].items() if k != "reasons"))
                 bar = tqdm(total=job["plan"]["steps"], desc=job["kind"], unit="step")
-            if bar is not None:
+            if bar is not None and (job["progress"]["step"] or 0) > bar.n:
+                last = (job["evals"] or {}).get("last") or {}
+                bar.set_postfix({k: round(v, 4) for k, v in last.items() if k.startswith("held_out")}, refresh=False)
                 bar.update((job["progress"]["step"] or 0) - bar.n)
-                last = (job["evals"] or {}).get("last")
-                if last:
-                    bar.set_postfix({k: round(v, 4) for k, v in last.items() if k.startswith("held_out")})
             if job["status"] in ("succeeded", "failed", "cancelled"):
                 return job
             time.sleep(2)

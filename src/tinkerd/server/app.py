@@ -5,8 +5,9 @@ on its way down are adopted (`lifecycle`), runs it left behind in a crash are re
 restore points and request journal (`recovery`), and the futures still pending after that fail with a
 clear error instead of hanging their pollers (sample requests: 410, resend). At shutdown, loaded
 runs are parked.
-Background tasks: expired checkpoints are purged, and training runs of finished or lapsed
-sessions are unloaded (`lifecycle`). Knows how the pieces of `control` fit the app's life; the work
+Background tasks: expired checkpoints are purged, training runs of finished or lapsed
+sessions are unloaded (`lifecycle`), and the job queue starts job runners, resuming the jobs a previous
+process left running (`control.jobs.manager`). Knows how the pieces of `control` fit the app's life; the work
 itself is theirs (no torch, no engine internals).
 """
 
