@@ -28,7 +28,7 @@ from tinkerd.control.recovery import rebuild, recover
 from tinkerd.control.scheduler import Scheduler
 from tinkerd.engine.interface import Sampler, Trainer
 from tinkerd.server.errors import install_error_handlers
-from tinkerd.server.routes import checkpoints, downloads, futures, rest, sampling, service, training
+from tinkerd.server.routes import checkpoints, downloads, futures, openai, rest, sampling, service, training
 from tinkerd.store.db import Store, open_store
 
 log = logging.getLogger("tinkerd.http")
@@ -90,6 +90,8 @@ def create_app(config: ServerConfig, trainer: Trainer, sampler: Sampler, store: 
     install_error_handlers(app)
     for module in (service, training, checkpoints, sampling, futures, rest, downloads):
         app.include_router(module.router)
+    for prefix in openai.PREFIXES:
+        app.include_router(openai.router, prefix=prefix)
 
     @app.middleware("http")
     async def log_requests(request: Request, call_next):

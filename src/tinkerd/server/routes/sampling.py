@@ -9,11 +9,11 @@ from fastapi import APIRouter, Depends
 from fastapi.responses import JSONResponse
 
 from tinkerd.control import lifecycle, recovery
-from tinkerd.control.checkpoints import readable_checkpoint
+from tinkerd.control.checkpoints import sampling_adapter
 from tinkerd.control.plane import ControlPlane
 from tinkerd.control.scheduler import Outcome
 from tinkerd.engine.interface import AdapterRef, SampleTask
-from tinkerd.protocol.paths import parse_tinker_path, sampler_id
+from tinkerd.protocol.paths import sampler_id
 from tinkerd.protocol.requests import CreateSamplingSessionRequest, RetrieveFutureRequest, SampleRequest
 from tinkerd.protocol.sample import encode_sample_pb, prompt_tokens, sample_to_json, sampling_params
 from tinkerd.protocol.tensors import csr_layout, tensor_from_json
@@ -25,17 +25,9 @@ router = APIRouter(prefix="/api/v1")
 MAX_SAMPLES_PER_REQUEST = 128
 
 
-def adapter_for_path(st: ControlPlane, owner: str, model_path: str) -> AdapterRef:
-    _, kind, _ = parse_tinker_path(model_path)
-    if kind not in ("sampler_weights", "weights"):
-        raise BadRequest(f"model_path: cannot sample from a {kind!r} checkpoint")
-    checkpoint = readable_checkpoint(st, owner, model_path)
-    return AdapterRef(uri=checkpoint["directory"], base_model=checkpoint["base_model"])
-
-
 def adapter_for(st: ControlPlane, owner: str, model_path: str | None, base_model: str | None, what: str) -> AdapterRef:
     if model_path:
-        return adapter_for_path(st, owner, model_path)
+        return sampling_adapter(st, owner, model_path)
     if base_model:
         return AdapterRef(uri=None, base_model=st.base_model(base_model).name)
     raise BadRequest(f"{what} needs sampling_session_id, model_path or base_model")
