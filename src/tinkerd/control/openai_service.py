@@ -11,7 +11,7 @@ Streaming: on a `StreamingSampler` (the embedded one) each decode step's tokens 
 sampler that only reports finished requests (Ray, vLLM) streams the whole answer as one chunk at the
 end. A client that goes away (the stream is closed, or a non-streaming request's connection drops)
 cancels its rows, which stop decoding at the next step. Knows no HTTP: the route hands in a
-`disconnected()` probe and writes what comes back.
+`client_gone()` coroutine (it returns when the client has closed the connection) and writes what comes back.
 """
 
 from __future__ import annotations
@@ -33,8 +33,7 @@ from tinkerd.control.sample_channel import LOST, USER, SampleChannel, SampleEven
 from tinkerd.engine.interface import AdapterRef, BaseModelInfo, SampleTask
 from tinkerd.protocol.types import BadRequest, SampleResult, SamplingParams
 
-Disconnected = Callable[[], Awaitable[bool]]
-POLL_SECONDS = 1.0  # how often a waiting request checks that its client is still there
+ClientGone = Callable[[], Awaitable[None]]  # returns once the client has closed its connection
 RETRY_AFTER_SECONDS = 1
 
 
@@ -75,7 +74,7 @@ class Reply:
                      sum(choice.generated for _, choice in self.choices.values()))
 
 
-async def chat_completion(st: ControlPlane, owner: str, body: dict, disconnected: Disconnected) -> dict | AsyncIterator[str]:
+async def chat_completion(st: ControlPlane, owner: str, body: dict, client_gone: ClientGone) -> dict | AsyncIterator[str]:
     request = chat_request(body)
     ref, info = resolve_model(st, owner, request.generation.model)
     tokenizer = await _tokenizer(st, info)
@@ -85,17 +84,17 @@ async def chat_completion(st: ControlPlane, owner: str, body: dict, disconnected
         raise invalid("messages", f"the chat template of {info.name!r} refused them: {exc}") from None
     reply = Reply(st, True, request.generation, tokenizer, [_task(request.generation, ref, info, prompt, "messages")],
                   f"chatcmpl-{uuid.uuid4().hex}")
-    return await _answer(reply, disconnected)
+    return await _answer(reply, client_gone)
 
 
-async def text_completion(st: ControlPlane, owner: str, body: dict, disconnected: Disconnected) -> dict | AsyncIterator[str]:
+async def text_completion(st: ControlPlane, owner: str, body: dict, client_gone: ClientGone) -> dict | AsyncIterator[str]:
     request = completion_request(body)
     ref, info = resolve_model(st, owner, request.generation.model)
     tokenizer = await _tokenizer(st, info)
     prompts = [tokenizer.encode(p) if isinstance(p, str) else list(p) for p in request.prompts]
     tasks = [_task(request.generation, ref, info, prompt, "prompt") for prompt in prompts]
     return await _answer(Reply(st, False, request.generation, tokenizer, tasks, f"cmpl-{uuid.uuid4().hex}"),
-                         disconnected)
+                         client_gone)
 
 
 async def _tokenizer(st: ControlPlane, info: BaseModelInfo) -> ChatTokenizer:
@@ -123,7 +122,7 @@ def _task(gen: Generation, ref: AdapterRef, info: BaseModelInfo, prompt: list[in
                       topk_sample_logprobs=gen.top_logprobs if gen.logprobs else 0, stream=gen.stream)
 
 
-async def _answer(reply: Reply, disconnected: Disconnected) -> dict | AsyncIterator[str]:
+async def _answer(reply: Reply, client_gone: ClientGone) -> dict | AsyncIterator[str]:
     st = reply.st
     if st.scheduler.pending_samples + len(reply.tasks) > st.config.max_pending_samples:
         raise OpenAIError(429, f"the sampling queue is full ({st.config.max_pending_samples} requests); retry "
@@ -132,40 +131,41 @@ async def _answer(reply: Reply, disconnected: Disconnected) -> dict | AsyncItera
     channel = SampleChannel()
     for task in reply.tasks:
         st.scheduler.submit_sample(task, None, channel=channel)
+    gone = asyncio.ensure_future(client_gone())
     try:
-        first = await _next_event(reply, channel, disconnected)
+        event = await _next_event(channel, gone)
+        if reply.generation.stream:
+            return _stream(reply, channel, event, gone)  # which cancels `gone` when it ends
+        while True:
+            _apply(reply, event)
+            if reply.done:
+                return _body(reply)
+            event = await _next_event(channel, gone)
     except BaseException:
         reply.cancel_unfinished("the request failed or its client went away")
         raise
-    if reply.generation.stream:
-        return _stream(reply, channel, first, disconnected)
-    event = first
-    while True:
-        _apply(reply, event)
-        if reply.done:
-            return _body(reply)
-        try:
-            event = await _next_event(reply, channel, disconnected)
-        except BaseException:
-            reply.cancel_unfinished("the request failed or its client went away")
-            raise
+    finally:
+        if not reply.generation.stream:
+            gone.cancel()
 
 
-class ClientGone(Exception):
-    """The client closed its connection while its request was running."""
+class ClientLeft(OpenAIError):
+    """The client closed its connection while its request was running (nobody reads the answer: nginx's 499)."""
+
+    def __init__(self) -> None:
+        super().__init__(499, "the client closed the connection", type="client_closed_request")
 
 
-async def _next_event(reply: Reply, channel: SampleChannel, disconnected: Disconnected) -> SampleEvent:
-    """The next event of the reply's requests; an error event raises `OpenAIError`."""
-    while True:
-        event = await channel.next(POLL_SECONDS)
-        if event is None:
-            if await disconnected():
-                raise ClientGone()
-            continue
-        if event.error is not None:
-            raise _error(event)
-        return event
+async def _next_event(channel: SampleChannel, gone: asyncio.Future) -> SampleEvent:
+    """The next event of the reply's requests; an error event raises `OpenAIError`, a departed client `ClientLeft`."""
+    event = asyncio.ensure_future(channel.next())
+    await asyncio.wait({event, gone}, return_when=asyncio.FIRST_COMPLETED)
+    if not event.done():
+        event.cancel()
+        raise ClientLeft()
+    if event.result().error is not None:
+        raise _error(event.result())
+    return event.result()
 
 
 def _error(event: SampleEvent) -> OpenAIError:
@@ -245,7 +245,7 @@ def _chunk(reply: Reply, choices: list[dict], with_usage: bool = False) -> str:
     return f"data: {json.dumps(chunk)}\n\n"
 
 
-async def _stream(reply: Reply, channel: SampleChannel, first: SampleEvent, disconnected: Disconnected) -> AsyncIterator[str]:
+async def _stream(reply: Reply, channel: SampleChannel, first: SampleEvent, gone: asyncio.Future) -> AsyncIterator[str]:
     """Server-sent events: a first chunk per choice (the role; echoed prompt), deltas as tokens come, each
     choice's finish_reason, the usage chunk if asked, then `[DONE]`. Closing it early cancels the rows."""
     try:
@@ -262,7 +262,7 @@ async def _stream(reply: Reply, channel: SampleChannel, first: SampleEvent, disc
             if reply.done:
                 break
             try:
-                event = await _next_event(reply, channel, disconnected)
+                event = await _next_event(channel, gone)
             except OpenAIError as exc:  # the status line is sent: report the error in the stream
                 yield f"data: {json.dumps(exc.body())}\n\n"
                 break
@@ -270,4 +270,5 @@ async def _stream(reply: Reply, channel: SampleChannel, first: SampleEvent, disc
             yield _chunk(reply, [], with_usage=True)
         yield "data: [DONE]\n\n"
     finally:
+        gone.cancel()
         reply.cancel_unfinished("the client closed the stream")

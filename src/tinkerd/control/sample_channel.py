@@ -46,9 +46,5 @@ class SampleChannel:
     def failed(self, request_id: str, error: str, category: str) -> None:
         self._events.put_nowait(SampleEvent(request_id, error=error, category=category))
 
-    async def next(self, timeout: float | None = None) -> SampleEvent | None:
-        """The next event; None if none came within `timeout` seconds."""
-        try:
-            return await asyncio.wait_for(self._events.get(), timeout)
-        except asyncio.TimeoutError:
-            return None
+    async def next(self) -> SampleEvent:
+        return await self._events.get()

@@ -30,6 +30,14 @@ async def json_body(request: Request) -> dict:
     return body
 
 
+def client_gone(request: Request):
+    """A coroutine function returning once the client has closed the connection (its body is read already)."""
+    async def wait() -> None:
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+    return wait
+
+
 def respond(answer):
     """A body as JSON, or server-sent events for a stream."""
     if isinstance(answer, dict):
@@ -50,9 +58,9 @@ async def model(model: str, owner: str = Depends(bearer_caller), st: ControlPlan
 
 @router.post("/chat/completions")
 async def chat_completions(request: Request, owner: str = Depends(bearer_caller), st: ControlPlane = Depends(plane)):
-    return respond(await chat_completion(st, owner, await json_body(request), request.is_disconnected))
+    return respond(await chat_completion(st, owner, await json_body(request), client_gone(request)))
 
 
 @router.post("/completions")
 async def completions(request: Request, owner: str = Depends(bearer_caller), st: ControlPlane = Depends(plane)):
-    return respond(await text_completion(st, owner, await json_body(request), request.is_disconnected))
+    return respond(await text_completion(st, owner, await json_body(request), client_gone(request)))
