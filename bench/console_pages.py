@@ -75,7 +75,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp, console_client(Path(tmp)) as client:
         st = client.app.state.tinkerd
         started = time.perf_counter()
-        fill_store(st.store, identity(st, KEY))
+        fill_store(st.store, identity(KEY))
         fill_seconds = time.perf_counter() - started
         client.post("/signin", data={"api_key": KEY, "next": "/"}, follow_redirects=False)
         figures = {}

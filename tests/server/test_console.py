@@ -160,7 +160,7 @@ def test_the_sdks_console_urls_open_here_with_the_host_swapped(api, trained):
 
 
 def test_pages_render_with_200_runs_and_10000_steps(api):
-    owner = identity(api.st, "tml-owner")
+    owner = identity("tml-owner")
     fill_store(api.st.store, owner)
     _sign_in(api)
     first = api.get("/")

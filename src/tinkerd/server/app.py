@@ -32,7 +32,7 @@ from tinkerd.control.scheduler import Scheduler
 from tinkerd.engine.interface import Sampler, Trainer
 from tinkerd.server.console import pages, signin
 from tinkerd.server.errors import install_error_handlers
-from tinkerd.server.routes import checkpoints, curves, downloads, futures, rest, sampling, service, training
+from tinkerd.server.routes import checkpoints, curves, downloads, futures, openai, rest, sampling, service, training
 from tinkerd.store.db import Store, open_store
 
 log = logging.getLogger("tinkerd.http")
@@ -95,6 +95,8 @@ def create_app(config: ServerConfig, trainer: Trainer, sampler: Sampler, store: 
     install_error_handlers(app)
     for module in (service, training, checkpoints, sampling, futures, curves, rest, downloads, signin, pages):
         app.include_router(module.router)
+    for prefix in openai.PREFIXES:
+        app.include_router(openai.router, prefix=prefix)
     app.mount("/console/static", StaticFiles(directory=Path(pages.__file__).parent / "static"), name="console-static")
 
     @app.exception_handler(signin.SignInRequired)

@@ -271,6 +271,11 @@ class Store:
     def list_checkpoints(self, owner: str, limit: int, offset: int) -> tuple[list[dict], int]:
         return self._page("checkpoints", "owner = ?", (owner,), limit, offset)
 
+    def readable_sampler_checkpoints(self, owner: str) -> list[dict]:
+        """Sampler checkpoints `owner` created or anyone published, newest first (expired ones too)."""
+        return self._all("SELECT * FROM checkpoints WHERE kind = 'sampler_weights' AND (owner = ? OR public = 1) "
+                         "ORDER BY created DESC, rowid DESC", (owner,))
+
     def set_checkpoint_public(self, path: str, public: bool) -> None:
         self._execute("UPDATE checkpoints SET public = ? WHERE path = ?", (int(public), path))
 

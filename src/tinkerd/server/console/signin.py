@@ -13,7 +13,7 @@ from fastapi import APIRouter, Depends, HTTPException, Request
 from fastapi.responses import RedirectResponse
 
 from tinkerd.control.plane import ControlPlane
-from tinkerd.server.auth import KEY_COOKIE, csrf_token, identity
+from tinkerd.server.auth import KEY_COOKIE, csrf_token, identity, key_problem
 from tinkerd.server.console.render import render
 from tinkerd.server.deps import plane
 
@@ -35,11 +35,9 @@ class Viewer:
 
 async def viewer(request: Request, st: ControlPlane = Depends(plane)) -> Viewer:
     key = request.cookies.get(KEY_COOKIE)
-    try:
-        owner = identity(st, key)
-    except HTTPException:
-        raise SignInRequired(request.url.path + (f"?{request.url.query}" if request.url.query else "")) from None
-    return Viewer(key, owner, csrf_token(request, key))
+    if key_problem(key, st.config.api_keys, "cookie"):
+        raise SignInRequired(request.url.path + (f"?{request.url.query}" if request.url.query else ""))
+    return Viewer(key, identity(key), csrf_token(request, key))
 
 
 def _safe_next(url: str | None) -> str:
@@ -60,11 +58,10 @@ def sign_in_page(request: Request, next: str = "/"):
 async def sign_in(request: Request, st: ControlPlane = Depends(plane)):
     form = {k: v[0] for k, v in parse_qs((await request.body()).decode(errors="replace")).items()}
     key, next_url = form.get("api_key", "").strip(), _safe_next(form.get("next"))
-    try:
-        identity(st, key)
-    except HTTPException as exc:
+    problem = key_problem(key, st.config.api_keys, "API key")
+    if problem:
         return render(request, "signin.html", None, status_code=401, next=next_url,
-                      error=f"That key was refused: {exc.detail}.")
+                      error=f"That key was refused: {problem}.")
     response = RedirectResponse(next_url, status_code=303)
     response.set_cookie(KEY_COOKIE, key, max_age=COOKIE_SECONDS, httponly=True, samesite="strict",
                         secure=request.url.scheme == "https", path="/")

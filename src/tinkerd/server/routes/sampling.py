@@ -10,7 +10,7 @@ from fastapi import APIRouter, Depends
 from fastapi.responses import JSONResponse
 
 from tinkerd.control import curves, lifecycle, recovery
-from tinkerd.control.checkpoints import readable_checkpoint
+from tinkerd.control.checkpoints import sampling_adapter
 from tinkerd.control.plane import ControlPlane
 from tinkerd.control.scheduler import Outcome
 from tinkerd.engine.interface import AdapterRef, SampleTask, snapshot_run
@@ -26,17 +26,9 @@ router = APIRouter(prefix="/api/v1")
 MAX_SAMPLES_PER_REQUEST = 128
 
 
-def adapter_for_path(st: ControlPlane, owner: str, model_path: str) -> AdapterRef:
-    _, kind, _ = parse_tinker_path(model_path)
-    if kind not in ("sampler_weights", "weights"):
-        raise BadRequest(f"model_path: cannot sample from a {kind!r} checkpoint")
-    checkpoint = readable_checkpoint(st, owner, model_path)
-    return AdapterRef(uri=checkpoint["directory"], base_model=checkpoint["base_model"])
-
-
 def adapter_for(st: ControlPlane, owner: str, model_path: str | None, base_model: str | None, what: str) -> AdapterRef:
     if model_path:
-        return adapter_for_path(st, owner, model_path)
+        return sampling_adapter(st, owner, model_path)
     if base_model:
         return AdapterRef(uri=None, base_model=st.base_model(base_model).name)
     raise BadRequest(f"{what} needs sampling_session_id, model_path or base_model")
