@@ -69,6 +69,9 @@ def test_the_console_shows_a_run_its_curves_checkpoint_and_playground_to_its_key
     datum = _sft_datum(training.get_tokenizer(), "What is the capital of Plorbia?", "The capital of Plorbia is Vemsk.")
     losses = [_step(training, datum) for _ in range(4)]
     saved = training.save_weights_for_sampler("console").result()
+    sampled = service.create_sampling_client(model_path=saved.path).result().sample(
+        types.ModelInput.from_ints(datum.model_input.to_ints()[:12]), num_samples=2,
+        sampling_params=types.SamplingParams(max_tokens=8, temperature=1.0, seed=1)).result()
     run_id = training.model_id
     shots = tmp_path / "screenshots"
     shots.mkdir()
@@ -90,6 +93,8 @@ def test_the_console_shows_a_run_its_curves_checkpoint_and_playground_to_its_key
     assert [p[0] for p in points] == [1, 2, 3, 4]
     assert [p[1] for p in points] == pytest.approx(losses, rel=1e-6)  # the losses the SDK received
     assert len(page.eval_on_selector("#chart-lr", "el => el.chartPoints")) == 4
+    assert page.eval_on_selector("#chart-sampled", "el => el.chartPoints") == [
+        [1, sum(len(seq.tokens) for seq in sampled.sequences)]]
     box = page.locator("#chart-loss svg").bounding_box()
     page.mouse.move(box["x"] + box["width"] - 12, box["y"] + box["height"] / 2)  # hover near the last step
     tip = page.locator("#chart-loss .tip")
@@ -133,6 +138,7 @@ def test_the_console_shows_a_run_its_curves_checkpoint_and_playground_to_its_key
     logprobs = [float(tokens.nth(i).get_attribute("data-logprob")) for i in range(tokens.count())]
     assert all(lp <= 0 for lp in logprobs)
     assert "logprob" in tokens.first.get_attribute("title")
+    tokens.nth(min(5, tokens.count() - 1)).hover()  # its logprob shows above it
     page.screenshot(path=str(shots / "playground.png"), full_page=True)
 
     stranger = browser.new_page(viewport={"width": 1280, "height": 860})

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -13,11 +12,17 @@ templates = Jinja2Templates(directory=str(Path(__file__).parent / "templates"))
 
 
 def _when(value) -> str:
-    """An ISO time or Unix seconds as 'YYYY-MM-DD HH:MM:SS' UTC; '' for none."""
+    """An ISO time or Unix seconds as 'YYYY-MM-DD HH:MM:SS UTC'; '' for none."""
     if value in (None, ""):
         return ""
     moment = datetime.fromisoformat(value) if isinstance(value, str) else datetime.fromtimestamp(value, timezone.utc)
-    return moment.astimezone(timezone.utc).strftime("%Y-%m-%d %H:%M:%S")
+    return moment.astimezone(timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
+
+
+def _short(value) -> str:
+    """The same time as 'Dec 03 13:57' (UTC), for tables."""
+    full = _when(value)
+    return datetime.strptime(full, "%Y-%m-%d %H:%M:%S UTC").strftime("%b %d %H:%M") if full else ""
 
 
 def _size(n) -> str:
@@ -29,7 +34,7 @@ def _size(n) -> str:
         n /= 1024
 
 
-templates.env.filters.update(when=_when, size=_size, tojson_compact=lambda v: json.dumps(v, separators=(",", ":")))
+templates.env.filters.update(when=_when, short=_short, size=_size)
 
 
 def render(request: Request, name: str, who, status_code: int = 200, **context):

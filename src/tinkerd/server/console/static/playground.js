@@ -25,7 +25,7 @@
         span.className = "tok";
         span.textContent = entry.token;
         span.dataset.logprob = entry.logprob;
-        span.title = `logprob ${entry.logprob.toFixed(3)} · p ${(Math.exp(entry.logprob) * 100).toFixed(1)} %`;
+        span.title = span.dataset.tip = `logprob ${entry.logprob.toFixed(3)} · p ${(Math.exp(entry.logprob) * 100).toFixed(1)} %`;
         target.appendChild(span);
       }
     } else if (delta) {
