@@ -122,6 +122,11 @@ def test_the_console_shows_a_run_its_curves_checkpoint_and_playground_to_its_key
     page.goto(f"{server.url}/sessions")
     assert page.locator("tr[data-session]").count() == 1
     page.screenshot(path=str(shots / "sessions.png"), full_page=True)
+    page.click("tr[data-session] a")
+    page.wait_for_function("document.getElementById('train-rate').textContent !== '–'")
+    assert float(page.inner_text("#train-rate")) > 0 and page.inner_text("#in-flight") == "0"
+    assert run_id in page.inner_text("main")
+    page.screenshot(path=str(shots / "session.png"), full_page=True)
 
     page.goto(saved.get_console_url().replace(CONSOLE, server.url))
     page.click("#open-playground")

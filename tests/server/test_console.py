@@ -180,3 +180,22 @@ def test_pages_render_with_200_runs_and_10000_steps(api):
     assert len(curves["forward_backward"]["loss:sum"]) == 4000 and len(curves["optim_step"]["learning_rate"]) == 4000
     assert api.get("/checkpoints/bench-s0:train:0/sampler_weights/final").status_code == 200
     assert api.get("/sessions/bench-s0").status_code == 200
+
+
+def test_the_playgrounds_chat_route_takes_the_cookie_only_with_the_csrf_token(api, trained):
+    _sign_in(api)
+    body = {"model": trained["path"], "messages": [{"role": "user", "content": "hi"}], "stream": True}
+    refused = api.post("/v1/chat/completions", json=body)
+    assert refused.status_code == 403 and "CSRF" in refused.text
+    assert api.post("/v1/chat/completions", json=body, headers={"X-CSRF-Token": "f" * 32}).status_code == 403
+
+
+def test_runs_and_sessions_show_finished_once_the_client_closes(api, trained):
+    _sign_in(api)
+    assert 'class="badge active" id="run-status">active<' in api.get(f"/training_runs/{trained['model_id']}").text
+    assert api.post(f"/api/v1/sessions/{trained['session']}/finish", headers=KEY).status_code == 200
+    assert '<span class="badge finished" id="run-status">finished</span>' in api.get(
+        f"/training_runs/{trained['model_id']}").text
+    assert trained["model_id"] in api.get("/?status=finished").text
+    assert trained["model_id"] not in api.get("/?status=active").text
+    assert trained["session"] in api.get("/sessions?status=finished").text
