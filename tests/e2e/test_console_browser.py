@@ -15,7 +15,7 @@ import pytest
 import tinker
 from tinker import types
 
-from tests.e2e.conftest import EMBEDDED
+from tests.e2e.conftest import EMBEDDED, sft_datum
 
 pytestmark = pytest.mark.slow
 
@@ -38,16 +38,6 @@ def browser():
         browser.close()
 
 
-def _sft_datum(tokenizer, question: str, answer: str) -> types.Datum:
-    msgs = [{"role": "user", "content": question}]
-    prompt = tokenizer.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True, return_dict=False)
-    full = tokenizer.apply_chat_template(msgs + [{"role": "assistant", "content": answer}], tokenize=True,
-                                         return_dict=False)
-    weights = [0.0] * (len(prompt) - 1) + [1.0] * (len(full) - len(prompt))
-    return types.Datum(model_input=types.ModelInput.from_ints(full[:-1]),
-                       loss_fn_inputs={"target_tokens": full[1:], "weights": weights})
-
-
 def _step(training, datum) -> float:
     fwd = training.forward_backward([datum], "cross_entropy")
     opt = training.optim_step(types.AdamParams(learning_rate=1e-3))
@@ -66,7 +56,7 @@ def test_the_console_shows_a_run_its_curves_checkpoint_and_playground_to_its_key
     service = tinker.ServiceClient(base_url=server.url, api_key=OWNER)
     training = service.create_lora_training_client(base_model=EMBEDDED, rank=8, seed=0,
                                                    user_metadata={"recipe": "console-test"}).result()
-    datum = _sft_datum(training.get_tokenizer(), "What is the capital of Plorbia?", "The capital of Plorbia is Vemsk.")
+    datum = sft_datum(training.get_tokenizer(), "What is the capital of Plorbia?", "The capital of Plorbia is Vemsk.")
     losses = [_step(training, datum) for _ in range(4)]
     saved = training.save_weights_for_sampler("console").result()
     sampled = service.create_sampling_client(model_path=saved.path).result().sample(
