@@ -11,8 +11,8 @@
       if (!response.ok) return;
       const m = await response.json();
       document.getElementById("in-flight").textContent = m.in_flight_samples;
-      document.getElementById("train-rate").textContent = formatNumber(sum(m.train_tokens_per_s) / m.train_tokens_per_s.length);
-      document.getElementById("sample-rate").textContent = formatNumber(sum(m.sample_tokens_per_s) / m.sample_tokens_per_s.length);
+      document.getElementById("train-rate").textContent = axisNumber(sum(m.train_tokens_per_s) / m.train_tokens_per_s.length);
+      document.getElementById("sample-rate").textContent = axisNumber(sum(m.sample_tokens_per_s) / m.sample_tokens_per_s.length);
       const seconds = i => -60 + (i + 1) * m.bucket_seconds;
       lineChart(document.getElementById("chart-train-rate"), m.train_tokens_per_s.map((v, i) => [seconds(i), v]), { xLabel: "s" });
       lineChart(document.getElementById("chart-sample-rate"), m.sample_tokens_per_s.map((v, i) => [seconds(i), v]), { xLabel: "s" });
