@@ -16,6 +16,7 @@ from bench.console_pages import fill_store
 from tinkerd.server.auth import KEY_COOKIE, identity
 from tinkerd.store.db import open_store
 from tests.app_client import future_result
+from tests.openai_tokenizer import write_char_tokenizer
 
 KEY = {"X-API-Key": "tml-owner"}
 PB = {**KEY, "Content-Type": "application/x-protobuf"}
@@ -182,12 +183,22 @@ def test_pages_render_with_200_runs_and_10000_steps(api):
     assert api.get("/sessions/bench-s0").status_code == 200
 
 
-def test_the_playgrounds_chat_route_takes_the_cookie_only_with_the_csrf_token(api, trained):
+def test_the_playgrounds_chat_route_takes_the_cookie_with_the_csrf_token_and_records_its_tokens(api, trained,
+                                                                                               tmp_path):
+    api.st.tokenizers.folders["tiny"] = write_char_tokenizer(tmp_path / "tokenizer")
     _sign_in(api)
-    body = {"model": trained["path"], "messages": [{"role": "user", "content": "hi"}], "stream": True}
+    csrf = _csrf(api.get("/playground").text)
+    body = {"model": trained["path"], "messages": [{"role": "user", "content": "hi"}], "stream": True,
+            "logprobs": True, "max_tokens": 5, "temperature": 1.0, "seed": 2}
     refused = api.post("/v1/chat/completions", json=body)
     assert refused.status_code == 403 and "CSRF" in refused.text
     assert api.post("/v1/chat/completions", json=body, headers={"X-CSRF-Token": "f" * 32}).status_code == 403
+    streamed = api.post("/v1/chat/completions", json=body, headers={"X-CSRF-Token": csrf})
+    assert streamed.status_code == 200 and streamed.headers["content-type"].startswith("text/event-stream")
+    assert '"logprob"' in streamed.text and streamed.text.rstrip().endswith("data: [DONE]")
+    whole = api.post("/v1/chat/completions", json={**body, "stream": False}, headers=KEY).json()
+    sampled = api.get(f"/api/v1/training_runs/{trained['model_id']}/curves", headers=KEY).json()["series"]["sample"]
+    assert sampled["tokens"][-1] == whole["usage"]["completion_tokens"] and len(sampled["tokens"]) == 2
 
 
 def test_runs_and_sessions_show_finished_once_the_client_closes(api, trained):
