@@ -97,6 +97,9 @@ def test_sign_in_sets_an_httponly_strict_cookie_and_pages_need_it(api, trained):
     assert r.status_code == 303 and r.headers["location"] == "/signin?next=%2Ftraining_runs"
     r = api.post("/signin", data={"api_key": "not-a-key", "next": "/"}, follow_redirects=False)
     assert r.status_code == 401 and "That key was refused" in r.text and KEY_COOKIE not in r.cookies
+    r = api.post("/signin", data={"api_key": "tml-attacker"}, headers={"Origin": "https://evil.example"},
+                 follow_redirects=False)
+    assert r.status_code == 403 and KEY_COOKIE not in r.cookies
     r = api.post("/signin", data={"api_key": "tml-owner", "next": "//evil.example/"}, follow_redirects=False)
     assert r.headers["location"] == "/"  # only paths on this server
     cookie = r.headers["set-cookie"]

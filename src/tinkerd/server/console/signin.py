@@ -1,5 +1,8 @@
 """Sign in with an API key (a form; the key goes into an HttpOnly, SameSite=Strict cookie) and sign out.
 
+A sign-in posted from another site's page (its `Origin` names another host than `Host`) is refused, so no page elsewhere
+can sign a visitor in under its own key; sign-out needs the page's CSRF token.
+
 `viewer` is what every page depends on: the signed-in key and its owner id, or `SignInRequired`, which
 the app answers with a redirect to the sign-in page.
 """
@@ -7,7 +10,7 @@ the app answers with a redirect to the sign-in page.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from urllib.parse import parse_qs, quote
+from urllib.parse import parse_qs, quote, urlsplit
 
 from fastapi import APIRouter, Depends, HTTPException, Request
 from fastapi.responses import RedirectResponse
@@ -56,6 +59,9 @@ def sign_in_page(request: Request, next: str = "/"):
 
 @router.post("/signin")
 async def sign_in(request: Request, st: ControlPlane = Depends(plane)):
+    origin = request.headers.get("origin")
+    if origin and urlsplit(origin).netloc != request.headers.get("host"):  # another site signing you in as them
+        raise HTTPException(403, "sign in from this server's own page")
     form = {k: v[0] for k, v in parse_qs((await request.body()).decode(errors="replace")).items()}
     key, next_url = form.get("api_key", "").strip(), _safe_next(form.get("next"))
     problem = key_problem(key, st.config.api_keys, "API key")
