@@ -136,6 +136,7 @@ def test_another_key_sees_none_of_it_until_a_checkpoint_is_published(api, traine
     runs = api.get("/")
     assert trained["model_id"] not in runs.text and "No training runs yet" in runs.text and "make demo" in runs.text
     assert "No sessions yet" in api.get("/sessions").text and "No checkpoints yet" in api.get("/checkpoints").text
+    assert trained["path"] not in api.get("/playground").text
     for url in (f"/training_runs/{trained['model_id']}", f"/sessions/{trained['session']}",
                 f"/checkpoints/{trained['model_id']}/sampler_weights/final"):
         assert api.get(url).status_code == 404, url
@@ -147,6 +148,7 @@ def test_another_key_sees_none_of_it_until_a_checkpoint_is_published(api, traine
     assert run.status_code == 200 and "owner only" in run.text and 'id="delete"' not in run.text
     checkpoint = api.get(f"/checkpoints/{trained['model_id']}/sampler_weights/final")
     assert checkpoint.status_code == 200 and 'id="delete"' not in checkpoint.text and 'id="publish"' not in checkpoint.text
+    assert f'<option value="{trained["path"]}"' in api.get("/playground").text  # others' published ones too
 
 
 def test_the_sdks_console_urls_open_here_with_the_host_swapped(api, trained):

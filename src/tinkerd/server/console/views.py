@@ -96,6 +96,9 @@ def checkpoint(st: ControlPlane, owner: str, run_id: str, checkpoint_id: str) ->
 
 def samplable(st: ControlPlane, owner: str) -> dict:
     """What the playground can sample: the served base models and every readable sampler / state checkpoint."""
-    mine = rest.list_user_checkpoints(ALL, 0, owner=owner, st=st)["checkpoints"]
-    paths = [c["tinker_path"] for c in mine if c["checkpoint_type"] in ("sampler", "training")]
+    rows = rest.list_user_checkpoints(ALL, 0, owner=owner, st=st)["checkpoints"]
+    for run in rest.list_training_runs(ALL, 0, "accessible", owner=owner, st=st)["training_runs"]:
+        if run["model_owner"] != owner:  # another key's run: only its published checkpoints are listed
+            rows += rest.list_run_checkpoints(run["training_run_id"], owner=owner, st=st)["checkpoints"]
+    paths = [c["tinker_path"] for c in rows if c["checkpoint_type"] in ("sampler", "training")]
     return {"base_models": sorted(st.base_models), "checkpoints": paths}
