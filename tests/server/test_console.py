@@ -215,3 +215,15 @@ def test_runs_and_sessions_show_finished_once_the_client_closes(api, trained):
     assert trained["model_id"] in api.get("/?status=finished").text
     assert trained["model_id"] not in api.get("/?status=active").text
     assert trained["session"] in api.get("/sessions?status=finished").text
+
+
+def test_a_lapsed_session_and_a_parked_or_unloaded_run_say_so(api, trained):
+    _sign_in(api)
+    status = lambda: re.search(r'id="run-status">(\w+)<', api.get(f"/training_runs/{trained['model_id']}").text)[1]
+    api.st.runs.parked[trained["model_id"]] = 0.0  # as `lifecycle.park` leaves it: state on disk, next request restores
+    assert status() == "parked"
+    del api.st.runs.parked[trained["model_id"]]
+    api.st.scheduler.close_model(trained["model_id"])  # unloaded without parking (a restart without --shutdown-park)
+    assert status() == "lapsed"
+    api.st.config.session_timeout_seconds = 0.0
+    assert trained["session"] in api.get("/sessions?status=lapsed").text
