@@ -27,6 +27,7 @@ function lineChart(element, points, options = {}) {
   const title = options.title || element.dataset.title || "";
   const xLabel = options.xLabel || "step";
   element.chartPoints = points;
+  element.chartOptions = options;
   element.innerHTML = "";
   const head = document.createElement("div");
   head.style.display = "flex";
@@ -42,14 +43,15 @@ function lineChart(element, points, options = {}) {
     return;
   }
   head.lastChild.textContent = `latest ${formatNumber(points[points.length - 1][1])}`;
-  const W = 340, H = 180, L = 58, R = 10, T = 10, B = 24;
+  const W = Math.max(240, element.clientWidth - 28), H = 180, L = 58, R = 10, T = 10, B = 24;  // one unit a pixel
   const xs = points.map(p => p[0]), ys = points.map(p => p[1]);
-  let x0 = Math.min(...xs), x1 = Math.max(...xs), y0 = Math.min(...ys), y1 = Math.max(...ys);
+  const low = v => v.reduce((a, b) => Math.min(a, b)), high = v => v.reduce((a, b) => Math.max(a, b));
+  let x0 = low(xs), x1 = high(xs), y0 = low(ys), y1 = high(ys);  // not Math.min(...v): 100k+ points overflow it
   if (x0 === x1) { x0 -= 1; x1 += 1; }
   if (y0 === y1) { const pad = Math.abs(y0) * 0.1 || 1; y0 -= pad; y1 += pad; }
   const sx = x => L + (x - x0) / (x1 - x0) * (W - L - R);
   const sy = y => T + (1 - (y - y0) / (y1 - y0)) * (H - T - B);
-  const svg = svgNode("svg", { viewBox: `0 0 ${W} ${H}`, preserveAspectRatio: "none", role: "img",
+  const svg = svgNode("svg", { viewBox: `0 0 ${W} ${H}`, role: "img",
                                "aria-label": title }, element);
   for (let i = 0; i <= 3; i++) {  // horizontal grid lines with their values
     const y = y0 + (y1 - y0) * i / 3;
@@ -78,11 +80,22 @@ function lineChart(element, points, options = {}) {
     tip.dataset.step = px;
     tip.dataset.value = py;
     tip.style.display = "block";
-    const left = (sx(px) / W) * box.width + svg.offsetLeft;
-    tip.style.left = `${Math.min(left + 8, element.clientWidth - tip.offsetWidth - 4)}px`;
-    tip.style.top = `${svg.offsetTop + (sy(py) / H) * box.height - 28}px`;
+    const host = element.getBoundingClientRect();  // the tip is placed inside the chart's box (SVG has no offsetTop)
+    const left = box.left - host.left + (sx(px) / W) * box.width;
+    tip.style.left = `${Math.max(4, Math.min(left + 8, element.clientWidth - tip.offsetWidth - 4))}px`;
+    tip.style.top = `${box.top - host.top + (sy(py) / H) * box.height - 30}px`;
   });
   svg.addEventListener("mouseleave", () => {
     tip.style.display = "none"; cross.setAttribute("visibility", "hidden"); dot.setAttribute("visibility", "hidden");
   });
 }
+
+let resizing = null;  // charts are drawn at their pixel width: redraw them when the window changes size
+window.addEventListener("resize", () => {
+  clearTimeout(resizing);
+  resizing = setTimeout(() => {
+    for (const chart of document.querySelectorAll(".chart")) {
+      if (chart.chartPoints) lineChart(chart, chart.chartPoints, chart.chartOptions);
+    }
+  }, 150);
+});
