@@ -53,6 +53,10 @@ CREATE TABLE IF NOT EXISTS jobs (
     started REAL, finished REAL, job_spec TEXT NOT NULL, job_progress TEXT, job_result TEXT, job_resume TEXT,
     token_hash TEXT, model_id TEXT, error TEXT
 );
+CREATE TABLE IF NOT EXISTS steps (
+    owner TEXT NOT NULL, session_id TEXT, model_id TEXT, seq_id INTEGER, kind TEXT NOT NULL,
+    created REAL NOT NULL, metrics TEXT NOT NULL
+);
 """
 
 # Columns added after the first release: databases created before them get them by ALTER TABLE.
@@ -74,10 +78,14 @@ CREATE INDEX IF NOT EXISTS checkpoints_owner ON checkpoints(owner, created);
 CREATE INDEX IF NOT EXISTS jobs_owner ON jobs(owner, created);
 CREATE INDEX IF NOT EXISTS jobs_status ON jobs(status, created);
 CREATE INDEX IF NOT EXISTS checkpoints_expiry ON checkpoints(expires_at) WHERE expires_at IS NOT NULL;
+CREATE UNIQUE INDEX IF NOT EXISTS steps_model_seq ON steps(model_id, seq_id)
+    WHERE model_id IS NOT NULL AND seq_id IS NOT NULL;
+CREATE INDEX IF NOT EXISTS steps_model ON steps(model_id) WHERE model_id IS NOT NULL;
+CREATE INDEX IF NOT EXISTS steps_session ON steps(session_id, created) WHERE session_id IS NOT NULL;
 """
 
-_JSON_COLUMNS = {"tags", "user_metadata", "lora_config", "result_json", "job_spec", "job_progress", "job_result",
-                 "job_resume"}
+_JSON_COLUMNS = {"tags", "user_metadata", "lora_config", "result_json", "metrics", "job_spec", "job_progress",
+                 "job_result", "job_resume"}
 
 
 def open_store(url: str | None, data_dir: Path) -> "Store":
@@ -271,6 +279,11 @@ class Store:
     def list_checkpoints(self, owner: str, limit: int, offset: int) -> tuple[list[dict], int]:
         return self._page("checkpoints", "owner = ?", (owner,), limit, offset)
 
+    def readable_sampler_checkpoints(self, owner: str) -> list[dict]:
+        """Sampler checkpoints `owner` created or anyone published, newest first (expired ones too)."""
+        return self._all("SELECT * FROM checkpoints WHERE kind = 'sampler_weights' AND (owner = ? OR public = 1) "
+                         "ORDER BY created DESC, rowid DESC", (owner,))
+
     def set_checkpoint_public(self, path: str, public: bool) -> None:
         self._execute("UPDATE checkpoints SET public = ? WHERE path = ?", (int(public), path))
 
@@ -309,6 +322,28 @@ class Store:
         """Sets the given columns (JSON columns take dicts)."""
         values = tuple(json.dumps(v) if k in _JSON_COLUMNS and v is not None else v for k, v in fields.items())
         self._execute(f"UPDATE jobs SET {', '.join(f'{k} = ?' for k in fields)} WHERE id = ?", (*values, job_id))
+
+    # steps: what each training request and sample measured (the console's curves, `tinkerd.control.curves`)
+    def add_step(self, owner: str, session_id: str | None, model_id: str | None, seq_id: int | None, kind: str,
+                 metrics: dict[str, float]) -> None:
+        """One measured request; a run's seq_id is recorded once (a replay after a crash adds nothing)."""
+        values = (owner, session_id, model_id, seq_id, kind, time.time(), json.dumps(metrics))
+        self._execute("INSERT INTO steps (owner, session_id, model_id, seq_id, kind, created, metrics) "
+                      "VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING", values)
+
+    def run_steps(self, model_id: str, after: int = 0) -> list[dict]:
+        """A run's steps in the order they were recorded, after the cursor `after` (a row's `cursor`)."""
+        with self._lock:
+            rows = self._db.execute("SELECT rowid AS cursor, seq_id, kind, created, metrics FROM steps "
+                                    "WHERE model_id = ? AND rowid > ? ORDER BY rowid", (model_id, after)).fetchall()
+        metrics = json.loads("[" + ",".join(r["metrics"] for r in rows) + "]")  # one parse: 10,000 rows in ms
+        return [{"cursor": r["cursor"], "seq_id": r["seq_id"], "kind": r["kind"], "created": r["created"],
+                 "metrics": m} for r, m in zip(rows, metrics)]
+
+    def session_steps(self, session_id: str, since: float) -> list[dict]:
+        """A session's steps (its runs' and its samplers') recorded at or after `since`, oldest first."""
+        return self._all("SELECT kind, created, metrics FROM steps WHERE session_id = ? AND created >= ? "
+                         "ORDER BY created", (session_id, since))
 
     # operator views across every API key (the CLI)
     def all_models(self) -> list[dict]:
