@@ -1,4 +1,5 @@
-"""The `tinkerd` command: `serve` the API, `tune` a file into an adapter (`tinkerd.jobs.tune`), and offline views of a data dir: `runs`, `checkpoints`, `export`.
+"""The `tinkerd` command: `serve` the API, `tune` a file into an adapter (`tinkerd.jobs.tune`), and offline views
+of a data dir: `runs`, `checkpoints`, `export`.
 
 `serve` opens the Store (`DATA_DIR/tinkerd.sqlite3`, or `--store URL`: SQLite or PostgreSQL), loads
 the base model(s) and starts the HTTP server. `runs` and `checkpoints` print plain aligned tables
@@ -170,7 +171,8 @@ def serve(args: argparse.Namespace) -> None:
                           batch_gather_seconds=args.batch_gather_ms / 1000,
                           shutdown_park_seconds=args.shutdown_park_seconds,
                           restore_point_every_steps=args.restore_point_every,
-                          jobs_url=f"http://{'127.0.0.1' if args.host in ('0.0.0.0', '::', '') else args.host}:{args.port}",
+                          jobs_url=f"http://{'127.0.0.1' if args.host in ('0.0.0.0', '::', '') else args.host}"
+                                   f":{args.port}",
                           jobs_per_key=args.jobs_per_key, job_max_file_bytes=int(args.job_max_file_mb * 2**20))
     app = create_app(config, engine.trainer, engine.sampler, store)
     logging.getLogger("tinkerd").info("serving %s on http://%s:%d (store: %s; %s)", ", ".join(engine.names),

@@ -57,4 +57,5 @@ class Grader:
             return [rule_reward(self.spec, r, ref) for r, ref in zip(replies, references)]
         questions = [self.spec["rubric"].replace("{reply}", r).replace("{reference}", "" if ref is None else str(ref))
                      for r, ref in zip(replies, references)]
-        return yes_probability(self.model, self.tokenizer, [prompt_tokens(self.tokenizer, messages(q)) for q in questions])
+        prompts = [prompt_tokens(self.tokenizer, messages(q)) for q in questions]
+        return yes_probability(self.model, self.tokenizer, prompts)

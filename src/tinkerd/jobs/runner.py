@@ -69,6 +69,7 @@ def hidden_size(tokenizer_id: str) -> int:
 
 
 def run(job: dict, rows: list[dict], service: tinker.ServiceClient, reporter: Reporter) -> None:
+    started = time.time()  # the minutes budget counts loading, tokenising and dpo's reference pass too
     hp, resume = job["hyperparameters"], job.get("resume") or {}
     seed = hp.get("seed", 0)
     train_idx, held_idx = held_out_split(len(rows), seed, hp.get("held_out_fraction", 0.10))
@@ -80,19 +81,19 @@ def run(job: dict, rows: list[dict], service: tinker.ServiceClient, reporter: Re
     tokenizer = training.get_tokenizer()
     state = resume.get("task_state", {})
     task = TASKS[job["kind"]](tokenizer, [rows[i] for i in train_idx], [rows[i] for i in held_idx],
-                              plan=resume.get("plan"), state=state, training=training, service=service, grader=job["grader"],
-                              base_model=job["base_model"])
+                              plan=resume.get("plan"), state=state, training=training, service=service,
+                              grader=job["grader"], base_model=job["base_model"])
     tokens = task.tokens()
-    plan = resume.get("plan") or make_plan(job["kind"], len(tokens), len(held_idx), sum(tokens) / len(tokens),
-                                           hidden_size(training.get_info().model_data.tokenizer_id or job["base_model"]),
+    width = hidden_size(training.get_info().model_data.tokenizer_id or job["base_model"])
+    plan = resume.get("plan") or make_plan(job["kind"], len(tokens), len(held_idx), sum(tokens) / len(tokens), width,
                                            job["budget"], hp)
     task.plan = plan
     run_id = training.model_id
-    progress = {"plan": plan, "metrics": resume.get("metrics", []), "evals": resume.get("evals", {}), "phase": "training",
-                "steps": plan["steps"]}
+    progress = {"plan": plan, "metrics": resume.get("metrics", []), "evals": resume.get("evals", {}),
+                "phase": "training", "steps": plan["steps"]}
     best = resume.get("best")  # {"step", "value", "sampler_path", "state_path", "metrics"}
     bad_evals, step = resume.get("bad_evals", 0), resume.get("step", 0)
-    elapsed0, started = resume.get("elapsed_s", 0.0), time.time()
+    elapsed0 = resume.get("elapsed_s", 0.0)
     elapsed = lambda: elapsed0 + time.time() - started
     better = (lambda a, b: a < b) if task.better == "lower" else (lambda a, b: a > b)
 

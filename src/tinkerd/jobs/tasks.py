@@ -31,7 +31,8 @@ class SFTTask:
     metric, better = "held_out_nll", "lower"
 
     def __init__(self, tokenizer, train_rows, held_rows, plan, state: dict, **_) -> None:
-        datum = lambda r: sft_datum(prompt_tokens(tokenizer, r["messages"]), completion_tokens(tokenizer, r["completion"]))
+        def datum(row):
+            return sft_datum(prompt_tokens(tokenizer, row["messages"]), completion_tokens(tokenizer, row["completion"]))
         self.train, self.held = [datum(r) for r in train_rows], [datum(r) for r in held_rows]
 
     def tokens(self) -> list[int]:
@@ -110,7 +111,8 @@ class RLTask:
         params = stop_params(self.tokenizer, self.plan["max_tokens"], temperature, seed=seed)
         groups = sample_all(sampler, [p for p, _ in rows], params, n)
         replies = [[decode(self.tokenizer, s.tokens) for s in seqs] for seqs in groups]
-        flat = self.grader.rewards([r for rs in replies for r in rs], [ref for (_, ref), rs in zip(rows, replies) for _ in rs])
+        flat = self.grader.rewards([r for rs in replies for r in rs],
+                                   [ref for (_, ref), rs in zip(rows, replies) for _ in rs])
         return groups, [flat[i * n:(i + 1) * n] for i in range(len(rows))]
 
     def step(self, training, idx: list[int], lr: float, seed: int = 0) -> dict:

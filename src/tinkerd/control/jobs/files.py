@@ -27,7 +27,8 @@ ROLES = ("system", "user", "assistant")
 TEMPLATE_TOKENS_PER_MESSAGE = 6  # SmolLM2's "<|im_start|>role\n ... <|im_end|>\n" is 5; one spare
 
 
-def read_rows(kind: str, text: str, grader: dict | None = None, tokenizer=None, context: int | None = None) -> list[dict]:
+def read_rows(kind: str, text: str, grader: dict | None = None, tokenizer=None,
+              context: int | None = None) -> list[dict]:
     rows = []
     for number, line in enumerate(text.splitlines(), start=1):
         if not line.strip():

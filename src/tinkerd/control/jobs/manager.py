@@ -112,7 +112,8 @@ class JobManager:
     def report(self, job: dict, body: dict) -> dict:
         """A runner's report: progress, model id, resume state, result, and at the end its final status. The reply
         tells it whether to stop (`cancel`)."""
-        fields = {k: body[k] for k in ("job_progress", "job_resume", "job_result", "model_id") if body.get(k) is not None}
+        fields = {k: body[k] for k in ("job_progress", "job_resume", "job_result", "model_id")
+                  if body.get(k) is not None}
         with self._lock:
             if fields:
                 self.store.update_job(job["id"], **fields)
@@ -196,7 +197,8 @@ def job_json(job: dict, for_runner: bool = False) -> dict:
            "started": job["started"], "finished": job["finished"], "base_model": spec["base_model"],
            "rows": spec.get("rows"), "budget": spec["budget"], "grader": spec["grader"],
            "hyperparameters": spec["hyperparameters"], "training_run_id": job["model_id"],
-           "plan": progress.get("plan"), "progress": {k: progress.get(k) for k in ("phase", "step", "steps", "elapsed_s")},
+           "plan": progress.get("plan"),
+           "progress": {k: progress.get(k) for k in ("phase", "step", "steps", "elapsed_s")},
            "metrics": progress.get("metrics", []), "evals": progress.get("evals", {}),
            "result": job["job_result"], "error": job["error"]}
     if for_runner:

@@ -60,7 +60,8 @@ def make_plan(kind: str, train_rows: int, held_out_rows: int, mean_tokens: float
     batch = o.get("batch_size") or max(2 if kind == "rl" else 4, min(32, round(TOKENS_PER_STEP / per_example)))
     batch = min(batch, train_rows)
     reasons["batch_size"] = "set by you" if "batch_size" in o else (
-        f"~{TOKENS_PER_STEP} tokens per step at ~{per_example:.0f} tokens per {'prompt group' if kind == 'rl' else 'example'}")
+        f"~{TOKENS_PER_STEP} tokens per step at ~{per_example:.0f} tokens per "
+        f"{'prompt group' if kind == 'rl' else 'example'}")
     epochs = o.get("epochs", EPOCHS[kind])
     steps = max(1, math.ceil(epochs * train_rows / batch))
     reasons["steps"] = f"{epochs:g} passes over {train_rows} training rows at {batch} per step"

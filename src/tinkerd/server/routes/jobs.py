@@ -42,7 +42,8 @@ def create_job(body: JobRequest, owner: str = Depends(caller), st: ControlPlane 
 
 
 @router.get("/jobs")
-def list_jobs(limit: int = 100, offset: int = 0, owner: str = Depends(caller), st: ControlPlane = Depends(plane)) -> dict:
+def list_jobs(limit: int = 100, offset: int = 0, owner: str = Depends(caller),
+              st: ControlPlane = Depends(plane)) -> dict:
     rows, total = st.store.list_jobs(owner, max(1, min(limit, 1000)), max(0, offset))
     return {"jobs": [job_json(r) for r in rows], "total": total}
 
