@@ -22,8 +22,11 @@ def free_port() -> int:
 
 class LocalServer:
     def __init__(self, data_dir: Path, *extra_args: str, model_cache: Path | None = None,
-                 startup_timeout: float = 300.0, park_on_exit: bool = False, port: int | None = None) -> None:
-        """`park_on_exit`: keep unsaved training state across `stop()` (off: a throwaway server writes none)."""
+                 startup_timeout: float = 300.0, park_on_exit: bool = False, port: int | None = None,
+                 own_session: bool = False) -> None:
+        """`park_on_exit`: keep unsaved training state across `stop()` (off: a throwaway server writes none).
+        `own_session`: out of the terminal's process group, so a Ctrl-C reaches only the caller, who may still
+        need the server (`tinkerd tune` cancels its job with it)."""
         self.port = port or free_port()
         self.park_on_exit = park_on_exit
         self.url = f"http://127.0.0.1:{self.port}"
@@ -34,7 +37,7 @@ class LocalServer:
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "tinkerd.cli", "serve", "--port", str(self.port), "--data-dir", str(data_dir),
              *cache, *([] if park_on_exit else ["--shutdown-park-seconds", "0"]), *extra_args],
-            stdout=self._log, stderr=subprocess.STDOUT,
+            stdout=self._log, stderr=subprocess.STDOUT, start_new_session=own_session,
         )
         deadline = time.time() + startup_timeout
         while time.time() < deadline:

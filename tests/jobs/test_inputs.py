@@ -76,8 +76,8 @@ def test_the_plan_follows_its_rules():
     train, held = held_out_split(100, seed=0)
     assert len(held) == 20 and not set(train) & set(held) and len(train) == 80  # 10 %, but at least 20
     assert len(held_out_split(1000, seed=0)[1]) == 100
-    plan = make_plan("dpo", 80, 20, 64.0, 576, {"minutes": None, "steps": 7}, {"beta": 0.1})
-    assert plan["steps"] == 7 and plan["batch_size"] == 8 and plan["beta"] == 0.1  # 1024 tokens / (2 x 64)
+    plan = make_plan("dpo", 80, 20, 128.0, 576, {"minutes": None, "steps": 7}, {"beta": 0.1})
+    assert plan["steps"] == 7 and plan["batch_size"] == 8 and plan["beta"] == 0.1  # 1024 tokens / 128 per pair
     assert "budget" in plan["reasons"]["steps"]
 
 

@@ -1,6 +1,6 @@
 """Jobs on the embedded model through a real `tinkerd serve`: one per kind (the job ends within its step budget,
-its trained checkpoint beats the start on the held-out rows, the result samples through the SDK and the run is an
-ordinary run of the caller), cancel of a running job, and kill -9 of the server mid-job (the restarted server
+its trained checkpoint beats the start on the held-out rows, the result samples through the SDK (and, for sft,
+the OpenAI-compatible route) and the run is an ordinary run of the caller), cancel of a running job, and kill -9 of the server mid-job (the restarted server
 resumes the job from its last state checkpoint and ends no worse than an uninterrupted run with the same seed).
 
 Small files and explicit small batches keep each job to a few steps; the planner's own choices are measured in
@@ -81,6 +81,10 @@ def test_sft_job_learns_within_budget_and_its_result_samples(server):
     assert job["progress"]["step"] <= 4 and job["plan"]["steps"] == 4
     assert job["plan"]["held_out_rows"] == 20 and job["plan"]["train_rows"] == 24
     assert samples(server.url, job["result"]["sampler_path"], "What is the capital of Quillmark?").strip()
+    chat = httpx.post(f"{server.url}/v1/chat/completions", headers={"Authorization": f"Bearer {ALICE}"}, timeout=120,
+                      json={"model": job["result"]["sampler_path"], "max_tokens": 16, "temperature": 0,
+                            "messages": [{"role": "user", "content": "What is the capital of Quillmark?"}]})
+    assert chat.status_code == 200 and chat.json()["choices"][0]["message"]["content"].strip()  # the OpenAI route
     runs = http(server.url).get("/api/v1/training_runs").json()["training_runs"]
     assert job["training_run_id"] in [r["training_run_id"] for r in runs]  # an ordinary run of the caller
     assert http(server.url, BOB).get(f"/api/v1/jobs/{job['id']}").status_code == 404

@@ -65,7 +65,7 @@ def _local_server(args: argparse.Namespace):
     data_dir = args.data_dir.expanduser()
     cache = ["--model-cache", str(args.model_cache)] if args.model_cache else []
     print(f"starting a local tinkerd (data {data_dir}, log {data_dir / 'server.log'}) ...")
-    with LocalServer(data_dir, *cache) as server:
+    with LocalServer(data_dir, *cache, own_session=True) as server:
         yield server.url
 
 

@@ -1,7 +1,7 @@
 """The choices a careful researcher would make for a job, from the data and the model, each with its reason.
 
 `held_out_split` picks the evaluation rows; `make_plan` picks learning rate, batch, steps, evaluation cadence and
-early stopping from the row count, the mean tokens per row, the model's hidden size, the kind and the budget.
+early stopping from the row count, the mean tokens per training example (a dpo pair: both its sequences), the model's hidden size, the kind and the budget.
 A user's hyperparameter overrides the choice. Pure arithmetic: no tokenizer, no model, no clock (the runner
 measures the rows and enforces a minutes budget).
 
@@ -56,7 +56,7 @@ def make_plan(kind: str, train_rows: int, held_out_rows: int, mean_tokens: float
                                 f"{kind} share from the cookbook)")
     group = o.get("group_size", RL_GROUP)
     max_tokens = o.get("max_tokens", RL_MAX_TOKENS)
-    per_example = mean_tokens * (2 if kind == "dpo" else 1) + (group * max_tokens if kind == "rl" else 0)
+    per_example = mean_tokens + (group * max_tokens if kind == "rl" else 0)  # dpo: a pair's two sequences
     batch = o.get("batch_size") or max(2 if kind == "rl" else 4, min(32, round(TOKENS_PER_STEP / per_example)))
     batch = min(batch, train_rows)
     reasons["batch_size"] = "set by you" if "batch_size" in o else (
