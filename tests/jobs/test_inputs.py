@@ -98,3 +98,21 @@ def test_rule_graders():
     assert rule_reward(grader, '```json\n{"name": "Ada"}\n```', None) == 1.0
     assert rule_reward(grader, '{"name": 3}', None) == 0.0 and rule_reward(grader, "not json", None) == 0.0
     assert len(read_rows("rl", jsonl(rl_rows()), {**RL_GRADER, "field": "answer"})) == 40
+
+
+def test_tune_builds_the_request_and_reports_the_result(tmp_path):
+    from tinkerd.cli import _parser
+    from tinkerd.jobs.tune import report, request_body
+
+    data = tmp_path / "p.jsonl"
+    data.write_text(jsonl(rl_rows()))
+    args = _parser().parse_args(["tune", str(data), "--kind", "rl", "--grader", "regex", "--pattern", "^ok$",
+                                 "--budget", "40 steps", "--set", "learning_rate=1e-4", "--set", "group_size=8"])
+    body = request_body(args)
+    assert body["grader"] == {"type": "regex", "pattern": "^ok$"} and body["budget"] == "40 steps"
+    assert body["hyperparameters"] == {"learning_rate": 1e-4, "group_size": 8} and body["data"] == data.read_text()
+    job = {"id": "job-1", "status": "succeeded", "error": None, "started": 0.0, "finished": 90.0,
+           "evals": {"before": {"held_out_nll": 2.5}, "best": {"step": 6, "metrics": {"held_out_nll": 1.25}}},
+           "result": {"stopped": "steps", "sampler_path": "tinker://r/sampler_weights/a",
+                      "state_path": "tinker://r/weights/a"}}
+    assert report(job).splitlines()[1:3] == ["  held_out_nll: 2.5 before -> 1.25 best (step 6)", "  stopped: steps"]
