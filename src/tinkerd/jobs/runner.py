@@ -152,7 +152,10 @@ def run(job: dict, rows: list[dict], service: tinker.ServiceClient, reporter: Re
             stopped = "early stop: the held-out metric stopped improving"
             break
     if progress["evals"].get("last", {}).get("step") != step:  # stopped between evaluations
-        checkpoint(task.evaluate(training))
+        held = task.evaluate(training)
+        if progress["metrics"] and progress["metrics"][-1]["step"] == step:
+            progress["metrics"][-1].update(held)
+        checkpoint(held)
     progress["evals"]["after"] = progress["evals"]["last"]
     progress.update(phase="done", stopped=stopped)
     reporter.report(status="succeeded", job_progress={**progress, "step": step, "elapsed_s": elapsed()},
