@@ -170,6 +170,23 @@ def process_results(doc, results):
 """
 
 
+LM_EVAL_RUN = """\
+import json, sys
+import lm_eval
+from lm_eval.tasks import TaskManager
+
+url, folder, models = sys.argv[1], sys.argv[2], sys.argv[3:]
+tasks = TaskManager(include_path=folder, include_defaults=False)  # not the thousands of built-in tasks
+scores = {}
+for model in models:
+    out = lm_eval.simple_evaluate(model="local-chat-completions", tasks=["plorbia_capital"], task_manager=tasks,
+                                  model_args=f"model={model},base_url={url}/v1/chat/completions,num_concurrent=4,"
+                                             "max_retries=1", apply_chat_template=True)
+    scores[model] = out["results"]["plorbia_capital"]["contains,none"]
+print(json.dumps(scores))
+"""
+
+
 def test_lm_evaluation_harness_scores_the_checkpoint_above_the_base_model(taught, tmp_path):
     pytest.importorskip("lm_eval")
     server, path, _, _ = taught
@@ -177,16 +194,10 @@ def test_lm_evaluation_harness_scores_the_checkpoint_above_the_base_model(taught
     data.write_text("".join(json.dumps({"question": q, "answer": "Vemsk"}) + "\n" for q in TRAIN_QUESTIONS + HELD_OUT))
     (tmp_path / "plorbia.yaml").write_text(LM_EVAL_TASK.format(data=data))
     (tmp_path / "plorbia_utils.py").write_text(LM_EVAL_UTILS)
-    scores = {}
-    for name, model in (("base", EMBEDDED), ("checkpoint", path)):
-        out = tmp_path / f"results-{name}"
-        run = subprocess.run([sys.executable, "-m", "lm_eval", "--model", "local-chat-completions", "--model_args",
-                              f"model={model},base_url={server.url}/v1/chat/completions,num_concurrent=4,max_retries=1",
-                              "--tasks", "plorbia_capital", "--include_path", str(tmp_path), "--apply_chat_template",
-                              "--output_path", str(out)], capture_output=True, text=True, cwd=tmp_path,
-                             env={**os.environ, "OPENAI_API_KEY": KEY, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"})
-        assert run.returncode == 0, run.stderr[-3000:]
-        result = json.loads(next(out.rglob("results_*.json")).read_text())
-        scores[name] = result["results"]["plorbia_capital"]["contains,none"]
-    assert scores["base"] == 0.0, scores  # the base model never heard of Vemsk
-    assert scores["checkpoint"] >= 4 / 6, scores  # the trained questions at least
+    run = subprocess.run([sys.executable, "-c", LM_EVAL_RUN, server.url, str(tmp_path), EMBEDDED, path],
+                         capture_output=True, text=True, cwd=tmp_path,
+                         env={**os.environ, "OPENAI_API_KEY": KEY, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"})
+    assert run.returncode == 0, run.stderr[-3000:]
+    scores = json.loads(run.stdout.strip().splitlines()[-1])
+    assert scores[EMBEDDED] == 0.0, scores  # the base model never heard of Vemsk
+    assert scores[path] >= 4 / 6, scores  # the trained questions at least

@@ -152,3 +152,33 @@ def test_keys_and_the_full_queue(api):
     r = api.post("/v1/chat/completions", json={"model": "tiny", "messages": MESSAGES},
                  headers={"Authorization": "Bearer tml-owner"})
     assert r.status_code == 429 and r.headers["retry-after"] == "1" and r.json()["error"]["code"] == "rate_limit_exceeded"
+
+
+def _documented_openai_parameters():
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location("compatibility", Path(__file__).parents[2] / "docs" / "compatibility.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+REFUSED_EXAMPLES = {
+    "presence_penalty": 0.5, "frequency_penalty": -0.5, "repetition_penalty": 1.2, "logit_bias": {"5": 1},
+    "response_format": {"type": "json_schema", "json_schema": {}}, "tools": [{"type": "function"}], "tool_choice": "auto",
+    "functions": [{"name": "f"}], "function_call": "auto", "audio": {"voice": "alloy"}, "modalities": ["text", "audio"],
+    "prediction": {"type": "content", "content": "x"}, "web_search_options": {}, "suffix": "x",
+}
+
+
+def test_every_parameter_docs_compatibility_refuses_answers_400_naming_it(api):
+    docs = _documented_openai_parameters()
+    refused = [(route, name) for route, name, status, _ in docs.OPENAI if status == docs.REFUSED]
+    assert {name for _, name in refused} == set(REFUSED_EXAMPLES)
+    for route, name in refused:
+        for path in {"chat": ["/v1/chat/completions"], "completions": ["/v1/completions"],
+                     "both": ["/v1/chat/completions", "/v1/completions"]}[route]:
+            body = {"model": "tiny", "messages": MESSAGES, "prompt": "ab", "max_tokens": 2, name: REFUSED_EXAMPLES[name]}
+            r = api.post(path, json=body, headers={"Authorization": "Bearer tml-owner"})
+            assert r.status_code == 400 and r.json()["error"]["param"] == name, (path, name, r.text)
