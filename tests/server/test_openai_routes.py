@@ -33,9 +33,10 @@ def oai(api, key="tml-owner", prefix="/v1") -> openai.OpenAI:
     return openai.OpenAI(base_url=f"http://testserver{prefix}", api_key=key, http_client=api, max_retries=0)
 
 
-def checkpoint(api, tmp_path, owner_key="tml-owner", name="pushed") -> str:
+def checkpoint(api, tmp_path, owner_key="tml-owner", name="pushed", st=None) -> str:
     """A sampler checkpoint of a run pushed hard towards continuing any prompt with token 42."""
-    trainer, model_id = api.st.trainer, f"s-{name}:train:0"
+    st = st or api.st
+    trainer, model_id = st.trainer, f"s-{name}:train:0"
     trainer.create_adapter(model_id, "tiny", AdapterSpec(rank=4, seed=1))
     tokens = np.array(PROMPT + [42] * 4, dtype=np.int64)
     datum = Datum(tokens[:-1], {"target_tokens": tokens[1:], "weights": np.ones(7, np.float32)})
@@ -44,7 +45,7 @@ def checkpoint(api, tmp_path, owner_key="tml-owner", name="pushed") -> str:
         trainer.optim_step(model_id, AdamParams(learning_rate=0.05))
     folder, path = tmp_path / name, tinker_path(model_id, "sampler_weights", name)
     trainer.save_sampler_weights(model_id, folder)
-    api.st.store.add_checkpoint(path, model_id, identity(owner_key), "sampler_weights", name, str(folder), "tiny")
+    st.store.add_checkpoint(path, model_id, identity(owner_key), "sampler_weights", name, str(folder), "tiny")
     return path
 
 
