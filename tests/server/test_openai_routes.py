@@ -183,3 +183,49 @@ def test_every_parameter_docs_compatibility_refuses_answers_400_naming_it(api):
             body = {"model": "tiny", "messages": MESSAGES, "prompt": "ab", "max_tokens": 2, name: REFUSED_EXAMPLES[name]}
             r = api.post(path, json=body, headers={"Authorization": "Bearer tml-owner"})
             assert r.status_code == 400 and r.json()["error"]["param"] == name, (path, name, r.text)
+
+
+def test_random_openai_bodies_get_a_4xx_or_an_answer_never_a_500(tmp_path):
+    from hypothesis import HealthCheck, given, settings
+    import string
+
+    from hypothesis import strategies as st
+
+    scalar = st.one_of(st.none(), st.booleans(), st.integers(-3, 70), st.floats(-1, 3), st.text(max_size=6),
+                       st.just("tiny"), st.just("tinker://s:train:0/sampler_weights/x"))
+    value = st.recursive(scalar, lambda inner: st.one_of(st.lists(inner, max_size=3),
+                                                         st.dictionaries(st.sampled_from(["role", "content", "type", "text",
+                                                                                          "include_usage"]), inner, max_size=3)),
+                         max_leaves=6)
+    message = st.fixed_dictionaries({"role": st.sampled_from(["user", "user", "system", "assistant", "tool", 3]),
+                                     "content": st.one_of(st.text(string.printable, max_size=8), value)})
+    unset_or = lambda *good: st.one_of(st.none(), *good, value)  # noqa: E731 - mostly valid, sometimes wild
+    body = st.fixed_dictionaries({"model": st.sampled_from(["tiny", "tiny", "tiny;tinker://a/b/c", 5, "nope"]),
+                                  "messages": st.one_of(st.lists(message, min_size=1, max_size=3), value),
+                                  "prompt": st.one_of(st.text(string.printable, min_size=1, max_size=8), value),
+                                  "max_tokens": st.one_of(st.integers(1, 4), st.sampled_from([0, -1, 10**9, "5", 2.5, []]))},
+                             optional={
+        "n": unset_or(st.integers(1, 3)), "temperature": unset_or(st.floats(0, 2)), "top_p": unset_or(st.floats(0.1, 1)),
+        "top_k": unset_or(st.integers(-1, 5)), "seed": unset_or(st.integers()), "stop": unset_or(st.text(min_size=1)),
+        "logprobs": unset_or(st.booleans(), st.integers(0, 3)), "top_logprobs": unset_or(st.integers(0, 3)),
+        "echo": unset_or(st.booleans()), "stream": unset_or(st.booleans()),
+        "stream_options": unset_or(st.just({"include_usage": True}))})
+    clients = app_client(tmp_path)
+    api = next(clients)
+    api.st.tokenizers.folders["tiny"] = write_char_tokenizer(tmp_path / "tokenizer")
+
+    @settings(max_examples=60, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
+    @given(route=st.sampled_from(["/v1/chat/completions", "/v1/completions"]), body=body)
+    def check(route, body):
+        r = api.post(route, json=body, headers={"Authorization": "Bearer tml-owner"})
+        assert r.status_code in (200, 400, 404), r.text
+        statuses.add(r.status_code)
+        if r.status_code != 200:
+            assert r.json()["error"]["message"]
+
+    statuses: set[int] = set()
+    try:
+        check()
+    finally:
+        clients.close()
+    assert statuses == {200, 400, 404}  # the fuzz reached the sampler, the checks and the model lookup
