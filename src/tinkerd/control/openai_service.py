@@ -23,6 +23,7 @@ import uuid
 from dataclasses import dataclass, field
 from typing import AsyncIterator, Awaitable, Callable
 
+from tinkerd.control import curves
 from tinkerd.control.chat_tokenizer import ChatTokenizer, TemplateError
 from tinkerd.control.openai_models import resolve_model
 from tinkerd.control.openai_render import (ChoiceText, Delta, chat_logprobs, completion_logprobs, prompt_scores,
@@ -30,7 +31,8 @@ from tinkerd.control.openai_render import (ChoiceText, Delta, chat_logprobs, com
 from tinkerd.control.openai_requests import Generation, OpenAIError, chat_request, completion_request, invalid
 from tinkerd.control.plane import ControlPlane
 from tinkerd.control.sample_channel import LOST, USER, SampleChannel, SampleEvent
-from tinkerd.engine.interface import AdapterRef, BaseModelInfo, SampleTask
+from tinkerd.engine.interface import AdapterRef, BaseModelInfo, SampleTask, snapshot_run
+from tinkerd.protocol.paths import PREFIX
 from tinkerd.protocol.types import BadRequest, SampleResult, SamplingParams
 
 ClientGone = Callable[[], Awaitable[None]]  # returns once the client has closed its connection
@@ -52,6 +54,8 @@ class Reply:
     results: dict[str, SampleResult] = field(default_factory=dict)
     texts: dict[int, str] = field(default_factory=dict)  # choice index -> text so far
     entries: dict[int, list] = field(default_factory=dict)  # choice index -> logprob entries so far
+    owner: str = ""  # who asked: each finished request is recorded on its run's curves (`control.curves`)
+    started: float = field(default_factory=time.perf_counter)
 
     def __post_init__(self) -> None:
         n, stop, top = self.generation.n, self.generation.stop, self.generation.top_logprobs
@@ -83,7 +87,7 @@ async def chat_completion(st: ControlPlane, owner: str, body: dict, client_gone:
     except TemplateError as exc:
         raise invalid("messages", f"the chat template of {info.name!r} refused them: {exc}") from None
     reply = Reply(st, True, request.generation, tokenizer, [_task(request.generation, ref, info, prompt, "messages")],
-                  f"chatcmpl-{uuid.uuid4().hex}")
+                  f"chatcmpl-{uuid.uuid4().hex}", owner=owner)
     return await _answer(reply, client_gone)
 
 
@@ -93,8 +97,8 @@ async def text_completion(st: ControlPlane, owner: str, body: dict, client_gone:
     tokenizer = await _tokenizer(st, info)
     prompts = [tokenizer.encode(p) if isinstance(p, str) else list(p) for p in request.prompts]
     tasks = [_task(request.generation, ref, info, prompt, "prompt") for prompt in prompts]
-    return await _answer(Reply(st, False, request.generation, tokenizer, tasks, f"cmpl-{uuid.uuid4().hex}"),
-                         client_gone)
+    reply = Reply(st, False, request.generation, tokenizer, tasks, f"cmpl-{uuid.uuid4().hex}", owner=owner)
+    return await _answer(reply, client_gone)
 
 
 async def _tokenizer(st: ControlPlane, info: BaseModelInfo) -> ChatTokenizer:
@@ -190,6 +194,7 @@ def _apply(reply: Reply, event: SampleEvent) -> list[tuple[int, Delta]]:
                                              [p.topk for p in items])))
     if event.result is not None:
         reply.results[event.request_id] = event.result
+        _record(reply, event.request_id, event.result)
         for sample, sequence in enumerate(event.result.sequences):
             index, choice = reply.choices[(event.request_id, sample)]
             deltas.append((index, choice.finish(sequence)))
@@ -197,6 +202,20 @@ def _apply(reply: Reply, event: SampleEvent) -> list[tuple[int, Delta]]:
         reply.texts[index] += delta.text
         reply.entries[index] += delta.tokens
     return deltas
+
+
+def _record(reply: Reply, request_id: str, result: SampleResult) -> None:
+    """The request's sampled tokens on the curves of the run whose weights answered (none for a base model)."""
+    task = next(t for t in reply.tasks if t.request_id == request_id)
+    run = snapshot_run(task.adapter.uri, reply.st.paths.versions) or _checkpoint_run(reply.generation.model)
+    curves.record_sample(reply.st.store, reply.owner, None, run, sum(len(s.tokens) for s in result.sequences),
+                         len(result.sequences), time.perf_counter() - reply.started)
+
+
+def _checkpoint_run(model: str) -> str | None:
+    """The run of a `tinker://<run>/...` model name (or `<base>;tinker://...`); None for a base model."""
+    path = model.partition(";")[2] or model
+    return path[len(PREFIX):].split("/", 1)[0] if path.startswith(PREFIX) else None
 
 
 # Bodies

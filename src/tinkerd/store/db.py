@@ -48,6 +48,10 @@ CREATE TABLE IF NOT EXISTS checkpoints (
     name TEXT NOT NULL, directory TEXT NOT NULL, base_model TEXT NOT NULL, created REAL NOT NULL,
     public INTEGER NOT NULL DEFAULT 0, expires_at REAL, user_metadata TEXT
 );
+CREATE TABLE IF NOT EXISTS steps (
+    owner TEXT NOT NULL, session_id TEXT, model_id TEXT, seq_id INTEGER, kind TEXT NOT NULL,
+    created REAL NOT NULL, metrics TEXT NOT NULL
+);
 """
 
 # Columns added after the first release: databases created before them get them by ALTER TABLE.
@@ -67,9 +71,13 @@ CREATE INDEX IF NOT EXISTS sampling_sessions_session ON sampling_sessions(sessio
 CREATE INDEX IF NOT EXISTS checkpoints_model ON checkpoints(model_id, created);
 CREATE INDEX IF NOT EXISTS checkpoints_owner ON checkpoints(owner, created);
 CREATE INDEX IF NOT EXISTS checkpoints_expiry ON checkpoints(expires_at) WHERE expires_at IS NOT NULL;
+CREATE UNIQUE INDEX IF NOT EXISTS steps_model_seq ON steps(model_id, seq_id)
+    WHERE model_id IS NOT NULL AND seq_id IS NOT NULL;
+CREATE INDEX IF NOT EXISTS steps_model ON steps(model_id) WHERE model_id IS NOT NULL;
+CREATE INDEX IF NOT EXISTS steps_session ON steps(session_id, created) WHERE session_id IS NOT NULL;
 """
 
-_JSON_COLUMNS = {"tags", "user_metadata", "lora_config", "result_json"}
+_JSON_COLUMNS = {"tags", "user_metadata", "lora_config", "result_json", "metrics"}
 
 
 def open_store(url: str | None, data_dir: Path) -> "Store":
@@ -282,6 +290,28 @@ class Store:
 
     def delete_checkpoint(self, path: str) -> None:
         self._execute("DELETE FROM checkpoints WHERE path = ?", (path,))
+
+    # steps: what each training request and sample measured (the console's curves, `tinkerd.control.curves`)
+    def add_step(self, owner: str, session_id: str | None, model_id: str | None, seq_id: int | None, kind: str,
+                 metrics: dict[str, float]) -> None:
+        """One measured request; a run's seq_id is recorded once (a replay after a crash adds nothing)."""
+        values = (owner, session_id, model_id, seq_id, kind, time.time(), json.dumps(metrics))
+        self._execute("INSERT INTO steps (owner, session_id, model_id, seq_id, kind, created, metrics) "
+                      "VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING", values)
+
+    def run_steps(self, model_id: str, after: int = 0) -> list[dict]:
+        """A run's steps in the order they were recorded, after the cursor `after` (a row's `cursor`)."""
+        with self._lock:
+            rows = self._db.execute("SELECT rowid AS cursor, seq_id, kind, created, metrics FROM steps "
+                                    "WHERE model_id = ? AND rowid > ? ORDER BY rowid", (model_id, after)).fetchall()
+        metrics = json.loads("[" + ",".join(r["metrics"] for r in rows) + "]")  # one parse: 10,000 rows in ms
+        return [{"cursor": r["cursor"], "seq_id": r["seq_id"], "kind": r["kind"], "created": r["created"],
+                 "metrics": m} for r, m in zip(rows, metrics)]
+
+    def session_steps(self, session_id: str, since: float) -> list[dict]:
+        """A session's steps (its runs' and its samplers') recorded at or after `since`, oldest first."""
+        return self._all("SELECT kind, created, metrics FROM steps WHERE session_id = ? AND created >= ? "
+                         "ORDER BY created", (session_id, since))
 
     # operator views across every API key (the CLI)
     def all_models(self) -> list[dict]:
