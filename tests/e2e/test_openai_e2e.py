@@ -17,7 +17,7 @@ import pytest
 import tinker
 from tinker import types
 
-from tests.e2e.conftest import EMBEDDED
+from tests.e2e.conftest import EMBEDDED, sft_datum
 
 pytestmark = pytest.mark.slow
 
@@ -38,14 +38,7 @@ def taught(server):
     service = tinker.ServiceClient(base_url=server.url, api_key=KEY)
     training = service.create_lora_training_client(base_model=EMBEDDED, rank=8, seed=0).result()
     tokenizer = training.get_tokenizer()
-    data = []
-    for question in TRAIN_QUESTIONS:
-        prompt = tokenizer.apply_chat_template(chat(question), add_generation_prompt=True, tokenize=True,
-                                               return_dict=False)
-        full = tokenizer.apply_chat_template(chat(question) + [{"role": "assistant", "content": ANSWER}],
-                                             tokenize=True, return_dict=False)
-        data.append(types.Datum(model_input=types.ModelInput.from_ints(full[:-1]), loss_fn_inputs={
-            "target_tokens": full[1:], "weights": [0.0] * (len(prompt) - 1) + [1.0] * (len(full) - len(prompt))}))
+    data = [sft_datum(tokenizer, question, ANSWER) for question in TRAIN_QUESTIONS]
     for _ in range(10):
         fwd = training.forward_backward(data, "cross_entropy")
         training.optim_step(types.AdamParams(learning_rate=1e-3)).result()
