@@ -52,6 +52,7 @@ class PreparedCall:
     loss_sum: float = 0.0
     metric_parts: list = field(default_factory=list)
     logprobs: dict[int, np.ndarray] = field(default_factory=dict)
+    elementwise: dict[int, np.ndarray] = field(default_factory=dict)  # each datum's per-token loss
 
 
 class LocalTrainer:
@@ -127,7 +128,8 @@ class LocalTrainer:
                 for chunk in plan_micro_batches(rows, self._budget(runtime)):
                     self._run_micro_batch(runtime, chunk, prepared, with_grad)
         for i, p in prepared.items():
-            outputs = [{"logprobs": p.logprobs[j]} for j in range(len(p.call.data))]
+            outputs = [{"logprobs": p.logprobs[j], "elementwise_loss": p.elementwise[j]}
+                       for j in range(len(p.call.data))]
             results[i] = ForwardBackwardResult(outputs, {"loss:sum": p.loss_sum, **merge_metrics(p.metric_parts)})
         return results  # type: ignore[return-value]
 
@@ -151,22 +153,26 @@ class LocalTrainer:
         batch = collate(rows, names, runtime.device)
         with torch.set_grad_enabled(with_grad):
             lp = runtime.target_logprobs(batch.tokens, batch.mask, [r.adapter for r in rows], batch.targets)  # (B, T, K)
+            per_token_B_T_K = torch.zeros(lp.shape, dtype=torch.float32)
             total = None
             for call_index in dict.fromkeys(r.call for r in rows):
                 p = prepared[call_index]
                 picked = torch.tensor([k for k, r in enumerate(rows) if r.call == call_index])
                 inputs = {n: batch.inputs[n].index_select(0, picked) for n in (*p.input_names, "mask")}
-                loss_value, metrics = p.loss.fn(lp.index_select(0, picked), inputs, p.config)
+                per_token, metrics = p.loss.per_token(lp.index_select(0, picked), inputs, p.config)
+                per_token_B_T_K[picked] = per_token.detach().float().cpu()
+                loss_value = per_token.sum()
                 p.loss_sum += float(loss_value.detach())
                 p.metric_parts.append((metrics, float(inputs["mask"].sum())))
                 total = loss_value if total is None else total + loss_value
             if with_grad and total is not None and total.requires_grad:
                 total.backward()
-        lp_np = lp.detach().float().numpy()
+        lp_np, per_token_np = lp.detach().float().cpu().numpy(), per_token_B_T_K.numpy()
         for k, row in enumerate(rows):
             shape = row.datum.loss_inputs["target_tokens"].shape
             width = shape[1] if len(shape) == 2 else 1
             prepared[row.call].logprobs[row.index] = lp_np[k, : shape[0], :width].reshape(shape).astype(np.float32)
+            prepared[row.call].elementwise[row.index] = per_token_np[k, : shape[0], :width].reshape(shape).copy()
 
     # optimizer
 
