@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from tinkerd.control import journal, lifecycle
+from tinkerd.control import custom_losses, journal, lifecycle
 from tinkerd.control.checkpoints import checkpoint_files
 from tinkerd.control.plane import ControlPlane, NotFound
 from tinkerd.control.scheduler import Job, Outcome
@@ -178,7 +178,10 @@ def _encode(result) -> Outcome:
 @replayable("forward", changes_state=False)
 @replayable("forward_backward")
 def _forward_backward_job(op: Op) -> dict:
-    return {"call": op.call or decode_forward_backward_pb(op.body), "encode": _encode}
+    """A `custom` loss is looked up again by its loss_id (stored, so a replay rebuilds the same loss)."""
+    call = op.call or decode_forward_backward_pb(op.body)
+    custom_losses.attach(op.st, op.owner, call)
+    return {"call": call, "encode": _encode}
 
 
 @replayable("optim_step")

@@ -1,4 +1,4 @@
-"""The `Store`: sessions, training models, sampling sessions, futures and checkpoints.
+"""The `Store`: sessions, training models, sampling sessions, futures, checkpoints and custom losses.
 
 SQLite by default (one file in WAL mode under the data dir), or PostgreSQL with the same schema
 (`open_store`, `tinkerd serve --store URL`); `dialects` holds the little that differs. Every write
@@ -48,6 +48,10 @@ CREATE TABLE IF NOT EXISTS checkpoints (
     name TEXT NOT NULL, directory TEXT NOT NULL, base_model TEXT NOT NULL, created REAL NOT NULL,
     public INTEGER NOT NULL DEFAULT 0, expires_at REAL, user_metadata TEXT
 );
+CREATE TABLE IF NOT EXISTS custom_losses (
+    id TEXT PRIMARY KEY, session_id TEXT NOT NULL, owner TEXT NOT NULL, name TEXT NOT NULL,
+    definition TEXT NOT NULL, created REAL NOT NULL
+);
 """
 
 # Columns added after the first release: databases created before them get them by ALTER TABLE.
@@ -69,7 +73,7 @@ CREATE INDEX IF NOT EXISTS checkpoints_owner ON checkpoints(owner, created);
 CREATE INDEX IF NOT EXISTS checkpoints_expiry ON checkpoints(expires_at) WHERE expires_at IS NOT NULL;
 """
 
-_JSON_COLUMNS = {"tags", "user_metadata", "lora_config", "result_json"}
+_JSON_COLUMNS = {"tags", "user_metadata", "lora_config", "result_json", "definition"}
 
 
 def open_store(url: str | None, data_dir: Path) -> "Store":
@@ -277,6 +281,18 @@ class Store:
 
     def delete_checkpoint(self, path: str) -> None:
         self._execute("DELETE FROM checkpoints WHERE path = ?", (path,))
+
+    # server-side custom losses: a session's traced loss graphs, as plain JSON (kept: journals replay them)
+    def add_custom_loss(self, loss_id: str, session_id: str, owner: str, name: str, definition: dict) -> bool:
+        """False if `loss_id` already exists (a retried create); the first definition stays."""
+        if self.custom_loss(loss_id) is not None:
+            return False
+        self._insert("custom_losses", dict(id=loss_id, session_id=session_id, owner=owner, name=name,
+                                           definition=definition, created=time.time()))
+        return True
+
+    def custom_loss(self, loss_id: str) -> dict | None:
+        return self._one("SELECT * FROM custom_losses WHERE id = ?", (loss_id,))
 
     # operator views across every API key (the CLI)
     def all_models(self) -> list[dict]:
