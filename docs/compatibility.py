@@ -65,9 +65,9 @@ STATUS: dict[str, dict[str, tuple[str, str]]] = {
         "search_sessions": (NO, "not implemented yet; list_sessions covers the self-hosted case"),
         "assign_session_project": (NO, "projects are a hosted-service concept; not implemented"),
         "export_session_trace": (NO, "no trace export yet"),
-        "get_audit_log": (NO, "hosted-service admin API"), "get_billing_usage": (NO, "no billing when self-hosted"),
+        "get_audit_log": (YES, "GET /api/v1/audit from the Store (run, checkpoint and custom-loss create, checkpoint delete/publish/unpublish/read): each key its own events, an --admin-key all; tests/server/test_identity.py"), "get_billing_usage": (NO, "no billing when self-hosted"),
         "get_current_checkpoint_storage_usage": (NO, "billing API; `tinkerd checkpoints` shows sizes"),
-        "whoami": (NO, "needs JWT auth mode, which tinkerd leaves off (plain API keys)"),
+        "whoami": (YES, "token auth (POST /api/v1/auth/token, on unless --no-token-auth): user_urn tml:organization_user:<id derived from the key>, org tml:organization:self-hosted"),
         "get_telemetry": (CLIENT, "see ServiceClient"),
     },
 }

@@ -11,6 +11,7 @@ graph runs only in the engine.
 
 from __future__ import annotations
 
+from tinkerd.control import audit
 from tinkerd.control.plane import ControlPlane, NotFound
 from tinkerd.protocol.custom_loss import check_datums, parse_custom_loss
 from tinkerd.protocol.paths import custom_loss_id
@@ -25,7 +26,8 @@ def create(st: ControlPlane, owner: str, body: dict) -> str:
         raise BadRequest(f"custom_loss_seq_id must be an integer >= 0, got {seq!r}")
     loss = parse_custom_loss(body)
     loss_id = custom_loss_id(session["id"], seq)
-    st.store.add_custom_loss(loss_id, session["id"], owner, loss.name, loss.definition)
+    if st.store.add_custom_loss(loss_id, session["id"], owner, loss.name, loss.definition):
+        audit.record(st, owner, "custom_loss_create", loss_id=loss_id, name=loss.name)
     return loss_id
 
 

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from tinkerd.control import custom_losses, journal, lifecycle
+from tinkerd.control import audit, custom_losses, journal, lifecycle
 from tinkerd.control.checkpoints import checkpoint_files
 from tinkerd.control.plane import ControlPlane, NotFound
 from tinkerd.control.scheduler import Job, Outcome
@@ -151,6 +151,7 @@ def _create_model_job(op: Op) -> dict:
         if op.st.store.model(op.model_id) is None:  # else: replayed after a crash
             op.st.store.add_model(op.model_id, body.session_id, op.owner, body.base_model, lora.model_dump(),
                                   body.user_metadata)
+            audit.record(op.st, op.owner, "training_run_create", op.model_id, base_model=body.base_model)
         return Outcome(json={"model_id": op.model_id, "type": "create_model"})
 
     return {"run": run}
@@ -166,6 +167,8 @@ def _load_weights_job(op: Op) -> dict:
         if st.store.model(op.model_id) is None:  # creating it (and not replaying after a crash)
             st.store.add_model(op.model_id, args["session_id"], op.owner, args["base_model"], _lora_config(spec),
                                args["user_metadata"])
+            audit.record(st, op.owner, "training_run_create", op.model_id, base_model=args["base_model"],
+                         source=args["path"])
         return Outcome(json={"path": args["path"], "model_id": op.model_id, "type": "load_weights"})
 
     return {"run": run}
@@ -206,6 +209,7 @@ def _save_checkpoint(op: Op, kind: str, name: str, write: Callable[[Path], None]
     st.store.add_checkpoint(path, op.model_id, op.owner, kind, name, str(directory),
                             st.store.model(op.model_id)["base_model"], user_metadata=user_metadata)
     st.store.set_checkpoint_ttl(path, ttl_seconds)
+    audit.record(st, op.owner, "checkpoint_create", op.model_id, path, kind=kind)
     return path
 
 

@@ -29,6 +29,9 @@ class Gone(LookupError):
 class ServerConfig:
     data_dir: Path
     api_keys: frozenset[str] = frozenset()
+    key_names: dict[str, str] = field(default_factory=dict)  # API key -> its name in the keys file
+    admin_keys: frozenset[str] = frozenset()  # `--admin-key`: may read every key's audit events
+    token_auth: bool = True  # SDK clients exchange their key for a short-lived JWT (`server.identity`)
     long_poll_seconds: float = 25.0
     max_pending_samples: int = 1024
     max_body_bytes: int = 256 * 1024 * 1024

@@ -46,3 +46,11 @@ LOSS = ":loss:"
 def custom_loss_id(session_id: str, custom_loss_seq_id: int) -> str:
     """A server-side custom loss: `<session_id>:loss:<custom_loss_seq_id>`."""
     return f"{session_id}{LOSS}{custom_loss_seq_id}"
+
+
+USER_URN = "tml:organization_user:"
+
+
+def owner_urn(owner: str) -> str:
+    """The hosted form of an owner id (`tml:organization_user:<id>`), as every owner field shows it."""
+    return owner if owner.startswith(USER_URN) else USER_URN + owner

@@ -28,7 +28,8 @@ from tinkerd.control.recovery import rebuild, recover
 from tinkerd.control.scheduler import Scheduler
 from tinkerd.engine.interface import Sampler, Trainer
 from tinkerd.server.errors import install_error_handlers
-from tinkerd.server.routes import checkpoints, custom_losses, downloads, futures, rest, sampling, service, training
+from tinkerd.server.routes import (checkpoints, custom_losses, downloads, futures, identity, rest, sampling, service,
+                                  training)
 from tinkerd.store.db import Store, open_store
 
 log = logging.getLogger("tinkerd.http")
@@ -88,7 +89,7 @@ def create_app(config: ServerConfig, trainer: Trainer, sampler: Sampler, store: 
     app = FastAPI(title="tinkerd", lifespan=lifespan)
     app.state.download_grants, app.state.remembered_copies = DownloadGrants(), RememberedCopies()
     install_error_handlers(app)
-    for module in (service, training, custom_losses, checkpoints, sampling, futures, rest, downloads):
+    for module in (service, identity, training, custom_losses, checkpoints, sampling, futures, rest, downloads):
         app.include_router(module.router)
 
     @app.middleware("http")
