@@ -1,7 +1,9 @@
-"""What every route needs: configuration, Store, futures, scheduler and the engine handles.
+"""The control plane's one object (`ControlPlane`): configuration, Store, futures, scheduler, the engine
+handles and the bookkeeping of loaded runs; and `ServerConfig`, what `tinkerd serve` configured.
 
-Also the ownership rule: a caller sees only rows its API key created; anything else is
-"not found" (404), so ids of other users do not leak.
+Also the ownership rule: a caller sees only rows its API key created; anything else is "not found"
+(404), so ids of other users do not leak. Knows no HTTP and no torch: routes, jobs and recovery all
+take this object.
 """
 
 from __future__ import annotations

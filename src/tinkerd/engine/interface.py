@@ -26,7 +26,7 @@ from tinkerd.protocol.types import (
 
 class RunLost(RuntimeError):
     """An engine lost what it held in memory for a training run (its worker died). The front end
-    rebuilds the run from its snapshot and request journal if it keeps one, else the request fails
+    rebuilds the run from its restore point and request journal if it keeps one, else the request fails
     with a `server` error carrying this message."""
 
     def __init__(self, message: str, model_id: str | None = None) -> None:

@@ -6,7 +6,8 @@ restore points and request journal (`recovery`), and the futures still pending a
 clear error instead of hanging their pollers (sample requests: 410, resend). At shutdown, loaded
 runs are parked.
 Background tasks: expired checkpoints are purged, and training runs of finished or lapsed
-sessions are unloaded (`lifecycle`).
+sessions are unloaded (`lifecycle`). Knows how the pieces of `control` fit the app's life; the work
+itself is theirs (no torch, no engine internals).
 """
 
 from __future__ import annotations

@@ -239,19 +239,19 @@ class Store:
             f"{which}{kept}", (state, error, time.time(), *(() if kind is None else (kind,)), *keep),
         )
 
-    # the journal: ordered training requests, kept until a snapshot of their run covers them
+    # the journal: ordered training requests, kept until a restore point of their run covers them
     def journal(self, model_id: str, after_seq: int) -> list[dict]:
         """A run's ordered requests with seq_id > `after_seq`, oldest first (id, kind, seq_id, state, request)."""
         return self._all("SELECT id, owner, kind, seq_id, state, request FROM futures WHERE model_id = ? AND seq_id > ? "
                          "ORDER BY seq_id", (model_id, after_seq))
 
     def journaled_models(self) -> list[str]:
-        """Runs that still hold journal entries (requests not yet covered by a snapshot)."""
+        """Runs that still hold journal entries (requests not yet covered by a restore point)."""
         rows = self._all("SELECT DISTINCT model_id FROM futures WHERE model_id IS NOT NULL AND request IS NOT NULL")
         return [r["model_id"] for r in rows]
 
     def forget_journal(self, model_id: str, through_seq: int) -> int:
-        """A snapshot covers a run's requests up to `through_seq`: drop their payloads (the results stay)."""
+        """A restore point covers a run's requests up to `through_seq`: drop their payloads (the results stay)."""
         return self._execute("UPDATE futures SET request = NULL WHERE model_id = ? AND seq_id <= ? AND request IS NOT NULL",
                              (model_id, through_seq))
 
