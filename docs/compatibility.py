@@ -50,7 +50,7 @@ STATUS: dict[str, dict[str, tuple[str, str]]] = {
         "get_base_model": (YES, "GET /samplers/{id}"), "create": (YES, "the SDK's constructor path"),
         "get_sampler_handle": (CLIENT, "pickling support; join_sampling_session stays off, each clone is its own client"),
         "from_sampler_handle": (CLIENT, "see get_sampler_handle"),
-        "on_queue_state_change": (CLIENT, "callback; the server always reports queue_state active (paused states with a reason and per-key limits that queue are not done yet; a full sampling queue answers 429, which the SDK retries)"),
+        "on_queue_state_change": (CLIENT, "callback; a request waiting for its key's turn (--max-queued-sample-tokens-per-key, --max-runs-per-key) reports paused_rate_limit with a reason, others active; paused_capacity is never sent (a full sampling queue answers 429, which the SDK retries)"),
         "get_telemetry": (CLIENT, "see ServiceClient"),
     },
     "RestClient": {

@@ -53,6 +53,12 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--device", default="cpu")
     serve.add_argument("--max-pending-samples", type=int, default=1024,
                        help="sampling requests in flight before asample answers 429 (the SDK backs off and retries)")
+    serve.add_argument("--max-runs-per-key", type=int, default=0, metavar="N",
+                       help="a key's request creating a training run waits (queue_state paused_rate_limit) while N "
+                            "of its runs are loaded; 0 (default): no limit")
+    serve.add_argument("--max-queued-sample-tokens-per-key", type=int, default=0, metavar="N",
+                       help="a key's sample requests wait (queue_state paused_rate_limit) while its requests in the "
+                            "sampler hold N tokens (num_samples x (prompt + max_tokens)); 0 (default): no limit")
     serve.add_argument("--threads", type=int, default=None, metavar="N",
                        help="torch compute threads (and inter-op threads); default: torch's (one per core). "
                             "Lower it when other processes share the cores")
@@ -164,6 +170,8 @@ def serve(args: argparse.Namespace) -> None:
     config = ServerConfig(data_dir=data_dir, api_keys=frozenset(keys), key_names=names,
                           admin_keys=frozenset(args.admin_key), token_auth=not args.no_token_auth,
                           max_pending_samples=args.max_pending_samples,
+                          max_queued_sample_tokens_per_key=args.max_queued_sample_tokens_per_key,
+                          max_runs_per_key=args.max_runs_per_key,
                           store=args.store, session_timeout_seconds=args.session_timeout,
                           parked_state_ttl_seconds=args.parked_state_ttl,
                           batch_gather_seconds=args.batch_gather_ms / 1000,

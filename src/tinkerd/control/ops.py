@@ -112,8 +112,12 @@ def create_run(st: ControlPlane, owner: str, session: dict, model_seq_id: int, k
     lifecycle.check_session_open(session)
     job = job_for(kind, Op(st, owner, model_id, None, args), None)
     job.future_id = st.board.create(owner, kind, model_id, 0, journal.entry(st, model_id, args))
-    lifecycle.open_run(st, model_id, session["id"])
-    st.scheduler.submit(job)
+
+    def start() -> None:  # now, or once the key is under --max-runs-per-key (`admission`)
+        lifecycle.open_run(st, model_id, session["id"])
+        st.scheduler.submit(job)
+
+    st.admission.submit_run(owner, job.future_id, model_id, start)
     return {"request_id": job.future_id, "model_id": model_id}
 
 
