@@ -8,11 +8,13 @@ take this object.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from tinkerd.engine.interface import BaseModelInfo, Sampler, Trainer
 from tinkerd.control.admission import Admission
+from tinkerd.control.chat_tokenizer import Tokenizers
 from tinkerd.control.datadir import DataDir
 from tinkerd.control.futures import FutureBoard
 from tinkerd.control.scheduler import Scheduler
@@ -77,6 +79,8 @@ class ControlPlane:
     base_models: dict[str, BaseModelInfo] = field(default_factory=dict)
     sequences: SequenceRecords = field(default_factory=SequenceRecords)
     runs: Runs = field(default_factory=Runs)
+    tokenizers: Tokenizers = field(default_factory=Tokenizers)  # base models' tokenizers, for the OpenAI routes
+    started_at: float = field(default_factory=time.time)
     admission: Admission | None = None  # per-key admission of sample requests; made from the config
 
     def __post_init__(self) -> None:

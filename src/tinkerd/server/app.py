@@ -15,9 +15,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import secrets
 import time
+from pathlib import Path
 
 from fastapi import FastAPI, Request, Response
+from fastapi.staticfiles import StaticFiles
 
 from tinkerd.control.checkpoints import RememberedCopies, purge_expired
 from tinkerd.control.downloads import DownloadGrants
@@ -28,9 +31,10 @@ from tinkerd.control.plane import ControlPlane, ServerConfig
 from tinkerd.control.recovery import rebuild, recover
 from tinkerd.control.scheduler import Scheduler
 from tinkerd.engine.interface import Sampler, Trainer
+from tinkerd.server.console import pages, signin
 from tinkerd.server.errors import install_error_handlers
-from tinkerd.server.routes import (checkpoints, custom_losses, downloads, futures, identity, rest, sampling, service,
-                                  training)
+from tinkerd.server.routes import (checkpoints, curves, custom_losses, downloads, futures, identity, openai, rest,
+                                  sampling, service, training)
 from tinkerd.store.db import Store, open_store
 
 log = logging.getLogger("tinkerd.http")
@@ -89,9 +93,18 @@ def create_app(config: ServerConfig, trainer: Trainer, sampler: Sampler, store: 
 
     app = FastAPI(title="tinkerd", lifespan=lifespan)
     app.state.download_grants, app.state.remembered_copies = DownloadGrants(), RememberedCopies()
+    app.state.csrf_secret = secrets.token_bytes(32)  # the console's CSRF tokens (`server.auth`)
     install_error_handlers(app)
-    for module in (service, identity, training, custom_losses, checkpoints, sampling, futures, rest, downloads):
+    for module in (service, identity, training, custom_losses, checkpoints, sampling, futures, curves, rest,
+                   downloads, signin, pages):
         app.include_router(module.router)
+    for prefix in openai.PREFIXES:
+        app.include_router(openai.router, prefix=prefix)
+    app.mount("/console/static", StaticFiles(directory=Path(pages.__file__).parent / "static"), name="console-static")
+
+    @app.exception_handler(signin.SignInRequired)
+    async def sign_in_first(request: Request, exc: signin.SignInRequired) -> Response:
+        return signin.sign_in_redirect(exc.next_url)
 
     @app.middleware("http")
     async def log_requests(request: Request, call_next):

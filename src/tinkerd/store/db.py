@@ -58,6 +58,10 @@ CREATE TABLE IF NOT EXISTS custom_losses (
     id TEXT PRIMARY KEY, session_id TEXT NOT NULL, owner TEXT NOT NULL, name TEXT NOT NULL,
     definition TEXT NOT NULL, created REAL NOT NULL
 );
+CREATE TABLE IF NOT EXISTS steps (
+    owner TEXT NOT NULL, session_id TEXT, model_id TEXT, seq_id INTEGER, kind TEXT NOT NULL,
+    created REAL NOT NULL, metrics TEXT NOT NULL
+);
 """
 
 # Columns added after the first release: databases created before them get them by ALTER TABLE.
@@ -78,9 +82,13 @@ CREATE INDEX IF NOT EXISTS checkpoints_model ON checkpoints(model_id, created);
 CREATE INDEX IF NOT EXISTS checkpoints_owner ON checkpoints(owner, created);
 CREATE INDEX IF NOT EXISTS audit_events_time ON audit_events(created);
 CREATE INDEX IF NOT EXISTS checkpoints_expiry ON checkpoints(expires_at) WHERE expires_at IS NOT NULL;
+CREATE UNIQUE INDEX IF NOT EXISTS steps_model_seq ON steps(model_id, seq_id)
+    WHERE model_id IS NOT NULL AND seq_id IS NOT NULL;
+CREATE INDEX IF NOT EXISTS steps_model ON steps(model_id) WHERE model_id IS NOT NULL;
+CREATE INDEX IF NOT EXISTS steps_session ON steps(session_id, created) WHERE session_id IS NOT NULL;
 """
 
-_JSON_COLUMNS = {"tags", "user_metadata", "lora_config", "result_json", "definition", "details"}
+_JSON_COLUMNS = {"tags", "user_metadata", "lora_config", "result_json", "metrics", "definition", "details"}
 
 
 def open_store(url: str | None, data_dir: Path) -> "Store":
@@ -274,6 +282,11 @@ class Store:
     def list_checkpoints(self, owner: str, limit: int, offset: int) -> tuple[list[dict], int]:
         return self._page("checkpoints", "owner = ?", (owner,), limit, offset)
 
+    def readable_sampler_checkpoints(self, owner: str) -> list[dict]:
+        """Sampler checkpoints `owner` created or anyone published, newest first (expired ones too)."""
+        return self._all("SELECT * FROM checkpoints WHERE kind = 'sampler_weights' AND (owner = ? OR public = 1) "
+                         "ORDER BY created DESC, rowid DESC", (owner,))
+
     def set_checkpoint_public(self, path: str, public: bool) -> None:
         self._execute("UPDATE checkpoints SET public = ? WHERE path = ?", (int(public), path))
 
@@ -288,6 +301,28 @@ class Store:
 
     def delete_checkpoint(self, path: str) -> None:
         self._execute("DELETE FROM checkpoints WHERE path = ?", (path,))
+
+    # steps: what each training request and sample measured (the console's curves, `tinkerd.control.curves`)
+    def add_step(self, owner: str, session_id: str | None, model_id: str | None, seq_id: int | None, kind: str,
+                 metrics: dict[str, float]) -> None:
+        """One measured request; a run's seq_id is recorded once (a replay after a crash adds nothing)."""
+        values = (owner, session_id, model_id, seq_id, kind, time.time(), json.dumps(metrics))
+        self._execute("INSERT INTO steps (owner, session_id, model_id, seq_id, kind, created, metrics) "
+                      "VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING", values)
+
+    def run_steps(self, model_id: str, after: int = 0) -> list[dict]:
+        """A run's steps in the order they were recorded, after the cursor `after` (a row's `cursor`)."""
+        with self._lock:
+            rows = self._db.execute("SELECT rowid AS cursor, seq_id, kind, created, metrics FROM steps "
+                                    "WHERE model_id = ? AND rowid > ? ORDER BY rowid", (model_id, after)).fetchall()
+        metrics = json.loads("[" + ",".join(r["metrics"] for r in rows) + "]")  # one parse: 10,000 rows in ms
+        return [{"cursor": r["cursor"], "seq_id": r["seq_id"], "kind": r["kind"], "created": r["created"],
+                 "metrics": m} for r, m in zip(rows, metrics)]
+
+    def session_steps(self, session_id: str, since: float) -> list[dict]:
+        """A session's steps (its runs' and its samplers') recorded at or after `since`, oldest first."""
+        return self._all("SELECT kind, created, metrics FROM steps WHERE session_id = ? AND created >= ? "
+                         "ORDER BY created", (session_id, since))
 
     # server-side custom losses: a session's traced loss graphs, as plain JSON (kept: journals replay them)
     def add_custom_loss(self, loss_id: str, session_id: str, owner: str, name: str, definition: dict) -> bool:
