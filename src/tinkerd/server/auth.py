@@ -4,6 +4,10 @@ keys, or any `tml-` key when none are set.
 The caller's identity is a hash of the key, so keys are never stored, and both headers name the same
 caller. The OpenAI routes answer a refused key in OpenAI's error shape (`bearer_caller`).
 
+With token auth on (`client/config`), the SDK sends a token this server minted for its key instead
+(`server.identity`); a forged, expired or no-longer-accepted one is a 401 `invalid_token`, which makes
+the SDK exchange its key again.
+
 The console signs in with the same key, kept in an HttpOnly, SameSite=Strict cookie (`KEY_COOKIE`); a
 request without a key header falls back to that cookie, and if it writes (any method but GET/HEAD) it must
 also carry the page's CSRF token in `X-CSRF-Token` (`csrf_token`: an HMAC of the key under a secret of this
@@ -20,6 +24,9 @@ from fastapi import Depends, Header, HTTPException, Request
 from tinkerd.control.openai_requests import OpenAIError
 from tinkerd.control.plane import ControlPlane
 from tinkerd.server.deps import plane
+from tinkerd.server.identity import Tokens, load_secret, owner_of_key
+
+INVALID_TOKEN = {"WWW-Authenticate": 'Bearer error="invalid_token"'}
 
 KEY_COOKIE = "tinkerd_key"
 SAFE_METHODS = ("GET", "HEAD")
@@ -37,7 +44,31 @@ def key_problem(key: str | None, keys: frozenset[str], header: str) -> str | Non
 
 
 def identity(key: str) -> str:
-    return hashlib.sha256(key.encode()).hexdigest()[:24]
+    return owner_of_key(key)
+
+
+def check_key(key: str | None, st: ControlPlane) -> str:
+    """The owner id of an accepted raw API key, or 401."""
+    problem = key_problem(key, st.config.api_keys, "X-API-Key")
+    if problem:
+        raise HTTPException(401, problem)
+    return identity(key)
+
+
+def tokens(request: Request) -> Tokens:
+    """This app's token signer (its secret lives in the data dir, created on first use)."""
+    app_state = request.app.state
+    if getattr(app_state, "tokens", None) is None:
+        app_state.tokens = Tokens(load_secret(app_state.tinkerd.config.data_dir))
+    return app_state.tokens
+
+
+def token_claims(request: Request, token: str, st: ControlPlane) -> dict:
+    claims = tokens(request).verify(token)
+    keys = st.config.api_keys
+    if claims is None or (keys and claims["owner"] not in {owner_of_key(k) for k in keys}):
+        raise HTTPException(401, "invalid or expired token: exchange the API key again", headers=INVALID_TOKEN)
+    return claims
 
 
 def csrf_token(request: Request, key: str) -> str:
@@ -58,11 +89,9 @@ def key_of(request: Request, header_key: str | None) -> str | None:
 
 async def caller(request: Request, x_api_key: str | None = Header(default=None),
                  st: ControlPlane = Depends(plane)) -> str:
-    key = key_of(request, x_api_key)
-    problem = key_problem(key, st.config.api_keys, "X-API-Key")
-    if problem:
-        raise HTTPException(401, problem)
-    return identity(key)
+    if x_api_key and x_api_key.startswith("eyJ"):
+        return token_claims(request, x_api_key, st)["owner"]
+    return check_key(key_of(request, x_api_key), st)
 
 
 async def bearer_caller(request: Request, authorization: str | None = Header(default=None),
