@@ -39,7 +39,14 @@ def _parser() -> argparse.ArgumentParser:
                        help="a Hugging Face causal LM folder, NAME=FOLDER, or a hub id already in the local cache; "
                             "repeatable (default: the embedded HuggingFaceTB/SmolLM2-135M-Instruct)")
     serve.add_argument("--api-key", action="append", default=[], help="accepted API key (repeatable)")
-    serve.add_argument("--api-keys-file", type=Path, help="file with one accepted API key per line")
+    serve.add_argument("--api-keys-file", type=Path,
+                       help="file with one accepted API key per line, optionally followed by its name (KEY NAME); "
+                            "# starts a comment")
+    serve.add_argument("--admin-key", action="append", default=[],
+                       help="an accepted API key that also reads every key's audit log (repeatable)")
+    serve.add_argument("--no-token-auth", action="store_true",
+                       help="SDK clients send their API key on every request instead of exchanging it for a "
+                            "short-lived token (RestClient.whoami then does not work)")
     serve.add_argument("--dtype", choices=["auto", "bf16", "fp32"], default="auto",
                        help="compute dtype of the frozen base weights (LoRA masters and Adam state stay fp32); "
                             "auto (default): bf16 where the hardware multiplies it natively (CUDA, or a CPU with "
@@ -47,6 +54,12 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--device", default="cpu")
     serve.add_argument("--max-pending-samples", type=int, default=1024,
                        help="sampling requests in flight before asample answers 429 (the SDK backs off and retries)")
+    serve.add_argument("--max-runs-per-key", type=int, default=0, metavar="N",
+                       help="a key's request creating a training run waits (queue_state paused_rate_limit) while N "
+                            "of its runs are loaded; 0 (default): no limit")
+    serve.add_argument("--max-queued-sample-tokens-per-key", type=int, default=0, metavar="N",
+                       help="a key's sample requests wait (queue_state paused_rate_limit) while its requests in the "
+                            "sampler hold N tokens (num_samples x (prompt + max_tokens)); 0 (default): no limit")
     serve.add_argument("--threads", type=int, default=None, metavar="N",
                        help="torch compute threads (and inter-op threads); default: torch's (one per core). "
                             "Lower it when other processes share the cores")
@@ -161,11 +174,14 @@ def serve(args: argparse.Namespace) -> None:
     from tinkerd.control.plane import ServerConfig
     from tinkerd.server.app import create_app
 
-    keys = set(args.api_key)
-    if args.api_keys_file:
-        keys |= {line.strip() for line in args.api_keys_file.read_text().splitlines() if line.strip()}
+    names = read_keys_file(args.api_keys_file) if args.api_keys_file else {}
+    keys = set(args.api_key) | set(names) | (set(args.admin_key) if args.api_key or names else set())
     engine = assemble(options)
-    config = ServerConfig(data_dir=data_dir, api_keys=frozenset(keys), max_pending_samples=args.max_pending_samples,
+    config = ServerConfig(data_dir=data_dir, api_keys=frozenset(keys), key_names=names,
+                          admin_keys=frozenset(args.admin_key), token_auth=not args.no_token_auth,
+                          max_pending_samples=args.max_pending_samples,
+                          max_queued_sample_tokens_per_key=args.max_queued_sample_tokens_per_key,
+                          max_runs_per_key=args.max_runs_per_key,
                           store=args.store, session_timeout_seconds=args.session_timeout,
                           parked_state_ttl_seconds=args.parked_state_ttl,
                           batch_gather_seconds=args.batch_gather_ms / 1000,
@@ -181,6 +197,17 @@ def serve(args: argparse.Namespace) -> None:
         uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, access_log=False)
     finally:
         store.close()
+
+
+def read_keys_file(path: Path) -> dict[str, str | None]:
+    """`KEY [NAME...]` per line (blank lines and `#` comments skipped): each key and its name, if any."""
+    out: dict[str, str | None] = {}
+    for line in path.read_text().splitlines():
+        line = line.split("#", 1)[0].strip()
+        if line:
+            key, _, name = line.partition(" ")
+            out[key] = name.strip() or None
+    return out
 
 
 class CommandError(Exception):

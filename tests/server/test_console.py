@@ -132,6 +132,9 @@ def test_writes_with_the_cookie_need_the_csrf_token(api, trained):
 
 
 def test_another_key_sees_none_of_it_until_a_checkpoint_is_published(api, trained):
+    _sign_in(api)  # the owner's own run is theirs (model_owner is the hosted URN form of the owner id)
+    own = api.get(f"/training_runs/{trained['model_id']}").text
+    assert "published by another key" not in own and trained["session"] in own
     _sign_in(api, "tml-someone-else")
     runs = api.get("/")
     assert trained["model_id"] not in runs.text and "No training runs yet" in runs.text and "make demo" in runs.text

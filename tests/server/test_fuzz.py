@@ -20,7 +20,8 @@ from tests.conftest import make_tiny_runtime
 KEY = {"X-API-Key": "tml-fuzz"}
 FIELDS = ["session_id", "model_id", "model_seq_id", "base_model", "lora_config", "seq_id", "path", "prompt",
           "sampling_params", "num_samples", "request_id", "adam_params", "sampling_session_id", "model_path",
-          "sampling_session_seq_id", "tinker_path", "ttl_seconds", "optimizer", "rank", "stop", "kind"]
+          "sampling_session_seq_id", "tinker_path", "ttl_seconds", "optimizer", "rank", "stop", "kind",
+          "model", "messages", "n", "max_tokens", "temperature", "top_p", "stream", "logprobs", "echo", "seed"]
 scalars = st.one_of(st.none(), st.booleans(), st.integers(-2**70, 2**70), st.floats(allow_nan=True),
                     st.text(string.printable, max_size=20), st.just("tiny"), st.just("tinker://x/weights/y"))
 values = st.recursive(scalars, lambda inner: st.one_of(st.lists(inner, max_size=4),
@@ -43,10 +44,13 @@ def client(tmp_path_factory):
 
 
 def _check(response):
+    """4xx with a message: `{"detail": ...}`, or on the OpenAI-compatible routes `{"error": {"message": ...}}`."""
     assert response.status_code < 500, (response.status_code, response.text)
     if response.status_code >= 400:
         assert response.headers["content-type"].startswith("application/json")
-        assert response.json()["detail"], response.text
+        body = response.json()
+        openai_route = response.request.url.path.startswith(("/v1/", "/oai/api/v1/"))
+        assert (body["error"]["message"] if openai_route else body["detail"]), response.text
 
 
 @settings(max_examples=150, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))

@@ -1,5 +1,6 @@
-"""A client that goes away cancels its rows: the app on the tiny model behind a real uvicorn server (in a thread),
-with a sampler slowed to 20 ms a step so the request is surely still decoding when the client leaves."""
+"""The app on the tiny model behind a real uvicorn server (in a thread), with a sampler slowed to 50 ms a step: a
+client that goes away cancels its rows while they are surely still decoding, and OpenAI requests decode in the
+same steps as the SDK's (mixed adapters in one batch)."""
 
 from __future__ import annotations
 
@@ -27,9 +28,12 @@ class SlowSampler(LocalSampler):
         super().__init__(runtimes)
         self.steps = 0
 
+        self.batch_adapters: list[set] = []  # per step: the adapters of the rows decoding together
+
     def step(self):
-        time.sleep(0.02)
+        time.sleep(0.05)
         self.steps += 1
+        self.batch_adapters.append({row.pending.adapter_key for b in self.batches.values() for row in b.rows})
         return super().step()
 
 
@@ -69,8 +73,26 @@ def test_a_client_that_leaves_cancels_its_rows(served, stream):
                 client.post("/v1/chat/completions", json=BODY, timeout=0.3)
     _wait_idle(st, sampler)
     assert st.scheduler.pending_samples == 0 and not sampler.has_work()
-    assert sampler.steps < 30  # 40 tokens would take 41 steps
+    assert sampler.steps < 41  # 40 tokens would take 41 steps (2 s): the rows went before the end
     assert st.scheduler.metrics.tokens_sampled._value.get() == 0  # counted only for requests that finish
 
     done = httpx.post(f"{url}/v1/chat/completions", json={**BODY, "max_tokens": 5}, headers=HEADERS, timeout=30)
     assert done.status_code == 200 and done.json()["usage"]["completion_tokens"] == 5
+
+
+def test_openai_and_sdk_requests_decode_in_the_same_steps_with_their_own_adapters(served, tmp_path):
+    from tests.app_client import OWNER_KEY
+    from tests.server.test_openai_routes import PROMPT, checkpoint
+
+    url, st, sampler = served
+    path = checkpoint(None, tmp_path, st=st)
+    sdk_body = {"prompt": {"chunks": [{"type": "encoded_text", "tokens": PROMPT}]}, "num_samples": 1,
+                "base_model": "tiny", "sampling_params": {"max_tokens": 30, "temperature": 1.0, "seed": 1, "stop": []}}
+    with httpx.Client(base_url=url, timeout=30) as client:
+        future = client.post("/api/v1/asample", json=sdk_body, headers=OWNER_KEY).json()["request_id"]
+        done = client.post("/v1/completions", headers=HEADERS,
+                           json={"model": path, "prompt": PROMPT, "max_tokens": 20, "seed": 1}).json()
+        sdk = client.post("/api/v1/retrieve_future", json={"request_id": future}, headers=OWNER_KEY).json()
+    assert done["usage"]["completion_tokens"] == 20 and len(sdk["sequences"][0]["tokens"]) == 30
+    mixed = [adapters for adapters in sampler.batch_adapters if None in adapters and len(adapters) == 2]
+    assert len(mixed) >= 10  # the checkpoint's rows decoded beside the base model's, step after step

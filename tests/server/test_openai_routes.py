@@ -33,9 +33,10 @@ def oai(api, key="tml-owner", prefix="/v1") -> openai.OpenAI:
     return openai.OpenAI(base_url=f"http://testserver{prefix}", api_key=key, http_client=api, max_retries=0)
 
 
-def checkpoint(api, tmp_path, owner_key="tml-owner", name="pushed") -> str:
+def checkpoint(api, tmp_path, owner_key="tml-owner", name="pushed", st=None) -> str:
     """A sampler checkpoint of a run pushed hard towards continuing any prompt with token 42."""
-    trainer, model_id = api.st.trainer, f"s-{name}:train:0"
+    st = st or api.st
+    trainer, model_id = st.trainer, f"s-{name}:train:0"
     trainer.create_adapter(model_id, "tiny", AdapterSpec(rank=4, seed=1))
     tokens = np.array(PROMPT + [42] * 4, dtype=np.int64)
     datum = Datum(tokens[:-1], {"target_tokens": tokens[1:], "weights": np.ones(7, np.float32)})
@@ -44,7 +45,7 @@ def checkpoint(api, tmp_path, owner_key="tml-owner", name="pushed") -> str:
         trainer.optim_step(model_id, AdamParams(learning_rate=0.05))
     folder, path = tmp_path / name, tinker_path(model_id, "sampler_weights", name)
     trainer.save_sampler_weights(model_id, folder)
-    api.st.store.add_checkpoint(path, model_id, identity(owner_key), "sampler_weights", name, str(folder), "tiny")
+    st.store.add_checkpoint(path, model_id, identity(owner_key), "sampler_weights", name, str(folder), "tiny")
     return path
 
 
@@ -152,3 +153,79 @@ def test_keys_and_the_full_queue(api):
     r = api.post("/v1/chat/completions", json={"model": "tiny", "messages": MESSAGES},
                  headers={"Authorization": "Bearer tml-owner"})
     assert r.status_code == 429 and r.headers["retry-after"] == "1" and r.json()["error"]["code"] == "rate_limit_exceeded"
+
+
+def _documented_openai_parameters():
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location("compatibility", Path(__file__).parents[2] / "docs" / "compatibility.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+REFUSED_EXAMPLES = {
+    "presence_penalty": 0.5, "frequency_penalty": -0.5, "repetition_penalty": 1.2, "logit_bias": {"5": 1},
+    "response_format": {"type": "json_schema", "json_schema": {}}, "tools": [{"type": "function"}], "tool_choice": "auto",
+    "functions": [{"name": "f"}], "function_call": "auto", "audio": {"voice": "alloy"}, "modalities": ["text", "audio"],
+    "prediction": {"type": "content", "content": "x"}, "web_search_options": {}, "suffix": "x",
+}
+
+
+def test_every_parameter_docs_compatibility_refuses_answers_400_naming_it(api):
+    docs = _documented_openai_parameters()
+    refused = [(route, name) for route, name, status, _ in docs.OPENAI if status == docs.REFUSED]
+    assert {name for _, name in refused} == set(REFUSED_EXAMPLES)
+    for route, name in refused:
+        for path in {"chat": ["/v1/chat/completions"], "completions": ["/v1/completions"],
+                     "both": ["/v1/chat/completions", "/v1/completions"]}[route]:
+            body = {"model": "tiny", "messages": MESSAGES, "prompt": "ab", "max_tokens": 2, name: REFUSED_EXAMPLES[name]}
+            r = api.post(path, json=body, headers={"Authorization": "Bearer tml-owner"})
+            assert r.status_code == 400 and r.json()["error"]["param"] == name, (path, name, r.text)
+
+
+def test_random_openai_bodies_get_a_4xx_or_an_answer_never_a_500(tmp_path):
+    from hypothesis import HealthCheck, given, settings
+    import string
+
+    from hypothesis import strategies as st
+
+    scalar = st.one_of(st.none(), st.booleans(), st.integers(-3, 70), st.floats(-1, 3), st.text(max_size=6),
+                       st.just("tiny"), st.just("tinker://s:train:0/sampler_weights/x"))
+    value = st.recursive(scalar, lambda inner: st.one_of(st.lists(inner, max_size=3),
+                                                         st.dictionaries(st.sampled_from(["role", "content", "type", "text",
+                                                                                          "include_usage"]), inner, max_size=3)),
+                         max_leaves=6)
+    message = st.fixed_dictionaries({"role": st.sampled_from(["user", "user", "system", "assistant", "tool", 3]),
+                                     "content": st.one_of(st.text(string.printable, max_size=8), value)})
+    unset_or = lambda *good: st.one_of(st.none(), *good, value)  # noqa: E731 - mostly valid, sometimes wild
+    body = st.fixed_dictionaries({"model": st.sampled_from(["tiny", "tiny", "tiny;tinker://a/b/c", 5, "nope"]),
+                                  "messages": st.one_of(st.lists(message, min_size=1, max_size=3), value),
+                                  "prompt": st.one_of(st.text(string.printable, min_size=1, max_size=8), value),
+                                  "max_tokens": st.one_of(st.integers(1, 4), st.sampled_from([0, -1, 10**9, "5", 2.5, []]))},
+                             optional={
+        "n": unset_or(st.integers(1, 3)), "temperature": unset_or(st.floats(0, 2)), "top_p": unset_or(st.floats(0.1, 1)),
+        "top_k": unset_or(st.integers(-1, 5)), "seed": unset_or(st.integers()), "stop": unset_or(st.text(min_size=1)),
+        "logprobs": unset_or(st.booleans(), st.integers(0, 3)), "top_logprobs": unset_or(st.integers(0, 3)),
+        "echo": unset_or(st.booleans()), "stream": unset_or(st.booleans()),
+        "stream_options": unset_or(st.just({"include_usage": True}))})
+    clients = app_client(tmp_path)
+    api = next(clients)
+    api.st.tokenizers.folders["tiny"] = write_char_tokenizer(tmp_path / "tokenizer")
+
+    @settings(max_examples=60, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
+    @given(route=st.sampled_from(["/v1/chat/completions", "/v1/completions"]), body=body)
+    def check(route, body):
+        r = api.post(route, json=body, headers={"Authorization": "Bearer tml-owner"})
+        assert r.status_code in (200, 400, 404), r.text
+        statuses.add(r.status_code)
+        if r.status_code != 200:
+            assert r.json()["error"]["message"]
+
+    statuses: set[int] = set()
+    try:
+        check()
+    finally:
+        clients.close()
+    assert statuses == {200, 400, 404}  # the fuzz reached the sampler, the checks and the model lookup

@@ -62,7 +62,7 @@ def test_training_runs_and_checkpoints_match_the_sdk_types(api, run):
 
     tr = _get(api, f"/api/v1/training_runs/{run['model_id']}", cast=types.TrainingRun)
     assert (tr.base_model, tr.is_lora, tr.corrupted, tr.lora_rank) == ("tiny", True, False, 4)
-    assert tr.model_owner == _owner_of(KEY) and tr.last_request_time.tzinfo is not None
+    assert tr.model_owner == "tml:organization_user:" + _owner_of(KEY) and tr.last_request_time.tzinfo is not None
     assert tr.user_metadata == {"renderer_name": "qwen3_instruct", "step": "3"}
     assert tr.last_checkpoint.tinker_path == run["state"] and tr.last_checkpoint.checkpoint_type == "training"
     assert tr.last_sampler_checkpoint.checkpoint_id == "sampler_weights/snap"

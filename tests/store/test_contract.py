@@ -239,6 +239,15 @@ def test_jobs(store):
     assert _ids(rows) == ["j2", "j1"] and total == 2  # newest first
 
 
+def test_custom_losses_keep_their_first_definition(store):
+    definition = {"name": "nll", "inputs": [{"name": "logprobs", "rank": 1}], "graph": {"format": 1, "nodes": []}}
+    assert store.add_custom_loss("s1:loss:0", "s1", "alice", "nll", definition) is True
+    assert store.add_custom_loss("s1:loss:0", "s1", "alice", "other", {"name": "other"}) is False  # a retry
+    row = store.custom_loss("s1:loss:0")
+    assert (row["session_id"], row["owner"], row["name"], row["definition"]) == ("s1", "alice", "nll", definition)
+    assert store.custom_loss("s1:loss:1") is None
+
+
 def test_rows_survive_a_reopen(store_url, tmp_path):
     store = open_store(store_url, tmp_path)
     store.add_session("s", "alice", "0.38.0", ["t"], {"k": 1})

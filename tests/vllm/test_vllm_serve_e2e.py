@@ -11,7 +11,7 @@ import tinker
 from tinker import types
 
 from tests.e2e.conftest import EMBEDDED, MODEL_CACHE, ServerProcess
-from tests.e2e.test_sdk_end_to_end import _sft_datum
+from tests.e2e.conftest import sft_datum
 from tests.vllm.fake_vllm import FakeVllm
 
 pytestmark = pytest.mark.slow
@@ -43,7 +43,7 @@ def test_sdk_trains_and_samples_through_vllm(fake, tmp_path):
         base = service.create_sampling_client(base_model=EMBEDDED).result().sample(prompt, 1, GREEDY).result()
         assert "Vemsk" not in tokenizer.decode(base.sequences[0].tokens)
 
-        datum = _sft_datum(tokenizer, QUESTION, "The capital of Plorbia is Vemsk.")
+        datum = sft_datum(tokenizer, QUESTION, "The capital of Plorbia is Vemsk.")
         for _ in range(5):
             training.forward_backward([datum], "cross_entropy").result()
             training.optim_step(types.AdamParams(learning_rate=1e-3)).result()

@@ -125,25 +125,32 @@ class TextStream:
     """The text of a growing token list, handed out as deltas of whole characters.
 
     Decodes a window of the sequence (from the last point where the text was complete) rather than
-    each token alone, so merged and multi-byte tokens come out as the full decode would give them;
-    a trailing U+FFFD (a character whose last bytes are still to come) waits for the next token.
+    each token alone, so merged and multi-byte tokens come out as the full decode gives them; the
+    trailing U+FFFD of a character whose last bytes are still to come waits for the next token.
     """
 
     def __init__(self, tokenizer: ChatTokenizer) -> None:
         self.tokenizer = tokenizer
         self.tokens: list[int] = []
         self._prefix = 0  # start of the decoded window
-        self._read = 0  # tokens before this are in `text`
+        self._read = 0  # the window's tokens before this are fully handed out
+        self._partial = 0  # characters handed out beyond those (before a character still incomplete)
 
     def push(self, tokens: list[int], final: bool = False) -> str:
         """Append tokens; the new text they complete (`final`: everything left, partial characters too)."""
         self.tokens += tokens
         settled = self.tokenizer.decode(self.tokens[self._prefix:self._read])
         window = self.tokenizer.decode(self.tokens[self._prefix:])
-        if len(window) <= len(settled) or (window.endswith(REPLACEMENT) and not final):
+        complete = window if final else window.rstrip(REPLACEMENT)
+        start = len(settled) + self._partial
+        if len(complete) <= start:
             return ""
-        self._prefix, self._read = self._read, len(self.tokens)
-        return window[len(settled):]
+        delta = complete[start:]
+        if complete == window:  # nothing pending: the next window starts here
+            self._prefix, self._read, self._partial = self._read, len(self.tokens), 0
+        else:
+            self._partial += len(delta)
+        return delta
 
 
 class Tokenizers:

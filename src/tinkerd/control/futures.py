@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import uuid
+from typing import Callable
 
 from tinkerd.store.db import Store
 
@@ -17,6 +18,7 @@ class FutureBoard:
     def __init__(self, store: Store) -> None:
         self.store = store
         self._events: dict[str, asyncio.Event] = {}
+        self._on_finish: dict[str, Callable[[str], None]] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
 
     def bind_loop(self, loop: asyncio.AbstractEventLoop) -> None:
@@ -56,7 +58,14 @@ class FutureBoard:
         self.store.fail_future(future_id, error, "server", state="lost")
         self._wake(future_id)
 
+    def when_finished(self, future_id: str, fn: Callable[[str], None]) -> None:
+        """Call `fn(future_id)` once the future completes, fails or is lost (on the thread that ends it)."""
+        self._on_finish[future_id] = fn
+
     def _wake(self, future_id: str) -> None:
+        on_finish = self._on_finish.pop(future_id, None)
+        if on_finish is not None:
+            on_finish(future_id)
         event = self._events.pop(future_id, None)
         if event is None:
             return

@@ -116,6 +116,9 @@ def release(st: ControlPlane, model_id: str, reason: str) -> None:
     runs.session_of.pop(model_id, None)
     runs.last_request.pop(model_id, None)
     runs.released[model_id] = reason
+    model = st.store.model(model_id)
+    if model is not None:
+        st.admission.run_released(model["owner"], model_id)
     waiting = st.scheduler.close_model(model_id)
     if waiting:
         message = released_message(st, model_id)

@@ -119,8 +119,9 @@ def _stop(body: dict) -> tuple[str, ...]:
 
 
 def _refuse_unsupported(body: dict) -> None:
-    for name, why in _REFUSED.items():
-        if body.get(name) not in (None, [], {}, "none", ""):
+    for name, why in _REFUSED.items():  # absent, an empty list, or tool_choice "none" ask for nothing
+        value = body.get(name)
+        if value is not None and value != [] and not (name in ("tool_choice", "function_call") and value == "none"):
             raise invalid(name, why)
     for name, neutral in _NEUTRAL.items():
         if body.get(name) not in (None, neutral):

@@ -282,6 +282,8 @@ async def _stream(reply: Reply, channel: SampleChannel, first: SampleEvent, gone
                 break
             try:
                 event = await _next_event(channel, gone)
+            except ClientLeft:
+                return
             except OpenAIError as exc:  # the status line is sent: report the error in the stream
                 yield f"data: {json.dumps(exc.body())}\n\n"
                 break

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from tinkerd.control import curves, journal, lifecycle
+from tinkerd.control import audit, curves, custom_losses, journal, lifecycle
 from tinkerd.control.checkpoints import checkpoint_files
 from tinkerd.control.plane import ControlPlane, NotFound
 from tinkerd.control.scheduler import Job, Outcome
@@ -113,8 +113,12 @@ def create_run(st: ControlPlane, owner: str, session: dict, model_seq_id: int, k
     lifecycle.check_session_open(session)
     job = job_for(kind, Op(st, owner, model_id, None, args), None)
     job.future_id = st.board.create(owner, kind, model_id, 0, journal.entry(st, model_id, args))
-    lifecycle.open_run(st, model_id, session["id"])
-    st.scheduler.submit(job)
+
+    def start() -> None:  # now, or once the key is under --max-runs-per-key (`admission`)
+        lifecycle.open_run(st, model_id, session["id"])
+        st.scheduler.submit(job)
+
+    st.admission.submit_run(owner, job.future_id, model_id, start)
     return {"request_id": job.future_id, "model_id": model_id}
 
 
@@ -152,6 +156,7 @@ def _create_model_job(op: Op) -> dict:
         if op.st.store.model(op.model_id) is None:  # else: replayed after a crash
             op.st.store.add_model(op.model_id, body.session_id, op.owner, body.base_model, lora.model_dump(),
                                   body.user_metadata)
+            audit.record(op.st, op.owner, "training_run_create", op.model_id, base_model=body.base_model)
         return Outcome(json={"model_id": op.model_id, "type": "create_model"})
 
     return {"run": run}
@@ -167,6 +172,8 @@ def _load_weights_job(op: Op) -> dict:
         if st.store.model(op.model_id) is None:  # creating it (and not replaying after a crash)
             st.store.add_model(op.model_id, args["session_id"], op.owner, args["base_model"], _lora_config(spec),
                                args["user_metadata"])
+            audit.record(st, op.owner, "training_run_create", op.model_id, base_model=args["base_model"],
+                         source=args["path"])
         return Outcome(json={"path": args["path"], "model_id": op.model_id, "type": "load_weights"})
 
     return {"run": run}
@@ -175,7 +182,9 @@ def _load_weights_job(op: Op) -> dict:
 @replayable("forward", changes_state=False)
 @replayable("forward_backward")
 def _forward_backward_job(op: Op) -> dict:
+    """A `custom` loss is looked up again by its loss_id (stored, so a replay rebuilds the same loss)."""
     call = op.call or decode_forward_backward_pb(op.body)
+    custom_losses.attach(op.st, op.owner, call)
 
     def encode(result) -> Outcome:  # on the engine thread, as the result comes back
         curves.record_forward_backward(op.st.store, op.owner, call, result)
@@ -209,6 +218,7 @@ def _save_checkpoint(op: Op, kind: str, name: str, write: Callable[[Path], None]
     st.store.add_checkpoint(path, op.model_id, op.owner, kind, name, str(directory),
                             st.store.model(op.model_id)["base_model"], user_metadata=user_metadata)
     st.store.set_checkpoint_ttl(path, ttl_seconds)
+    audit.record(st, op.owner, "checkpoint_create", op.model_id, path, kind=kind)
     return path
 
 

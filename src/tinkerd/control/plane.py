@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from tinkerd.engine.interface import BaseModelInfo, Sampler, Trainer
+from tinkerd.control.admission import Admission
 from tinkerd.control.chat_tokenizer import Tokenizers
 from tinkerd.control.datadir import DataDir
 from tinkerd.control.futures import FutureBoard
@@ -33,8 +34,13 @@ class Gone(LookupError):
 class ServerConfig:
     data_dir: Path
     api_keys: frozenset[str] = frozenset()
+    key_names: dict[str, str] = field(default_factory=dict)  # API key -> its name in the keys file
+    admin_keys: frozenset[str] = frozenset()  # `--admin-key`: may read every key's audit events
+    token_auth: bool = True  # SDK clients exchange their key for a short-lived JWT (`server.identity`)
     long_poll_seconds: float = 25.0
     max_pending_samples: int = 1024
+    max_queued_sample_tokens_per_key: int = 0  # a key's sample tokens in the sampler before its next requests wait; 0: off
+    max_runs_per_key: int = 0  # a key's loaded training runs before its next create waits; 0: off
     max_body_bytes: int = 256 * 1024 * 1024
     store: str | None = None  # `--store` URL; None: SQLite at DATA_DIR/tinkerd.sqlite3
     session_timeout_seconds: float = 600.0  # no heartbeat nor training request this long: unload the session's runs
@@ -78,6 +84,12 @@ class ControlPlane:
     runs: Runs = field(default_factory=Runs)
     tokenizers: Tokenizers = field(default_factory=Tokenizers)  # base models' tokenizers, for the OpenAI routes
     started_at: float = field(default_factory=time.time)
+    admission: Admission | None = None  # per-key admission of sample requests; made from the config
+
+    def __post_init__(self) -> None:
+        if self.admission is None:
+            self.admission = Admission(self.board, self.config.max_queued_sample_tokens_per_key,
+                                       max_runs_per_key=self.config.max_runs_per_key)
 
     def owned(self, row: dict | None, owner: str, what: str, ident: str) -> dict:
         if row is None or row["owner"] != owner:

@@ -77,7 +77,8 @@ def _recover_run(st: ControlPlane, model_id: str, answered: set[str]) -> bool:
         log.error("%s", why)
         return False
 
-    st.scheduler.open_model(model_id, next_seq=after + 1)
+    # seq_id 0 (the creation) is replayed unordered, so without a restore point the ordered ones start at 1
+    st.scheduler.open_model(model_id, next_seq=max(after, 0) + 1)
     st.runs.session_of[model_id] = session_id
     st.runs.last_request[model_id] = session["last_seen"]
     st.runs.recovering.setdefault(model_id, [])

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import dataclasses
 import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -130,8 +131,11 @@ class Scheduler:
 
     def submit_sample(self, request: SampleTask, encode: Callable[[SampleResult], Outcome] | None,
                       session_id: str | None = None, channel: SampleChannel | None = None) -> None:
-        """`encode`: the result's wire forms for the board; unused (None) with a `channel`."""
+        """`encode`: the result's wire forms for the board; unused (None) with a `channel`. A sampler that cannot
+        report tokens as drawn (not a `StreamingSampler`: Ray, vLLM) is not asked to keep them."""
         self.samples[request.request_id] = PendingSample(encode, session_id, request.adapter.uri, channel)
+        if request.stream and (channel is None or not isinstance(self.sampler, StreamingSampler)):
+            request = dataclasses.replace(request, stream=False)
         self.sampler.submit(request)
         self._ready.set()
 

@@ -22,8 +22,10 @@ from tinkerd.engine.adapter_files import read_peft_adapter, read_training_extras
 from tinkerd.engine.batching import Row, collate, merge_metrics, plan_micro_batches, token_budget, validate_datums
 from tinkerd.engine.interface import AdapterRef, AdapterSpec, BaseModelInfo, forward_backward_one
 from tinkerd.engine.losses import Loss, get_loss
+from tinkerd.engine.losses.custom import datum_values, run_custom_loss
 from tinkerd.engine.kernels.memory import release_freed_memory
 from tinkerd.engine.runtime import ModelRuntime
+from tinkerd.protocol.custom_loss import CustomLoss, check_datums
 from tinkerd.protocol.types import AdamParams, BadRequest, ForwardBackwardCall, ForwardBackwardResult
 
 log = logging.getLogger(__name__)
@@ -46,12 +48,14 @@ class TrainedAdapter:
 class PreparedCall:
     call: ForwardBackwardCall
     adapter: TrainedAdapter
-    loss: Loss
+    loss: Loss | None  # None: a server-side custom loss
     config: dict
     input_names: set[str]
+    custom: CustomLoss | None = None
     loss_sum: float = 0.0
     metric_parts: list = field(default_factory=list)
     logprobs: dict[int, np.ndarray] = field(default_factory=dict)
+    elementwise: dict[int, np.ndarray] = field(default_factory=dict)  # each datum's per-token loss
 
 
 class LocalTrainer:
@@ -127,18 +131,54 @@ class LocalTrainer:
                 for chunk in plan_micro_batches(rows, self._budget(runtime)):
                     self._run_micro_batch(runtime, chunk, prepared, with_grad)
         for i, p in prepared.items():
-            outputs = [{"logprobs": p.logprobs[j]} for j in range(len(p.call.data))]
+            outputs = [{"logprobs": p.logprobs[j]} if p.custom else
+                       {"logprobs": p.logprobs[j], "elementwise_loss": p.elementwise[j]} for j in range(len(p.call.data))]
             results[i] = ForwardBackwardResult(outputs, {"loss:sum": p.loss_sum, **merge_metrics(p.metric_parts)})
         return results  # type: ignore[return-value]
 
     def _prepare(self, call: ForwardBackwardCall) -> PreparedCall:
         adapter = self._adapter(call.model_id)
+        if call.loss_fn == "custom":
+            return self._prepare_custom(call, adapter)
         loss = get_loss(call.loss_fn)
         config = loss.resolve_config(call.loss_fn, call.loss_config)
         runtime = adapter.runtime
         validate_datums(call.data, loss.required_inputs, loss.optional_inputs, runtime.vocab_size, runtime.max_context)
         names = {n for n in (*loss.required_inputs, *loss.optional_inputs) if n != "target_tokens"}
         return PreparedCall(call, adapter, loss, config, {n for n in names if n in call.data[0].loss_inputs})
+
+    def _prepare_custom(self, call: ForwardBackwardCall, adapter: TrainedAdapter) -> PreparedCall:
+        """A server-side custom loss: its datums checked, and its graph run once on stand-in logprobs (no
+        gradient), so a graph that fails on these shapes fails alone, before any batch runs."""
+        custom = call.custom_loss
+        if not isinstance(custom, CustomLoss):
+            raise BadRequest("loss_fn 'custom' needs loss_fn_config.loss_id naming a loss this session created "
+                             "with create_custom_loss")
+        runtime = adapter.runtime
+        validate_datums(call.data, ("target_tokens",), (), runtime.vocab_size, runtime.max_context)
+        check_datums(custom, call.data)
+        with torch.no_grad():
+            for i, datum in enumerate(call.data):
+                stand_in = torch.full(datum.loss_inputs["target_tokens"].shape, -1.0, device=runtime.device)
+                try:
+                    run_custom_loss(custom, datum_values(custom, datum, stand_in))
+                except BadRequest as exc:
+                    raise BadRequest(f"data[{i}]: {exc}") from None
+        return PreparedCall(call, adapter, None, {}, set(), custom=custom)
+
+    def _custom_loss(self, p: PreparedCall, lp: torch.Tensor, rows: list[Row], picked: list[int]) -> torch.Tensor:
+        """Sum over this call's rows of the per-datum custom loss; each datum's metrics weigh 1 (`:mean` is
+        over datums, like the SDK's client-side path)."""
+        total = None
+        for k in picked:
+            datum = rows[k].datum
+            shape = datum.loss_inputs["target_tokens"].shape
+            width = shape[1] if len(shape) == 2 else 1
+            lp_datum = lp[k, : shape[0], :width].reshape(shape)
+            value, metrics = run_custom_loss(p.custom, datum_values(p.custom, datum, lp_datum))
+            p.metric_parts.append((metrics, 1.0))
+            total = value if total is None else total + value
+        return total
 
     def _budget(self, runtime: ModelRuntime) -> int:
         if self.token_budget_override is not None:
@@ -151,22 +191,32 @@ class LocalTrainer:
         batch = collate(rows, names, runtime.device)
         with torch.set_grad_enabled(with_grad):
             lp = runtime.target_logprobs(batch.tokens, batch.mask, [r.adapter for r in rows], batch.targets)  # (B, T, K)
+            per_token_B_T_K = torch.zeros(lp.shape, dtype=torch.float32)
             total = None
             for call_index in dict.fromkeys(r.call for r in rows):
                 p = prepared[call_index]
-                picked = torch.tensor([k for k, r in enumerate(rows) if r.call == call_index])
+                picked_list = [k for k, r in enumerate(rows) if r.call == call_index]
+                if p.custom is not None:
+                    loss_value = self._custom_loss(p, lp, rows, picked_list)
+                    p.loss_sum += float(loss_value.detach())
+                    total = loss_value if total is None else total + loss_value
+                    continue
+                picked = torch.tensor(picked_list)
                 inputs = {n: batch.inputs[n].index_select(0, picked) for n in (*p.input_names, "mask")}
-                loss_value, metrics = p.loss.fn(lp.index_select(0, picked), inputs, p.config)
+                per_token, metrics = p.loss.per_token(lp.index_select(0, picked), inputs, p.config)
+                per_token_B_T_K[picked] = per_token.detach().float().cpu()
+                loss_value = per_token.sum()
                 p.loss_sum += float(loss_value.detach())
                 p.metric_parts.append((metrics, float(inputs["mask"].sum())))
                 total = loss_value if total is None else total + loss_value
             if with_grad and total is not None and total.requires_grad:
                 total.backward()
-        lp_np = lp.detach().float().numpy()
+        lp_np, per_token_np = lp.detach().float().cpu().numpy(), per_token_B_T_K.numpy()
         for k, row in enumerate(rows):
             shape = row.datum.loss_inputs["target_tokens"].shape
             width = shape[1] if len(shape) == 2 else 1
             prepared[row.call].logprobs[row.index] = lp_np[k, : shape[0], :width].reshape(shape).astype(np.float32)
+            prepared[row.call].elementwise[row.index] = per_token_np[k, : shape[0], :width].reshape(shape).copy()
 
     # optimizer
 

@@ -7,6 +7,7 @@ dtypes, ranges) happens here, and errors name the offending field.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -43,6 +44,7 @@ class ForwardBackwardCall:
     loss_config: dict[str, float | str]
     forward_only: bool
     data: list[Datum]
+    custom_loss: Any = None  # loss_fn "custom": the session's `protocol.custom_loss.CustomLoss` named by loss_id
 
 
 @dataclass

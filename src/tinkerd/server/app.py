@@ -35,8 +35,8 @@ from tinkerd.control.scheduler import Scheduler
 from tinkerd.engine.interface import Sampler, Trainer
 from tinkerd.server.console import pages, signin
 from tinkerd.server.errors import install_error_handlers
-from tinkerd.server.routes import (checkpoints, curves, downloads, futures, jobs, openai, rest, sampling, service,
-                                   training)
+from tinkerd.server.routes import (checkpoints, curves, custom_losses, downloads, futures, identity, jobs,
+                                   openai, rest, sampling, service, training)
 from tinkerd.store.db import Store, open_store
 
 log = logging.getLogger("tinkerd.http")
@@ -112,7 +112,8 @@ def create_app(config: ServerConfig, trainer: Trainer, sampler: Sampler, store: 
     app.state.download_grants, app.state.remembered_copies = DownloadGrants(), RememberedCopies()
     app.state.csrf_secret = secrets.token_bytes(32)  # the console's CSRF tokens (`server.auth`)
     install_error_handlers(app)
-    for module in (service, training, checkpoints, sampling, futures, curves, rest, downloads, jobs, signin, pages):
+    for module in (service, identity, training, custom_losses, checkpoints, sampling, futures, curves, rest,
+                   downloads, jobs, signin, pages):
         app.include_router(module.router)
     for prefix in openai.PREFIXES:
         app.include_router(openai.router, prefix=prefix)

@@ -4,6 +4,10 @@ keys, or any `tml-` key when none are set.
 The caller's identity is a hash of the key, so keys are never stored, and both headers name the same
 caller. The OpenAI routes answer a refused key in OpenAI's error shape (`bearer_caller`).
 
+With token auth on (`client/config`), the SDK sends a token this server minted for its key instead
+(`server.identity`); a forged, expired or no-longer-accepted one is a 401 `invalid_token`, which makes
+the SDK exchange its key again.
+
 The console signs in with the same key, kept in an HttpOnly, SameSite=Strict cookie (`KEY_COOKIE`); a
 request without a key header falls back to that cookie, and if it writes (any method but GET/HEAD) it must
 also carry the page's CSRF token in `X-CSRF-Token` (`csrf_token`: an HMAC of the key under a secret of this
@@ -24,6 +28,9 @@ from tinkerd.control.jobs.manager import TOKEN_PREFIX, token_hash
 from tinkerd.control.openai_requests import OpenAIError
 from tinkerd.control.plane import ControlPlane
 from tinkerd.server.deps import plane
+from tinkerd.server.identity import Tokens, load_secret, owner_of_key
+
+INVALID_TOKEN = {"WWW-Authenticate": 'Bearer error="invalid_token"'}
 
 KEY_COOKIE = "tinkerd_key"
 SAFE_METHODS = ("GET", "HEAD")
@@ -41,7 +48,31 @@ def key_problem(key: str | None, keys: frozenset[str], header: str) -> str | Non
 
 
 def identity(key: str) -> str:
-    return hashlib.sha256(key.encode()).hexdigest()[:24]
+    return owner_of_key(key)
+
+
+def check_key(key: str | None, st: ControlPlane) -> str:
+    """The owner id of an accepted raw API key, or 401."""
+    problem = key_problem(key, st.config.api_keys, "X-API-Key")
+    if problem:
+        raise HTTPException(401, problem)
+    return identity(key)
+
+
+def tokens(request: Request) -> Tokens:
+    """This app's token signer (its secret lives in the data dir, created on first use)."""
+    app_state = request.app.state
+    if getattr(app_state, "tokens", None) is None:
+        app_state.tokens = Tokens(load_secret(app_state.tinkerd.config.data_dir))
+    return app_state.tokens
+
+
+def token_claims(request: Request, token: str, st: ControlPlane) -> dict:
+    claims = tokens(request).verify(token)
+    keys = st.config.api_keys
+    if claims is None or (keys and claims["owner"] not in {owner_of_key(k) for k in keys}):
+        raise HTTPException(401, "invalid or expired token: exchange the API key again", headers=INVALID_TOKEN)
+    return claims
 
 
 def csrf_token(request: Request, key: str) -> str:
@@ -62,16 +93,15 @@ def key_of(request: Request, header_key: str | None) -> str | None:
 
 async def caller(request: Request, x_api_key: str | None = Header(default=None),
                  st: ControlPlane = Depends(plane)) -> str:
+    if x_api_key and x_api_key.startswith("eyJ"):
+        return token_claims(request, x_api_key, st)["owner"]
     key = key_of(request, x_api_key)
-    if key and key.startswith(TOKEN_PREFIX):
+    if key and key.startswith(TOKEN_PREFIX):  # a job's runner (`control.jobs.manager`)
         job = st.store.job_for_token(token_hash(key))
         if job is None:
             raise HTTPException(401, "this job token is not (or no longer) valid")
         return job["owner"]
-    problem = key_problem(key, st.config.api_keys, "X-API-Key")
-    if problem:
-        raise HTTPException(401, problem)
-    return identity(key)
+    return check_key(key, st)
 
 
 async def bearer_caller(request: Request, authorization: str | None = Header(default=None),

@@ -1,4 +1,5 @@
-"""The `Store`: sessions, training models, sampling sessions, futures and checkpoints.
+"""The `Store`: sessions, training models, sampling sessions, futures, checkpoints, custom losses and the
+audit log.
 
 SQLite by default (one file in WAL mode under the data dir), or PostgreSQL with the same schema
 (`open_store`, `tinkerd serve --store URL`); `dialects` holds the little that differs. Every write
@@ -14,6 +15,7 @@ from __future__ import annotations
 import json
 import threading
 import time
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -53,6 +55,14 @@ CREATE TABLE IF NOT EXISTS jobs (
     started REAL, finished REAL, job_spec TEXT NOT NULL, job_progress TEXT, job_result TEXT, job_resume TEXT,
     token_hash TEXT, model_id TEXT, error TEXT
 );
+CREATE TABLE IF NOT EXISTS audit_events (
+    id TEXT PRIMARY KEY, owner TEXT NOT NULL, event TEXT NOT NULL, model_id TEXT, tinker_path TEXT,
+    details TEXT, created REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS custom_losses (
+    id TEXT PRIMARY KEY, session_id TEXT NOT NULL, owner TEXT NOT NULL, name TEXT NOT NULL,
+    definition TEXT NOT NULL, created REAL NOT NULL
+);
 CREATE TABLE IF NOT EXISTS steps (
     owner TEXT NOT NULL, session_id TEXT, model_id TEXT, seq_id INTEGER, kind TEXT NOT NULL,
     created REAL NOT NULL, metrics TEXT NOT NULL
@@ -77,6 +87,7 @@ CREATE INDEX IF NOT EXISTS checkpoints_model ON checkpoints(model_id, created);
 CREATE INDEX IF NOT EXISTS checkpoints_owner ON checkpoints(owner, created);
 CREATE INDEX IF NOT EXISTS jobs_owner ON jobs(owner, created);
 CREATE INDEX IF NOT EXISTS jobs_status ON jobs(status, created);
+CREATE INDEX IF NOT EXISTS audit_events_time ON audit_events(created);
 CREATE INDEX IF NOT EXISTS checkpoints_expiry ON checkpoints(expires_at) WHERE expires_at IS NOT NULL;
 CREATE UNIQUE INDEX IF NOT EXISTS steps_model_seq ON steps(model_id, seq_id)
     WHERE model_id IS NOT NULL AND seq_id IS NOT NULL;
@@ -84,8 +95,8 @@ CREATE INDEX IF NOT EXISTS steps_model ON steps(model_id) WHERE model_id IS NOT 
 CREATE INDEX IF NOT EXISTS steps_session ON steps(session_id, created) WHERE session_id IS NOT NULL;
 """
 
-_JSON_COLUMNS = {"tags", "user_metadata", "lora_config", "result_json", "metrics", "job_spec", "job_progress",
-                 "job_result", "job_resume"}
+_JSON_COLUMNS = {"tags", "user_metadata", "lora_config", "result_json", "metrics", "definition", "details",
+                 "job_spec", "job_progress", "job_result", "job_resume"}
 
 
 def open_store(url: str | None, data_dir: Path) -> "Store":
@@ -344,6 +355,30 @@ class Store:
         """A session's steps (its runs' and its samplers') recorded at or after `since`, oldest first."""
         return self._all("SELECT kind, created, metrics FROM steps WHERE session_id = ? AND created >= ? "
                          "ORDER BY created", (session_id, since))
+
+    # server-side custom losses: a session's traced loss graphs, as plain JSON (kept: journals replay them)
+    def add_custom_loss(self, loss_id: str, session_id: str, owner: str, name: str, definition: dict) -> bool:
+        """False if `loss_id` already exists (a retried create); the first definition stays."""
+        if self.custom_loss(loss_id) is not None:
+            return False
+        self._insert("custom_losses", dict(id=loss_id, session_id=session_id, owner=owner, name=name,
+                                           definition=definition, created=time.time()))
+        return True
+
+    def custom_loss(self, loss_id: str) -> dict | None:
+        return self._one("SELECT * FROM custom_losses WHERE id = ?", (loss_id,))
+
+    # the audit log: who created, deleted, published or read what, and when
+    def add_audit_event(self, owner: str, event: str, details: dict, model_id: str | None = None,
+                        tinker_path: str | None = None) -> None:
+        self._insert("audit_events", dict(id=uuid.uuid4().hex, owner=owner, event=event, model_id=model_id,
+                                          tinker_path=tinker_path, details=details, created=time.time()))
+
+    def audit_events(self, start: float, end: float, owner: str | None = None) -> list[dict]:
+        """Events with start <= created < end, oldest first; one owner's, or (None) everyone's."""
+        mine = "" if owner is None else " AND owner = ?"
+        return self._all(f"SELECT * FROM audit_events WHERE created >= ? AND created < ?{mine} ORDER BY created, rowid",
+                         (start, end, *(() if owner is None else (owner,))))
 
     # operator views across every API key (the CLI)
     def all_models(self) -> list[dict]:

@@ -1,13 +1,15 @@
 """The built-in losses, by wire name. Every loss is a token sum over the batch (no normalisation).
 
-Contract of a loss function `fn(lp, inputs, config) -> (loss, metrics)`:
+Contract of a loss function `per_token(lp, inputs, config) -> (loss_B_T_K, metrics)`:
 - `lp` (B, T, K) float32 with gradient: the learner's logprobs of `target_tokens` (K = 1 for 1-D targets).
 - `inputs`: every loss input the loss declares, as (B, T, K) float32 tensors, zero in padding,
   plus `mask` (1.0 on real positions and real K columns, 0.0 on padding).
 - `config`: the request's `loss_fn_config` merged over the loss's defaults (unknown keys are refused,
   and `check_config`, if any, validates the values before the forward pass).
-- returns the scalar loss and extra metrics keyed `name:reduction` (`sum`, `mean`, `min`, `max`).
-The trainer adds `loss:sum` and the per-datum `logprobs` outputs itself.
+- returns the loss of every token, (B, T, K) and zero on padding, whose sum is the loss, and extra
+  metrics keyed `name:reduction` (`sum`, `mean`, `min`, `max`).
+The trainer adds `loss:sum` and the per-datum `logprobs` and `elementwise_loss` outputs itself;
+`Loss.fn` is the summed form (scalar loss, metrics).
 """
 
 from __future__ import annotations
@@ -33,11 +35,16 @@ LossFn = Callable[[torch.Tensor, dict[str, torch.Tensor], dict], tuple[torch.Ten
 
 @dataclass(frozen=True)
 class Loss:
-    fn: LossFn
+    per_token: LossFn
     required_inputs: tuple[str, ...]
     optional_inputs: tuple[str, ...] = ()
     config_defaults: dict[str, float | str] = field(default_factory=dict)
     check_config: Callable[[dict], Any] | None = None  # raises BadRequest naming the bad field
+
+    def fn(self, lp: torch.Tensor, inputs: dict[str, torch.Tensor], config: dict) -> tuple[torch.Tensor, dict]:
+        """The scalar loss (the sum of `per_token`) and the metrics."""
+        per_token, metrics = self.per_token(lp, inputs, config)
+        return per_token.sum(), metrics
 
     def resolve_config(self, name: str, config: dict[str, float | str]) -> dict[str, float | str]:
         unknown = sorted(set(config) - set(self.config_defaults))

@@ -33,11 +33,11 @@ def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> float:
 
 
 def clipped_surrogate(ratio: torch.Tensor, adv: torch.Tensor, mask: torch.Tensor, lo: float, hi: float):
-    """PPO's pessimistic term summed over real tokens: (-Σ mask·min(r·A, clip(r, lo, hi)·A), clip fraction).
+    """PPO's pessimistic term per token: (-mask·min(r·A, clip(r, lo, hi)·A), clip fraction).
 
     Clipping is active where the min picks the clipped branch strictly (A > 0 and r > hi, or A < 0
     and r < lo): those tokens get no gradient. The fraction is over real tokens.
     """
     objective = torch.minimum(ratio * adv, ratio.clamp(lo, hi) * adv)
     active = ((adv > 0) & (ratio > hi)) | ((adv < 0) & (ratio < lo))
-    return -(mask * objective).sum(), masked_mean(active.float(), mask)
+    return -(mask * objective), masked_mean(active.float(), mask)

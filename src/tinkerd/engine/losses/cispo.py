@@ -18,5 +18,5 @@ def cispo(lp: torch.Tensor, inputs: dict[str, torch.Tensor], config: dict):
     lo, hi = clip_bounds(config)
     mask = inputs["mask"]
     ratio = torch.exp((lp - inputs["logprobs"]) * mask).detach()
-    loss = -(mask * ratio.clamp(lo, hi) * lp * inputs["advantages"]).sum()
-    return loss, {"clip_fraction:mean": masked_mean(((ratio < lo) | (ratio > hi)).float(), mask)}
+    per_token = -(mask * ratio.clamp(lo, hi) * lp * inputs["advantages"])
+    return per_token, {"clip_fraction:mean": masked_mean(((ratio < lo) | (ratio > hi)).float(), mask)}

@@ -26,5 +26,6 @@ def dro(lp: torch.Tensor, inputs: dict[str, torch.Tensor], config: dict):
     beta = dro_beta(config)
     mask = inputs["mask"]
     log_ratio = (lp - inputs["logprobs"]) * mask
-    penalty = 0.5 * beta * (log_ratio**2).sum()
-    return -(mask * lp * inputs["advantages"]).sum() + penalty, {"quadratic_penalty:sum": float(penalty.detach())}
+    penalty = 0.5 * beta * log_ratio**2  # (B, T, K), 0 on padding
+    per_token = -(mask * lp * inputs["advantages"]) + penalty
+    return per_token, {"quadratic_penalty:sum": float(penalty.detach().sum())}

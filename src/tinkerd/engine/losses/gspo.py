@@ -23,6 +23,6 @@ def gspo(lp: torch.Tensor, inputs: dict[str, torch.Tensor], config: dict):
     log_s = (in_ratio * (lp.detach() - inputs["logprobs"])).sum(dims) / in_ratio.sum(dims).clamp(min=1.0)
     log_s = log_s.view(-1, *([1] * (lp.dim() - 1)))
     ratio = torch.exp(log_s + (lp - lp.detach()) * mask)
-    loss, clip_fraction = clipped_surrogate(ratio, inputs["advantages"], mask, lo, hi)
-    return loss, {"clip_fraction:mean": clip_fraction,
+    per_token, clip_fraction = clipped_surrogate(ratio, inputs["advantages"], mask, lo, hi)
+    return per_token, {"clip_fraction:mean": clip_fraction,
                   "sequence_ratio:mean": masked_mean(torch.exp(log_s).expand_as(mask), mask)}

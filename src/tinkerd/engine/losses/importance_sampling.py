@@ -12,4 +12,4 @@ import torch
 def importance_sampling(lp: torch.Tensor, inputs: dict[str, torch.Tensor], config: dict):
     mask = inputs["mask"]
     ratio = torch.exp((lp - inputs["logprobs"]) * mask)  # 1 on padding, never inf there
-    return -(mask * ratio * inputs["advantages"]).sum(), {}
+    return -(mask * ratio * inputs["advantages"]), {}

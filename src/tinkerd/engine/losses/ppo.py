@@ -18,5 +18,5 @@ def ppo(lp: torch.Tensor, inputs: dict[str, torch.Tensor], config: dict):
     lo, hi = clip_bounds(config)
     mask = inputs["mask"]
     ratio = torch.exp((lp - inputs["logprobs"]) * mask)
-    loss, clip_fraction = clipped_surrogate(ratio, inputs["advantages"], mask, lo, hi)
-    return loss, {"clip_fraction:mean": clip_fraction}
+    per_token, clip_fraction = clipped_surrogate(ratio, inputs["advantages"], mask, lo, hi)
+    return per_token, {"clip_fraction:mean": clip_fraction}

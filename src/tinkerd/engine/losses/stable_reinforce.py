@@ -32,10 +32,10 @@ def stable_reinforce(lp: torch.Tensor, inputs: dict[str, torch.Tensor], config: 
     log_ratio = (lp - sampler) * mask  # log(learner / sampler), 0 on padding
     weight = torch.exp(log_ratio).clamp(max=clip_high).detach()
     k3 = torch.exp(-log_ratio) + log_ratio - 1.0
-    loss = -(mask * weight * lp * inputs["advantages"]).sum()
+    per_token = -(mask * weight * lp * inputs["advantages"])
     metrics = {"importance_weight:mean": masked_mean(weight, mask), "kl:mean": masked_mean(k3.detach(), mask)}
     if kl_coeff > 0:
-        penalty = kl_coeff * (mask * k3).sum()
-        loss = loss + penalty
-        metrics["kl_penalty:sum"] = float(penalty.detach())
-    return loss, metrics
+        penalty = kl_coeff * (mask * k3)
+        per_token = per_token + penalty
+        metrics["kl_penalty:sum"] = float(penalty.detach().sum())
+    return per_token, metrics

@@ -10,7 +10,7 @@ import json
 
 from tinkerd.control import status
 from tinkerd.control.plane import ControlPlane, NotFound
-from tinkerd.protocol.paths import session_of_run
+from tinkerd.protocol.paths import owner_urn, session_of_run
 from tinkerd.server.routes import rest
 
 PAGE = 100
@@ -42,7 +42,7 @@ def runs(st: ControlPlane, owner: str, query: str = "", state: str = "", page: i
     out = []
     for run in listed["training_runs"]:
         session_id = session_of_run(run["training_run_id"])
-        run = dict(run, session_id=session_id, mine=run["model_owner"] == owner,
+        run = dict(run, session_id=session_id, mine=run["model_owner"] == owner_urn(owner),
                    status=status.run_status(st, run["training_run_id"], sessions.get(session_id)))
         if (not state or run["status"] == state) and _matches(query, run["training_run_id"], run["base_model"],
                                                              run["user_metadata"] or {}):
@@ -54,7 +54,7 @@ def run(st: ControlPlane, owner: str, run_id: str) -> dict:
     info = rest.get_training_run(run_id, "accessible", owner=owner, st=st)
     checkpoints = rest.list_run_checkpoints(run_id, owner=owner, st=st)["checkpoints"]
     session_id = session_of_run(run_id)
-    mine = info["model_owner"] == owner
+    mine = info["model_owner"] == owner_urn(owner)
     session = st.store.session(session_id) if mine else None
     return dict(info, session_id=session_id, mine=mine, checkpoints=checkpoints,
                 status=status.run_status(st, run_id, session), session=session)
@@ -91,7 +91,7 @@ def checkpoint(st: ControlPlane, owner: str, run_id: str, checkpoint_id: str) ->
              if c["checkpoint_id"] == checkpoint_id]
     if not found:
         raise NotFound(f"checkpoint {checkpoint_id!r} of training run {run_id!r} not found")
-    return dict(found[0], run=run_info, mine=run_info["model_owner"] == owner)
+    return dict(found[0], run=run_info, mine=run_info["model_owner"] == owner_urn(owner))
 
 
 def samplable(st: ControlPlane, owner: str) -> dict:

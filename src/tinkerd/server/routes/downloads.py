@@ -18,6 +18,7 @@ from urllib.parse import quote
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import FileResponse, JSONResponse
 
+from tinkerd.control import audit
 from tinkerd.control.checkpoints import checkpoint_files, checkpoint_path, is_expired, readable_checkpoint
 from tinkerd.control.downloads import DownloadGrants, build_archive
 from tinkerd.control.plane import ControlPlane, NotFound
@@ -44,6 +45,7 @@ def external_weights_urls(run_id: str, kind: str, name: str, request: Request, o
     if not files:
         raise NotFound(f"checkpoint {row['path']!r} has no files on disk")
     token, grant = grants.grant(row["path"], files)
+    audit.record(st, owner, "checkpoint_read", run_id, row["path"], purpose="download")
     return {"urls": {rel: _url(request, token, rel) for rel in files}, "expires": _iso(grant.expires_at)}
 
 
@@ -54,6 +56,7 @@ def checkpoint_archive(run_id: str, kind: str, name: str, request: Request, owne
     row = readable_checkpoint(st, owner, checkpoint_path(run_id, kind, name))
     archive = build_archive(st.paths.archives, row)
     token, grant = grants.grant(row["path"], {archive.name: archive})
+    audit.record(st, owner, "checkpoint_read", run_id, row["path"], purpose="download")
     return {"url": _url(request, token, archive.name), "expires": _iso(grant.expires_at)}
 
 

@@ -24,7 +24,9 @@ async def retrieve_future(body: RetrieveFutureRequest, request: Request, owner: 
     st.owned(st.store.future(body.request_id), owner, "request_id", body.request_id)
     row = await st.board.wait(body.request_id, st.config.long_poll_seconds)
     if row is None:
-        return {"type": "try_again", "request_id": body.request_id, "queue_state": "active"}
+        state, reason = st.admission.queue_state(body.request_id)
+        return {"type": "try_again", "request_id": body.request_id, "queue_state": state,
+                **({"queue_state_reason": reason} if reason else {})}
     if row["state"] == "lost":
         return JSONResponse({"detail": row["error"]}, status_code=410)
     if row["state"] == "error":

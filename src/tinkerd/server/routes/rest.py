@@ -33,8 +33,9 @@ from tinkerd.control.checkpoints import (
     readable_checkpoint,
     remove_checkpoint,
 )
+from tinkerd.control import audit
 from tinkerd.control.plane import ControlPlane
-from tinkerd.protocol.paths import parse_tinker_path
+from tinkerd.protocol.paths import owner_urn, parse_tinker_path
 from tinkerd.protocol.requests import Body
 from tinkerd.protocol.types import BadRequest
 from tinkerd.server.auth import caller
@@ -97,7 +98,7 @@ def _run_json(st: ControlPlane, model: dict, checkpoints: list[dict]) -> dict:
     return {
         "training_run_id": model["id"],
         "base_model": model["base_model"],
-        "model_owner": model["owner"],
+        "model_owner": owner_urn(model["owner"]),
         "is_lora": True,
         "corrupted": False,
         "lora_rank": (model["lora_config"] or {}).get("rank"),
@@ -181,21 +182,27 @@ def list_run_checkpoints(run_id: str, owner: str = Depends(caller), st: ControlP
 @router.delete(CHECKPOINT)
 def delete_checkpoint(run_id: str, kind: str, name: str, owner: str = Depends(caller),
                       st: ControlPlane = Depends(plane)):
-    remove_checkpoint(st, _owned_checkpoint(st, owner, run_id, kind, name))
+    row = _owned_checkpoint(st, owner, run_id, kind, name)
+    remove_checkpoint(st, row)
+    audit.record(st, owner, "checkpoint_delete", run_id, row["path"])
     return {}
 
 
 @router.post(CHECKPOINT + "/publish")
 def publish_checkpoint(run_id: str, kind: str, name: str, owner: str = Depends(caller),
                        st: ControlPlane = Depends(plane)):
-    st.store.set_checkpoint_public(_owned_checkpoint(st, owner, run_id, kind, name)["path"], True)
+    path = _owned_checkpoint(st, owner, run_id, kind, name)["path"]
+    st.store.set_checkpoint_public(path, True)
+    audit.record(st, owner, "checkpoint_publish", run_id, path)
     return {}
 
 
 @router.delete(CHECKPOINT + "/publish")
 def unpublish_checkpoint(run_id: str, kind: str, name: str, owner: str = Depends(caller),
                          st: ControlPlane = Depends(plane)):
-    st.store.set_checkpoint_public(_owned_checkpoint(st, owner, run_id, kind, name)["path"], False)
+    path = _owned_checkpoint(st, owner, run_id, kind, name)["path"]
+    st.store.set_checkpoint_public(path, False)
+    audit.record(st, owner, "checkpoint_unpublish", run_id, path)
     return {}
 
 

@@ -52,7 +52,7 @@ async def get_sampler(sampler_id: str, owner: str = Depends(caller), st: Control
 
 @router.post("/asample")
 async def asample(body: SampleRequest, owner: str = Depends(caller), st: ControlPlane = Depends(plane)):
-    if st.scheduler.pending_samples >= st.config.max_pending_samples:
+    if st.scheduler.pending_samples + st.admission.waiting >= st.config.max_pending_samples:
         return JSONResponse({"detail": "sampling queue is full; retry shortly"}, status_code=429)
     if body.sampling_session_id:
         row = st.owned(st.store.sampling_session(body.sampling_session_id), owner, "sampling_session_id",
@@ -98,7 +98,9 @@ async def asample(body: SampleRequest, owner: str = Depends(caller), st: Control
             queued = dataclasses.replace(queued, adapter=AdapterRef(row["adapter_uri"], row["base_model"]))
         st.scheduler.submit_sample(queued, encode, session_id)
 
-    recovery.when_recovered(st, ref.uri, submit)
+    cost = body.num_samples * (len(tokens) + params.max_tokens)  # what the per-key limit counts (`admission`)
+    recovery.when_recovered(st, ref.uri, lambda after_replay: st.admission.submit(
+        owner, future_id, cost, lambda: submit(after_replay)))
     return {"request_id": future_id, "sample_sequence_ids": sequence_ids}
 
 
@@ -106,5 +108,7 @@ async def asample(body: SampleRequest, owner: str = Depends(caller), st: Control
 async def cancel_future(body: RetrieveFutureRequest, owner: str = Depends(caller), st: ControlPlane = Depends(plane)):
     """Abandoned sample polls: the SDK cancels them, and the rows stop decoding at the next step."""
     st.owned(st.store.future(body.request_id), owner, "request_id", body.request_id)
+    if st.admission.cancel(body.request_id):  # still waiting for its key's turn
+        st.board.fail(body.request_id, "cancelled by the client", "user")
     st.scheduler.cancel_sample(body.request_id)
     return {}

@@ -22,9 +22,12 @@ async def healthz():
 
 
 @router.post("/client/config")
-async def client_config(owner: str = Depends(caller)):
-    # Plain API keys; forward_backward bodies uncompressed (loopback and LAN do not need zstd).
-    return {"pjwt_auth_enabled": False, "proto_compress_fwdbwd": False}
+async def client_config(owner: str = Depends(caller), st: ControlPlane = Depends(plane)):
+    # Keys exchanged for short-lived tokens unless --no-token-auth (`server.identity`: whoami reads them);
+    # forward_backward bodies uncompressed (loopback and LAN do not need zstd); custom losses uploaded once
+    # and run in one forward_backward here (`control.custom_losses`).
+    return {"pjwt_auth_enabled": st.config.token_auth, "proto_compress_fwdbwd": False,
+            "custom_loss_server_side": True}
 
 
 @router.post("/client/dynamic_config")
