@@ -13,8 +13,9 @@ request without a key header falls back to that cookie, and if it writes (any me
 also carry the page's CSRF token in `X-CSRF-Token` (`csrf_token`: an HMAC of the key under a secret of this
 process, so a token from before a restart is refused and the page must be reloaded).
 
-A job's runner presents its job token (`tml-job-...`, `control.jobs.manager`) as its X-API-Key and acts as the
-job's owner while the job runs.
+A job's runner presents its job token (`tml-job-...`, `control.jobs.manager`) as its key and acts as the job's
+owner while the job runs (its SDK may exchange it for a token of that owner; the job's report route still takes
+only the live job token, which fences off a runner of an earlier start).
 """
 
 from __future__ import annotations
@@ -52,7 +53,12 @@ def identity(key: str) -> str:
 
 
 def check_key(key: str | None, st: ControlPlane) -> str:
-    """The owner id of an accepted raw API key, or 401."""
+    """The owner id of an accepted raw API key (a live job token: its job's owner), or 401."""
+    if key and key.startswith(TOKEN_PREFIX):  # a job's runner (`control.jobs.manager`)
+        job = st.store.job_for_token(token_hash(key))
+        if job is None:
+            raise HTTPException(401, "this job token is not (or no longer) valid")
+        return job["owner"]
     problem = key_problem(key, st.config.api_keys, "X-API-Key")
     if problem:
         raise HTTPException(401, problem)
@@ -95,13 +101,7 @@ async def caller(request: Request, x_api_key: str | None = Header(default=None),
                  st: ControlPlane = Depends(plane)) -> str:
     if x_api_key and x_api_key.startswith("eyJ"):
         return token_claims(request, x_api_key, st)["owner"]
-    key = key_of(request, x_api_key)
-    if key and key.startswith(TOKEN_PREFIX):  # a job's runner (`control.jobs.manager`)
-        job = st.store.job_for_token(token_hash(key))
-        if job is None:
-            raise HTTPException(401, "this job token is not (or no longer) valid")
-        return job["owner"]
-    return check_key(key, st)
+    return check_key(key_of(request, x_api_key), st)
 
 
 async def bearer_caller(request: Request, authorization: str | None = Header(default=None),
