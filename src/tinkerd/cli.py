@@ -46,6 +46,12 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--device", default="cpu")
     serve.add_argument("--max-pending-samples", type=int, default=1024,
                        help="sampling requests in flight before asample answers 429 (the SDK backs off and retries)")
+    serve.add_argument("--max-body-bytes", type=int, default=256 * 1024 * 1024, metavar="BYTES",
+                       help="largest request body as sent (compressed or not); larger answer 400")
+    serve.add_argument("--max-decompressed-bytes", type=int, default=64 * 1024 * 1024, metavar="BYTES",
+                       help="largest a zstd body may expand to, and a sparse tensor once dense (400 beyond)")
+    serve.add_argument("--max-topk-logprobs", type=int, default=128, metavar="K",
+                       help="largest topk_prompt_logprobs / topk_sample_logprobs of a sample request (400 beyond)")
     serve.add_argument("--threads", type=int, default=None, metavar="N",
                        help="torch compute threads (and inter-op threads); default: torch's (one per core). "
                             "Lower it when other processes share the cores")
@@ -160,7 +166,9 @@ def serve(args: argparse.Namespace) -> None:
                           parked_state_ttl_seconds=args.parked_state_ttl,
                           batch_gather_seconds=args.batch_gather_ms / 1000,
                           shutdown_park_seconds=args.shutdown_park_seconds,
-                          restore_point_every_steps=args.restore_point_every)
+                          restore_point_every_steps=args.restore_point_every, max_body_bytes=args.max_body_bytes,
+                          max_decompressed_bytes=args.max_decompressed_bytes,
+                          max_topk_logprobs=args.max_topk_logprobs)
     app = create_app(config, engine.trainer, engine.sampler, store)
     logging.getLogger("tinkerd").info("serving %s on http://%s:%d (store: %s; %s)", ", ".join(engine.names),
                                       args.host, args.port, store.description, engine.where)

@@ -62,7 +62,7 @@ class LocalTrainer:
 
     def base_models(self) -> list[BaseModelInfo]:
         return [
-            BaseModelInfo(name, rt.tokenizer_id, rt.config.model_type, rt.max_context, MAX_LORA_RANK)
+            BaseModelInfo(name, rt.tokenizer_id, rt.config.model_type, rt.max_context, MAX_LORA_RANK, rt.vocab_size)
             for name, rt in self.runtimes.items()
         ]
 
