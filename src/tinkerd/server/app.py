@@ -28,6 +28,7 @@ from tinkerd.control.recovery import rebuild, recover
 from tinkerd.control.scheduler import Scheduler
 from tinkerd.engine.interface import Sampler, Trainer
 from tinkerd.server.errors import install_error_handlers
+from tinkerd.server.responses import FiniteJSONResponse
 from tinkerd.server.routes import checkpoints, downloads, futures, rest, sampling, service, training
 from tinkerd.store.db import Store, open_store
 
@@ -85,7 +86,7 @@ def create_app(config: ServerConfig, trainer: Trainer, sampler: Sampler, store: 
         if owns_store:
             store.close()
 
-    app = FastAPI(title="tinkerd", lifespan=lifespan)
+    app = FastAPI(title="tinkerd", lifespan=lifespan, default_response_class=FiniteJSONResponse)
     app.state.download_grants, app.state.remembered_copies = DownloadGrants(), RememberedCopies()
     install_error_handlers(app)
     for module in (service, training, checkpoints, sampling, futures, rest, downloads):
