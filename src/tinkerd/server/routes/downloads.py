@@ -57,7 +57,8 @@ def checkpoint_archive(run_id: str, kind: str, name: str, request: Request, owne
     return {"url": _url(request, token, archive.name), "expires": _iso(grant.expires_at)}
 
 
-@router.api_route("/files/{token}/{relative_path:path}", methods=["GET", "HEAD"])
+@router.get("/files/{token}/{relative_path:path}")
+@router.head("/files/{token}/{relative_path:path}", include_in_schema=False)
 def download(token: str, relative_path: str, st: ControlPlane = Depends(plane),
              grants: DownloadGrants = Depends(download_grants)):
     """Serve one file of a download grant; no API key (the unguessable token is the credential). HEAD answers
