@@ -14,9 +14,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import time
 
-from fastapi import FastAPI, Request, Response
+from fastapi import FastAPI, Response
 
 from tinkerd.control.checkpoints import RememberedCopies, purge_expired
 from tinkerd.control.downloads import DownloadGrants
@@ -28,6 +27,7 @@ from tinkerd.control.recovery import rebuild, recover
 from tinkerd.control.scheduler import Scheduler
 from tinkerd.engine.interface import Sampler, Trainer
 from tinkerd.server.errors import install_error_handlers
+from tinkerd.server.request_log import RequestLog
 from tinkerd.server.responses import FiniteJSONResponse
 from tinkerd.server.routes import checkpoints, downloads, futures, rest, sampling, service, training
 from tinkerd.store.db import Store, open_store
@@ -92,15 +92,7 @@ def create_app(config: ServerConfig, trainer: Trainer, sampler: Sampler, store: 
     for module in (service, training, checkpoints, sampling, futures, rest, downloads):
         app.include_router(module.router)
 
-    @app.middleware("http")
-    async def log_requests(request: Request, call_next):
-        started = time.perf_counter()
-        response = await call_next(request)
-        seconds = time.perf_counter() - started
-        route = getattr(request.scope.get("route"), "path", "unmatched")  # the template: bounded label values
-        metrics.request_seconds.labels(request.method, route, str(response.status_code)).observe(seconds)
-        log.info("%s %s %d %.1f ms", request.method, request.url.path, response.status_code, seconds * 1e3)
-        return response
+    app.add_middleware(RequestLog, metrics=metrics)
 
     @app.get("/metrics", include_in_schema=False)
     async def prometheus_metrics() -> Response:
