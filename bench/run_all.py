@@ -13,7 +13,7 @@ import sys
 import time
 from pathlib import Path
 
-BENCHES = ["train", "overhead", "multitenant", "weights_to_sampler", "sample"]
+BENCHES = ["train", "overhead", "multitenant", "weights_to_sampler", "sample", "console_pages"]
 OUT = Path(__file__).resolve().parent / "RESULTS.md"
 # (bench, figure, ">=" or "<=", target, what it measures): the targets of the performance issue
 TARGETS = [
@@ -22,6 +22,7 @@ TARGETS = [
     ("overhead", "overhead_fraction", "<=", 0.10, "SDK + HTTP step time over in-process"),
     ("weights_to_sampler", "tinkerd_ms", "<=", 200, "optim_step done -> first token from the new weights (ms)"),
     ("sample", "ratio_b16", ">=", 8, "sampled tokens/s at batch 16 vs HF generate"),
+    ("console_pages", "slowest_median_ms", "<=", 200, "slowest console page or curves fetch, 200 runs / 10,000 steps (ms)"),
 ]
 
 

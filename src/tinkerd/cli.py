@@ -101,7 +101,7 @@ def _parser() -> argparse.ArgumentParser:
                             "its detached engine actors outlive this process. Default: a private local cluster")
     serve.add_argument("--trainer-ranks", type=int, default=1, metavar="N",
                        help="with N > 1 (embedded engine, CPU): train in an FSDP2 group of N processes over gloo, the "
-                            "base model sharded over them; this process keeps a copy for sampling published adapter "
+                            "base model sharded over them; this process keeps a copy for sampling the adapter version "
                             "folders (docs/scale-out.md). --threads is then per rank (default 1)")
     serve.add_argument("--log-level", default="info")
 

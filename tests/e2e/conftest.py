@@ -10,6 +10,7 @@ import os
 from pathlib import Path
 
 import pytest
+from tinker import types
 
 from tinkerd.local_server import LocalServer
 
@@ -27,3 +28,14 @@ def server(tmp_path_factory):
     proc = ServerProcess(tmp_path_factory.mktemp("tinkerd-data"))
     yield proc
     proc.stop()
+
+
+def sft_datum(tokenizer, question: str, answer: str) -> types.Datum:
+    """One chat SFT example: the answer's tokens weigh 1, the prompt's 0."""
+    msgs = [{"role": "user", "content": question}]
+    prompt = tokenizer.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True, return_dict=False)
+    full = tokenizer.apply_chat_template(msgs + [{"role": "assistant", "content": answer}], tokenize=True,
+                                         return_dict=False)
+    weights = [0.0] * (len(prompt) - 1) + [1.0] * (len(full) - len(prompt))
+    return types.Datum(model_input=types.ModelInput.from_ints(full[:-1]),
+                       loss_fn_inputs={"target_tokens": full[1:], "weights": weights})

@@ -9,19 +9,9 @@ import pytest
 import tinker
 from tinker import types
 
-from tests.e2e.conftest import EMBEDDED, ServerProcess
+from tests.e2e.conftest import EMBEDDED, ServerProcess, sft_datum
 
 pytestmark = pytest.mark.slow
-
-
-def _sft_datum(tokenizer, question: str, answer: str) -> types.Datum:
-    msgs = [{"role": "user", "content": question}]
-    prompt = tokenizer.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True, return_dict=False)
-    full = tokenizer.apply_chat_template(msgs + [{"role": "assistant", "content": answer}], tokenize=True,
-                                         return_dict=False)
-    weights = [0.0] * (len(prompt) - 1) + [1.0] * (len(full) - len(prompt))
-    return types.Datum(model_input=types.ModelInput.from_ints(full[:-1]),
-                       loss_fn_inputs={"target_tokens": full[1:], "weights": weights})
 
 
 def test_sft_steps_lower_the_loss_and_the_new_weights_sample(server):
@@ -29,7 +19,7 @@ def test_sft_steps_lower_the_loss_and_the_new_weights_sample(server):
     training = service.create_lora_training_client(base_model=EMBEDDED, rank=8, seed=0).result()
     tokenizer = training.get_tokenizer()  # offline, from the hub cache tinkerd filled
     assert training.get_info().model_data.model_name == EMBEDDED
-    datum = _sft_datum(tokenizer, "What is the capital of Plorbia?", "The capital of Plorbia is Vemsk.")
+    datum = sft_datum(tokenizer, "What is the capital of Plorbia?", "The capital of Plorbia is Vemsk.")
 
     losses = []
     for _ in range(5):

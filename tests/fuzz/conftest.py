@@ -18,15 +18,17 @@ FIELD_NAMES = {name for obj in _requests_module.values() if isinstance(obj, type
     "model_id", "session", "request_id", "offset", "limit", "access_scope", "tinker_path", "path", "run_id",
     "checkpoint", "sampler", "sampling_session_id", "ttl_seconds", "base_model", "adam_params", "loss_fn",
     "API key", "download", "kind", "name", "num_samples", "forward_backward_input", "target_tokens", "session_id",
-    "training run", "public", "user_metadata", "lora_config", "method", "path"}
+    "training run", "public", "user_metadata", "lora_config", "method", "path", "parameter",
+    "messages", "model", "prompt", "max_tokens", "n", "stop", "temperature", "logprobs", "stream", "content", "role"}
 
 
 def check_reply(response) -> None:
-    """No 5xx; every 4xx is JSON with a `detail` naming what was wrong."""
+    """No 5xx; every 4xx is JSON with a `detail` (the OpenAI routes: `error.message`) naming what was wrong."""
     assert response.status_code < 500, (response.status_code, response.text[:500])
     if response.status_code >= 400:
         assert response.headers["content-type"].startswith("application/json"), response.headers
-        detail = response.json()["detail"]
+        body = response.json()
+        detail = body["detail"] if "detail" in body else body["error"]["message"]  # the OpenAI routes' shape
         assert detail, response.text
         assert any(name in str(detail) for name in FIELD_NAMES), f"the error names no field: {detail!r}"
 

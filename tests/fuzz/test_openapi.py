@@ -11,7 +11,7 @@ from tests.fuzz.conftest import KEY, check_reply
 from tests.fuzz.app import APP, started
 
 SCHEMA = schemathesis.openapi.from_dict(APP.openapi())
-EXAMPLES_PER_OPERATION = 50
+EXAMPLES_PER_OPERATION = 35
 
 
 @SCHEMA.parametrize()

@@ -278,3 +278,24 @@ def test_a_dropped_postgres_connection_recovers(pg_url, pg_cluster, tmp_path):
         assert store.session("s")["owner"] == "alice"  # the next one reconnects
     finally:
         store.close()
+
+
+def test_steps_keep_each_runs_measurements_in_order_once_per_seq_id(store_url, tmp_path):
+    store = open_store(store_url, tmp_path)
+    store.add_step("alice", "s", "s:train:0", 1, "forward_backward", {"loss:sum": 3.5, "tokens": 12})
+    store.add_step("alice", "s", "s:train:0", 2, "optim_step", {"learning_rate": 1e-3, "seconds": 0.2})
+    store.add_step("alice", "s", "s:train:0", 1, "forward_backward", {"loss:sum": 99.0})  # a replay: kept once
+    store.add_step("alice", "s", "s:train:1", 1, "forward_backward", {"loss:sum": 7.0})  # another run, same seq_id
+    store.add_step("alice", "s", None, None, "sample", {"tokens": 5})
+    store.add_step("alice", "s", "s:train:0", None, "sample", {"tokens": 6})  # no seq_id: never clashes
+    store.add_step("alice", "s", "s:train:0", None, "sample", {"tokens": 6})
+    rows = store.run_steps("s:train:0")
+    assert [(r["kind"], r["seq_id"]) for r in rows] == [("forward_backward", 1), ("optim_step", 2), ("sample", None),
+                                                         ("sample", None)]
+    assert rows[0]["metrics"] == {"loss:sum": 3.5, "tokens": 12}
+    assert [r["seq_id"] for r in store.run_steps("s:train:0", after=rows[1]["cursor"])] == [None, None]
+    assert [r["kind"] for r in store.session_steps("s", since=0)].count("sample") == 3
+    assert store.session_steps("s", since=time.time() + 60) == []
+    store.close()
+    reopened = open_store(store_url, tmp_path)
+    assert len(reopened.run_steps("s:train:0")) == 4  # curves survive a restart

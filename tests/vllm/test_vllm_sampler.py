@@ -107,7 +107,7 @@ def test_a_new_version_retires_the_old_one_only_when_no_request_holds_it(trainer
     assert not Path(v1.uri).exists()
     _wait_for(lambda: n1 not in fake.loras)
     assert fake.routes_called("/v1/unload_lora_adapter") == [{"lora_name": n1}]
-    with pytest.raises(BadRequest, match="no longer published"):
+    with pytest.raises(BadRequest, match="no longer kept"):
         vllm.sample(_request(v1))
     assert Path(v2.uri).is_dir() and n2 in fake.loras  # the newest version stays
 
@@ -207,7 +207,7 @@ def test_after_a_restart_names_are_new_and_an_old_folder_is_refused_not_resolved
     assert Path(new.uri).name.startswith("v1.") and new.uri != old.uri
     sampler = VllmSampler(fake.url, {"tiny": "tiny-served"}, versions, retry=FAST_RETRY)
     try:
-        with pytest.raises(BadRequest, match="no longer published"):
+        with pytest.raises(BadRequest, match="no longer kept"):
             sampler.sample(_request(old))
         after = sampler.sample(_request(new)).sequences[0].logprobs
     finally:

@@ -71,7 +71,7 @@ def test_sdk_trains_and_samples_through_vllm(fake, tmp_path):
         assert "Vemsk" in tokenizer.decode(second.sample(prompt, 1, GREEDY).result().sequences[0].tokens)
         assert [b["lora_name"] for b in fake.routes_called("/v1/load_lora_adapter")][-1].split("@")[1].startswith("v2.")
         assert not v1.exists() and fake.routes_called("/v1/unload_lora_adapter") == [{"lora_name": load["lora_name"]}]
-        with pytest.raises(tinker.RequestFailedError, match="no longer published"):
+        with pytest.raises(tinker.RequestFailedError, match="no longer kept"):
             first.sample(prompt, 1, GREEDY).result()
 
         prompt_lp = second.compute_logprobs(prompt).result()  # vLLM prompt_logprobs

@@ -18,8 +18,8 @@ answer a user error). A version is retired (folder deleted, `on_retire` listener
 unload it from vLLM) only when no request holds it and it fell out of that window or its run was
 dropped. The newest version of a loaded run is never retired.
 
-`VersionedTrainer` wraps any `Trainer` so that `snapshot_for_sampler` publishes a folder instead
-of freezing an in-memory copy, and republishes only after the weights changed.
+`VersionedTrainer` wraps any `Trainer` so that `snapshot_for_sampler` writes a version folder instead
+of freezing an in-memory copy, and writes a new one only after the weights changed.
 
 Knows nothing about HTTP, vLLM or torch; the folder's contents are the writer's business. Versions
 live in this process only: folders left by a previous process are deleted at start (no sampling
@@ -77,7 +77,7 @@ class AdapterVersions:
             for path in stale:
                 shutil.rmtree(path, ignore_errors=True)
             if stale:
-                log.info("deleted %d adapter folders published by a previous process under %s", len(stale), self.root)
+                log.info("deleted %d adapter version folders left by a previous process under %s", len(stale), self.root)
         self.root.mkdir(parents=True, exist_ok=True)
 
     def add(self, model_id: str, write: Callable[[Path], None]) -> Version:
@@ -106,12 +106,12 @@ class AdapterVersions:
         return version_run(uri, self.root) is not None
 
     def acquire(self, uri: str) -> Version:
-        """Hold a published version for one sampling request (user error if it was retired)."""
+        """Hold a version for one sampling request (user error if it was retired)."""
         with self._lock:
             version = self._by_path.get(str(uri))
             if version is None:
                 raise BadRequest(
-                    f"sampler weights {uri!r} are no longer published (only the newest {self.keep} versions per "
+                    f"sampler weights {uri!r} are no longer kept (only the newest {self.keep} versions per "
                     "training run are kept, and none after the run is unloaded or the server restarts); call "
                     "save_weights_and_get_sampling_client again or save named sampler weights")
             version.requests += 1
@@ -165,10 +165,10 @@ def _fsync_dir(path: Path) -> None:
 
 
 class VersionedTrainer:
-    """A `Trainer` whose sampler snapshots are published folders (`AdapterRef.uri` = the folder).
+    """A `Trainer` whose sampler snapshots are version folders (`AdapterRef.uri` = the folder).
 
-    Every other call goes to the wrapped trainer. A run is republished only when its weights
-    changed since its last publish (optim_step, load_state, create) or its last version retired.
+    Every other call goes to the wrapped trainer. A run gets a new version only when its weights
+    changed since its last one (optim_step, load_state, create) or its last version retired.
     """
 
     def __init__(self, trainer: Trainer, versions: AdapterVersions) -> None:
@@ -184,7 +184,7 @@ class VersionedTrainer:
         self._current.pop(model_id, None)
 
     def optim_step(self, model_id: str, params: AdamParams) -> dict[str, float]:
-        self._current.pop(model_id, None)  # even a failed step may have changed nothing; republishing is safe
+        self._current.pop(model_id, None)  # even a failed step may have changed nothing; a new version is safe
         return self.trainer.optim_step(model_id, params)
 
     def load_state(self, model_id: str, base_model: str | None, directory: Path, with_optimizer: bool) -> AdapterSpec:

@@ -4,7 +4,7 @@ Requests run as coroutines on this sampler's own event-loop thread (httpx); `ste
 finished ones to the scheduler, waiting up to `poll_seconds` when none has finished yet, so the
 engine thread neither spins nor stalls training for long.
 
-Adapters: a published version (`AdapterVersions`) is loaded under its immutable name
+Adapters: an adapter version (`AdapterVersions`) is loaded under its immutable name
 `model_id@version` with `POST /v1/load_lora_adapter {lora_name, lora_path}` before its first
 sample, and unloaded (`/v1/unload_lora_adapter`) when the registry retires it. A checkpoint folder
 (`create_sampling_client(model_path=...)`) is loaded under a name derived from its path and file

@@ -19,7 +19,8 @@ import uuid
 from pathlib import Path
 
 from tinkerd.control.plane import ControlPlane, NotFound
-from tinkerd.protocol.paths import run_id, tinker_path
+from tinkerd.engine.interface import AdapterRef
+from tinkerd.protocol.paths import parse_tinker_path, run_id, tinker_path
 from tinkerd.protocol.types import BadRequest
 
 KINDS = {"weights": "training", "sampler_weights": "sampler", "external_weights": "external"}  # -> the SDK's type
@@ -57,6 +58,15 @@ def readable_checkpoint(st: ControlPlane, owner: str, path: str) -> dict:
     if row is None or is_expired(row) or (row["owner"] != owner and not row["public"]):
         raise NotFound(f"checkpoint {path!r} not found")
     return row
+
+
+def sampling_adapter(st: ControlPlane, owner: str, model_path: str, field: str = "model_path") -> AdapterRef:
+    """The adapter of a readable checkpoint one can sample: sampler weights, or a training state's weights."""
+    _, kind, _ = parse_tinker_path(model_path, field)
+    if kind not in ("sampler_weights", "weights"):
+        raise BadRequest(f"{field}: cannot sample from a {kind!r} checkpoint")
+    checkpoint = readable_checkpoint(st, owner, model_path)
+    return AdapterRef(uri=checkpoint["directory"], base_model=checkpoint["base_model"])
 
 
 def owned_checkpoint(st: ControlPlane, owner: str, path: str) -> dict:

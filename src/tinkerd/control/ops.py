@@ -14,11 +14,12 @@ not the wire format beyond the codecs it calls, not torch.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from tinkerd.control import journal, lifecycle
+from tinkerd.control import curves, journal, lifecycle
 from tinkerd.control.checkpoints import checkpoint_files
 from tinkerd.control.plane import ControlPlane, NotFound
 from tinkerd.control.scheduler import Job, Outcome
@@ -171,14 +172,16 @@ def _load_weights_job(op: Op) -> dict:
     return {"run": run}
 
 
-def _encode(result) -> Outcome:
-    return Outcome(json=forward_backward_to_json(result), pb=encode_forward_backward_pb(result))
-
-
 @replayable("forward", changes_state=False)
 @replayable("forward_backward")
 def _forward_backward_job(op: Op) -> dict:
-    return {"call": op.call or decode_forward_backward_pb(op.body), "encode": _encode}
+    call = op.call or decode_forward_backward_pb(op.body)
+
+    def encode(result) -> Outcome:  # on the engine thread, as the result comes back
+        curves.record_forward_backward(op.st.store, op.owner, call, result)
+        return Outcome(json=forward_backward_to_json(result), pb=encode_forward_backward_pb(result))
+
+    return {"call": call, "encode": encode}
 
 
 @replayable("optim_step")
@@ -186,7 +189,10 @@ def _optim_step_job(op: Op) -> dict:
     params = AdamParams(**op.args)
 
     def run() -> Outcome:
+        started = time.perf_counter()
         metrics = op.st.trainer.optim_step(op.model_id, params)
+        curves.record_optim_step(op.st.store, op.owner, op.model_id, op.seq_id, params.learning_rate,
+                                 time.perf_counter() - started, metrics)
         journal.after_optim_step(op.st, op.model_id, op.seq_id)
         return Outcome(json={"type": "optim_step", "metrics": metrics})
 

@@ -1,15 +1,19 @@
-"""What every route needs: configuration, Store, futures, scheduler and the engine handles.
+"""The control plane's one object (`ControlPlane`): configuration, Store, futures, scheduler, the engine
+handles and the bookkeeping of loaded runs; and `ServerConfig`, what `tinkerd serve` configured.
 
-Also the ownership rule: a caller sees only rows its API key created; anything else is
-"not found" (404), so ids of other users do not leak.
+Also the ownership rule: a caller sees only rows its API key created; anything else is "not found"
+(404), so ids of other users do not leak. Knows no HTTP and no torch: routes, jobs and recovery all
+take this object.
 """
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from tinkerd.engine.interface import BaseModelInfo, Sampler, Trainer
+from tinkerd.control.chat_tokenizer import Tokenizers
 from tinkerd.control.datadir import DataDir
 from tinkerd.control.futures import FutureBoard
 from tinkerd.control.scheduler import Scheduler
@@ -71,6 +75,8 @@ class ControlPlane:
     base_models: dict[str, BaseModelInfo] = field(default_factory=dict)
     sequences: SequenceRecords = field(default_factory=SequenceRecords)
     runs: Runs = field(default_factory=Runs)
+    tokenizers: Tokenizers = field(default_factory=Tokenizers)  # base models' tokenizers, for the OpenAI routes
+    started_at: float = field(default_factory=time.time)
 
     def owned(self, row: dict | None, owner: str, what: str, ident: str) -> dict:
         if row is None or row["owner"] != owner:

@@ -35,6 +35,7 @@ from tinkerd.engine.interface import snapshot_run
 
 log = logging.getLogger(__name__)
 
+
 def _candidates(st: ControlPlane) -> list[str]:
     return sorted(set(st.store.journaled_models()) | journal.restore_point_runs(st))
 
@@ -91,8 +92,8 @@ def _recover_run(st: ControlPlane, model_id: str, answered: set[str]) -> bool:
         if args is None or not (pending or ops.KINDS[entry["kind"]].changes_state(args)):
             job = Job(None, "skip", _nothing)  # holds its seq_id's place, as the request did
         else:
-            job = ops.job_for(entry["kind"], ops.Op(st, entry["owner"], model_id, entry["seq_id"] or None, args, body),
-                          entry["id"] if pending else None)
+            op = ops.Op(st, entry["owner"], model_id, entry["seq_id"] or None, args, body)
+            job = ops.job_for(entry["kind"], op, entry["id"] if pending else None)
             replayed += 1
         if pending:
             st.board.track(entry["id"])
@@ -103,7 +104,8 @@ def _recover_run(st: ControlPlane, model_id: str, answered: set[str]) -> bool:
             st.scheduler.submit_ordered(model_id, entry["seq_id"], job)
     st.scheduler.submit(Job(None, "recovered", lambda: _recovered(st, model_id), model_id=model_id))
     log.info("recovering training run %s: %s, then %d journaled requests (%d still awaited by clients)", model_id,
-             f"restore point after seq_id {after}" if restore_point else "from its creation", replayed, len(answered) - awaited)
+             f"restore point after seq_id {after}" if restore_point else "from its creation", replayed,
+             len(answered) - awaited)
     return True
 
 

@@ -10,7 +10,9 @@ whose next request has not arrived yet get a short gather window (`gather_second
 whose result came back first does not run alone. Runs take turns (`_take_turns`), so one run's long
 queue, e.g. its replay after a restart, does not hold up the others. Between training jobs the worker
 advances the sampler one decode step at a time (continuous batching: new requests join the
-running batch), alternating with training when both have work. Knows nothing about torch or the wire format.
+running batch), alternating with training when both have work. A sample request is answered on the future
+board (the SDK polls it) or, given a `SampleChannel`, on that channel: with its new tokens after each step if
+the sampler reports them (`StreamingSampler`), then its result. Knows nothing about torch or the wire format.
 """
 
 from __future__ import annotations
@@ -25,10 +27,11 @@ from pathlib import Path
 from typing import Callable
 
 from tinkerd.engine.interface import ordered_op
-from tinkerd.engine.interface import RunLost, SampleTask, Sampler, snapshot_run
+from tinkerd.engine.interface import RunLost, SampleTask, Sampler, StreamingSampler, TokenProgress, snapshot_run
 from tinkerd.protocol.types import BadRequest, ForwardBackwardCall, ForwardBackwardResult, SampleResult
 from tinkerd.control.futures import FutureBoard
 from tinkerd.control.metrics import ServerMetrics
+from tinkerd.control.sample_channel import LOST, SERVER, USER, SampleChannel
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +69,15 @@ class PendingSample:
     encode: Callable[[SampleResult], Outcome]  # the result's wire forms, made on the engine thread
     session_id: str | None  # the sampling session's client session, if any
     adapter_uri: str | None = None  # the weights it samples (a run's `mem://` snapshot, a folder, or the base model)
+    channel: SampleChannel | None = None  # answer there (tokens as drawn, then the raw result), not on the board
+
+    def fail(self, board: FutureBoard, request_id: str, error: str, category: str) -> None:
+        if self.channel is not None:
+            self.channel.failed(request_id, error, category)
+        elif category == LOST:
+            board.lose(request_id, error)
+        else:
+            board.fail(request_id, error, category)
 
 
 class Scheduler:
@@ -118,16 +130,18 @@ class Scheduler:
         self.jobs.append(job)
         self._ready.set()
 
-    def submit_sample(self, request: SampleTask, encode: Callable[[SampleResult], Outcome],
-                      session_id: str | None = None) -> None:
-        self.samples[request.request_id] = PendingSample(encode, session_id, request.adapter.uri)
+    def submit_sample(self, request: SampleTask, encode: Callable[[SampleResult], Outcome] | None,
+                      session_id: str | None = None, channel: SampleChannel | None = None) -> None:
+        """`encode`: the result's wire forms for the board; unused (None) with a `channel`."""
+        self.samples[request.request_id] = PendingSample(encode, session_id, request.adapter.uri, channel)
         self.sampler.submit(request)
         self._ready.set()
 
     def cancel_sample(self, request_id: str, reason: str = "cancelled by the client") -> None:
-        if self.samples.pop(request_id, None) is not None:
+        pending = self.samples.pop(request_id, None)
+        if pending is not None:
             self.sampler.cancel(request_id)
-            self.board.fail(request_id, reason, "user")
+            pending.fail(self.board, request_id, reason, USER)
             self._ready.set()  # the next step drops its rows
 
     def sample_sessions(self) -> set[str]:
@@ -282,24 +296,28 @@ class Scheduler:
                 self.board.complete(job.future_id, outcome.json, outcome.pb)
 
     async def _sample_step(self, loop: asyncio.AbstractEventLoop) -> None:
-        def run() -> list[tuple[str, Outcome | Exception]]:
+        streaming = isinstance(self.sampler, StreamingSampler)
+
+        def run() -> tuple[list[TokenProgress], list[tuple[str, SampleResult | Outcome | Exception]]]:
             out = []
             for request_id, result in self.sampler.step():
                 pending = self.samples.get(request_id)
                 if pending is not None and not isinstance(result, Exception):
                     self.metrics.tokens_sampled.inc(sum(len(seq.tokens) for seq in result.sequences))
-                    result = pending.encode(result)
+                    if pending.channel is None:
+                        result = pending.encode(result)
                 out.append((request_id, result))
-            return out
+            return (self.sampler.take_progress() if streaming else []), out
 
         try:
-            finished = await loop.run_in_executor(self._executor, run)
+            progress, finished = await loop.run_in_executor(self._executor, run)
         except Exception as exc:  # noqa: BLE001 - a failed decode step fails the requests in flight
             log.exception("sampling step failed")
-            for request_id in list(self.samples):
-                self.board.fail(request_id, f"{type(exc).__name__}: {exc}", "server")
+            for request_id, pending in list(self.samples.items()):
+                pending.fail(self.board, request_id, f"{type(exc).__name__}: {exc}", SERVER)
             self.samples.clear()
             return
+        self._forward_progress(progress)
         rebuilding: dict[str, bool] = {}
         for request_id, outcome in finished:
             pending = self.samples.pop(request_id, None)
@@ -308,16 +326,28 @@ class Scheduler:
             if isinstance(outcome, RunLost):  # sampling changes nothing: the client may send it again (410)
                 run = snapshot_run(pending.adapter_uri, self.versions_root)
                 if run is not None and self._rebuilding(run, outcome, rebuilding):
-                    self.board.lose(request_id, f"{outcome}; the server is rebuilding its training run: send the "
-                                                "request again")
+                    pending.fail(self.board, request_id, f"{outcome}; the server is rebuilding its training run: "
+                                                         "send the request again", LOST)
                 else:
-                    self.board.lose(request_id, f"{outcome}; send the request again")
+                    pending.fail(self.board, request_id, f"{outcome}; send the request again", LOST)
             elif isinstance(outcome, BadRequest):
-                self.board.fail(request_id, str(outcome), "user")
+                pending.fail(self.board, request_id, str(outcome), USER)
             elif isinstance(outcome, Exception):
-                self.board.fail(request_id, f"{type(outcome).__name__}: {outcome}", "server")
+                pending.fail(self.board, request_id, f"{type(outcome).__name__}: {outcome}", SERVER)
+            elif pending.channel is not None:
+                pending.channel.finished(request_id, outcome)
             else:
                 self.board.complete(request_id, outcome.json, outcome.pb)
+
+    def _forward_progress(self, progress: list[TokenProgress]) -> None:
+        """Each channel gets its requests' new tokens (one event per request and step, in draw order)."""
+        by_request: dict[str, list[TokenProgress]] = {}
+        for item in progress:
+            by_request.setdefault(item.request_id, []).append(item)
+        for request_id, items in by_request.items():
+            pending = self.samples.get(request_id)
+            if pending is not None and pending.channel is not None:
+                pending.channel.tokens(request_id, items)
 
     async def _run_one(self, loop: asyncio.AbstractEventLoop, job: Job) -> None:
         try:

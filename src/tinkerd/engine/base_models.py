@@ -90,7 +90,7 @@ def ensure_embedded_model(model_cache: Path) -> Path:
     folder = model_cache / EMBEDDED_MODEL_NAME.replace("/", "--")
     if not (folder / "model.safetensors").is_file():
         _convert_gguf(embedded_gguf_path(), folder)
-    publish_tokenizer_to_hub_cache(EMBEDDED_MODEL_NAME, folder)
+    write_tokenizer_to_hub_cache(EMBEDDED_MODEL_NAME, folder)
     return folder
 
 
@@ -129,7 +129,7 @@ def hub_cache_dir() -> Path:
     return Path(constants.HF_HUB_CACHE)
 
 
-def publish_tokenizer_to_hub_cache(repo_id: str, folder: Path, hub_cache: Path | None = None) -> Path:
+def write_tokenizer_to_hub_cache(repo_id: str, folder: Path, hub_cache: Path | None = None) -> Path:
     """Make `AutoTokenizer.from_pretrained(repo_id)` resolve offline to `folder`'s tokenizer.
 
     Writes the hub cache layout (blobs, a snapshot of symlinks, refs/main). Leaves a snapshot

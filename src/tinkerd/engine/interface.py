@@ -11,7 +11,7 @@ import contextlib
 import contextvars
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Protocol
+from typing import Iterator, Protocol, runtime_checkable
 
 import numpy as np
 
@@ -26,7 +26,7 @@ from tinkerd.protocol.types import (
 
 class RunLost(RuntimeError):
     """An engine lost what it held in memory for a training run (its worker died). The front end
-    rebuilds the run from its snapshot and request journal if it keeps one, else the request fails
+    rebuilds the run from its restore point and request journal if it keeps one, else the request fails
     with a `server` error carrying this message."""
 
     def __init__(self, message: str, model_id: str | None = None) -> None:
@@ -153,6 +153,7 @@ class SampleTask:
     target_prompt_logprobs: np.ndarray | None = None  # int64 (len(prompt) - 1, K): ids to score, -1 = none
     prompt_alt_tokens_k: int = 0  # draws per prompt position from the model's next-token distribution
     topk_sample_logprobs: int = 0  # top-k logprobs at every sampled position
+    stream: bool = False  # report each new token (`StreamingSampler.take_progress`), not only the result
 
     @property
     def scores_prompt(self) -> bool:
@@ -172,6 +173,30 @@ class Sampler(Protocol):
 
     def step(self) -> list[tuple[str, SampleResult | Exception]]:
         """Advance every active request by one token; return the requests that finished (or failed)."""
+        ...
+
+
+@dataclass(frozen=True)
+class TokenProgress:
+    """A token that row `sample` of a streaming request (`SampleTask.stream`) drew in the last `step`:
+    its id, its logprob and, with `topk_sample_logprobs`, the top-k (ids, logprobs) at that position."""
+
+    request_id: str
+    sample: int
+    token: int
+    logprob: float
+    topk: tuple[np.ndarray, np.ndarray] | None = None
+
+
+@runtime_checkable
+class StreamingSampler(Sampler, Protocol):
+    """A sampler that can tell, after each `step`, which tokens its streaming requests drew.
+
+    Optional: a sampler without it (Ray, vLLM) still answers streaming requests, all tokens at once in
+    the result. The result stays the authority: its tokens start with the ones reported here."""
+
+    def take_progress(self) -> list[TokenProgress]:
+        """The tokens drawn since the last call (on the thread that calls `step`), oldest first."""
         ...
 
 

@@ -28,7 +28,7 @@ import torch
 from tinkerd.engine.adapter_files import read_peft_adapter
 from tinkerd.engine.batching import check_token_range
 from tinkerd.engine.decoder import Decoder
-from tinkerd.engine.interface import AdapterRef, SampleTask
+from tinkerd.engine.interface import AdapterRef, SampleTask, TokenProgress
 from tinkerd.engine.kv_cache import SlotKVCache
 from tinkerd.engine.runtime import ModelRuntime
 from tinkerd.protocol.sample import MAX_PROMPT_ALT_TOKENS
@@ -79,6 +79,7 @@ class LocalSampler:
         self.waiting: collections.deque[SampleTask] = collections.deque()
         self.batches: dict[str, DecodeBatch] = {}
         self.cancelled: set[str] = set()
+        self.progress: list[TokenProgress] = []  # tokens of streaming requests drawn since `take_progress`
 
     # the Sampler protocol
 
@@ -91,6 +92,11 @@ class LocalSampler:
 
     def has_work(self) -> bool:
         return not self.incoming.empty() or bool(self.waiting) or any(b.rows for b in self.batches.values())
+
+    def take_progress(self) -> list[TokenProgress]:
+        """`StreamingSampler`: the tokens streaming requests drew since the last call."""
+        progress, self.progress = self.progress, []
+        return progress
 
     def active_rows(self) -> int:
         return sum(len(b.rows) for b in self.batches.values())
@@ -297,6 +303,9 @@ class LocalSampler:
                 row.logprobs.append(chosen_lp[i])
                 if top_k > 0 and (k := pending.request.topk_sample_logprobs) > 0:
                     row.topk.append((top_ids[i, :k].astype(np.int32), top_lp[i, :k]))
+                if pending.request.stream:
+                    self.progress.append(TokenProgress(pending.request.request_id, row.sample, token, chosen_lp[i],
+                                                       row.topk[-1] if pending.request.topk_sample_logprobs else None))
                 reason = stop_reason(runtime, pending.request.params, row.tokens)
             except Exception as exc:  # noqa: BLE001 - this request's rows fail, the rest keep decoding
                 self._fail(pending, exc, finished)

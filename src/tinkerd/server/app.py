@@ -6,7 +6,8 @@ restore points and request journal (`recovery`), and the futures still pending a
 clear error instead of hanging their pollers (sample requests: 410, resend). At shutdown, loaded
 runs are parked.
 Background tasks: expired checkpoints are purged, and training runs of finished or lapsed
-sessions are unloaded (`lifecycle`).
+sessions are unloaded (`lifecycle`). Knows how the pieces of `control` fit the app's life; the work
+itself is theirs (no torch, no engine internals).
 """
 
 from __future__ import annotations
@@ -14,8 +15,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import secrets
+from pathlib import Path
 
-from fastapi import FastAPI, Response
+from fastapi import FastAPI, Request, Response
+from fastapi.staticfiles import StaticFiles
 
 from tinkerd.control.checkpoints import RememberedCopies, purge_expired
 from tinkerd.control.downloads import DownloadGrants
@@ -26,10 +30,11 @@ from tinkerd.control.plane import ControlPlane, ServerConfig
 from tinkerd.control.recovery import rebuild, recover
 from tinkerd.control.scheduler import Scheduler
 from tinkerd.engine.interface import Sampler, Trainer
+from tinkerd.server.console import pages, signin
 from tinkerd.server.errors import install_error_handlers
 from tinkerd.server.request_log import RequestLog
 from tinkerd.server.responses import FiniteJSONResponse
-from tinkerd.server.routes import checkpoints, downloads, futures, rest, sampling, service, training
+from tinkerd.server.routes import checkpoints, curves, downloads, futures, openai, rest, sampling, service, training
 from tinkerd.store.db import Store, open_store
 
 log = logging.getLogger("tinkerd.http")
@@ -88,9 +93,17 @@ def create_app(config: ServerConfig, trainer: Trainer, sampler: Sampler, store: 
 
     app = FastAPI(title="tinkerd", lifespan=lifespan, default_response_class=FiniteJSONResponse)
     app.state.download_grants, app.state.remembered_copies = DownloadGrants(), RememberedCopies()
+    app.state.csrf_secret = secrets.token_bytes(32)  # the console's CSRF tokens (`server.auth`)
     install_error_handlers(app)
-    for module in (service, training, checkpoints, sampling, futures, rest, downloads):
+    for module in (service, training, checkpoints, sampling, futures, curves, rest, downloads, signin, pages):
         app.include_router(module.router)
+    for prefix in openai.PREFIXES:
+        app.include_router(openai.router, prefix=prefix)
+    app.mount("/console/static", StaticFiles(directory=Path(pages.__file__).parent / "static"), name="console-static")
+
+    @app.exception_handler(signin.SignInRequired)
+    async def sign_in_first(request: Request, exc: signin.SignInRequired) -> Response:
+        return signin.sign_in_redirect(exc.next_url)
 
     app.add_middleware(RequestLog, metrics=metrics)
 

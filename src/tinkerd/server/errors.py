@@ -1,4 +1,5 @@
-"""Every error leaves as JSON `{"detail": ...}`: the SDK retries 4xx replies with an empty body."""
+"""Every error leaves as JSON `{"detail": ...}`: the SDK retries 4xx replies with an empty body. The OpenAI-compatible
+routes answer in OpenAI's shape instead (`OpenAIError`: `{"error": {"message", "type", "param", "code"}}`)."""
 
 from __future__ import annotations
 
@@ -10,15 +11,25 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from tinkerd.protocol.types import BadRequest
+from tinkerd.control.openai_requests import OpenAIError
 from tinkerd.control.plane import Gone, NotFound
 
 log = logging.getLogger(__name__)
+OPENAI_PREFIXES = ("/oai/api/v1/", "/v1/")  # routes/openai.py
 
 
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(BadRequest)
     async def bad_request(request: Request, exc: BadRequest) -> JSONResponse:
+        if request.url.path.startswith(OPENAI_PREFIXES):
+            field = str(exc).split(":", 1)[0]
+            return await openai_error(request, OpenAIError(400, str(exc), param=field if field.isidentifier() else None))
         return JSONResponse({"detail": str(exc)}, status_code=400)
+
+    @app.exception_handler(OpenAIError)
+    async def openai_error(request: Request, exc: OpenAIError) -> JSONResponse:
+        headers = {"Retry-After": f"{exc.retry_after:g}"} if exc.retry_after is not None else None
+        return JSONResponse(exc.body(), status_code=exc.status, headers=headers)
 
     @app.exception_handler(RequestValidationError)
     async def invalid_body(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -36,6 +47,8 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(NotFound)
     async def not_found(request: Request, exc: NotFound) -> JSONResponse:
+        if request.url.path.startswith(OPENAI_PREFIXES):
+            return await openai_error(request, OpenAIError(404, str(exc), code="not_found"))
         return JSONResponse({"detail": str(exc)}, status_code=404)
 
     @app.exception_handler(Gone)
@@ -56,4 +69,7 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(Exception)
     async def unexpected(request: Request, exc: Exception) -> JSONResponse:
         log.exception("unhandled error on %s %s", request.method, request.url.path)
+        if request.url.path.startswith(OPENAI_PREFIXES):
+            return await openai_error(request, OpenAIError(500, f"internal error: {type(exc).__name__}: {exc}",
+                                                           type="server_error"))
         return JSONResponse({"detail": f"internal error: {type(exc).__name__}: {exc}"}, status_code=500)

@@ -103,6 +103,7 @@ def _run_json(st: ControlPlane, model: dict, checkpoints: list[dict]) -> dict:
         "corrupted": False,
         "lora_rank": (model["lora_config"] or {}).get("rank"),
         "last_request_time": _iso(last_request),
+        "created_time": _iso(model["created"]),  # not in the SDK's type (ignored there); the console shows it
         "last_checkpoint": newest("weights"),
         "last_sampler_checkpoint": newest("sampler_weights"),
         "user_metadata": _strings(model["user_metadata"]),

@@ -4,15 +4,16 @@ cancel_future. Samples join the scheduler's continuous batch (`control.scheduler
 from __future__ import annotations
 
 import dataclasses
+import time
 
 from fastapi import APIRouter, Depends
 from fastapi.responses import JSONResponse
 
-from tinkerd.control import lifecycle, recovery
-from tinkerd.control.checkpoints import readable_checkpoint
+from tinkerd.control import curves, lifecycle, recovery
+from tinkerd.control.checkpoints import sampling_adapter
 from tinkerd.control.plane import ControlPlane
 from tinkerd.control.scheduler import Outcome
-from tinkerd.engine.interface import AdapterRef, SampleTask
+from tinkerd.engine.interface import AdapterRef, SampleTask, snapshot_run
 from tinkerd.protocol.paths import parse_tinker_path, sampler_id
 from tinkerd.protocol.requests import CreateSamplingSessionRequest, RetrieveFutureRequest, SampleRequest
 from tinkerd.protocol.sample import check_counts, encode_sample_pb, prompt_tokens, sample_to_json, sampling_params
@@ -24,17 +25,9 @@ from tinkerd.server.deps import plane
 router = APIRouter(prefix="/api/v1")
 
 
-def adapter_for_path(st: ControlPlane, owner: str, model_path: str) -> AdapterRef:
-    _, kind, _ = parse_tinker_path(model_path)
-    if kind not in ("sampler_weights", "weights"):
-        raise BadRequest(f"model_path: cannot sample from a {kind!r} checkpoint")
-    checkpoint = readable_checkpoint(st, owner, model_path)
-    return AdapterRef(uri=checkpoint["directory"], base_model=checkpoint["base_model"])
-
-
 def adapter_for(st: ControlPlane, owner: str, model_path: str | None, base_model: str | None, what: str) -> AdapterRef:
     if model_path:
-        return adapter_for_path(st, owner, model_path)
+        return sampling_adapter(st, owner, model_path)
     if base_model:
         return AdapterRef(uri=None, base_model=st.base_model(base_model).name)
     raise BadRequest(f"{what} needs sampling_session_id, model_path or base_model")
@@ -65,10 +58,11 @@ async def asample(body: SampleRequest, owner: str = Depends(caller), st: Control
                        body.sampling_session_id)
         ref = AdapterRef(uri=row["adapter_uri"], base_model=row["base_model"])
         lifecycle.check_snapshot(st, ref.uri)
-        session_id = row["session_id"]
+        session_id, model_path = row["session_id"], row["model_path"]
     else:
         ref = adapter_for(st, owner, body.model_path, body.base_model, "asample")
-        session_id = None
+        session_id, model_path = None, body.model_path
+    run = snapshot_run(ref.uri, st.paths.versions) or (parse_tinker_path(model_path)[0] if model_path else None)
     check_counts(body, st.config.max_topk_logprobs)
     tokens, params = prompt_tokens(body.prompt), sampling_params(body.sampling_params)
     targets = target_layout = None
@@ -83,7 +77,11 @@ async def asample(body: SampleRequest, owner: str = Depends(caller), st: Control
     future_id = st.board.create(owner, "sample")
     sequence_ids = [f"{future_id}:{i}" for i in range(body.num_samples)]
 
+    submitted = time.perf_counter()
+
     def encode(result) -> Outcome:  # on the engine thread, when the request finishes
+        curves.record_sample(st.store, owner, session_id, run, sum(len(s.tokens) for s in result.sequences),
+                             len(result.sequences), time.perf_counter() - submitted)
         if body.record_stability_info:
             for sequence_id, sequence in zip(sequence_ids, result.sequences):
                 st.sequences.record(sequence_id, sequence.logprobs)
