@@ -8,7 +8,7 @@ DEMO_PORT ?= 8765
 export HF_HUB_OFFLINE := 1
 export TINKER_TELEMETRY := 0
 
-.PHONY: setup demo test test-ray test-jobs serve bench cookbook-report clean
+.PHONY: setup demo test test-fuzz test-ray test-jobs serve bench cookbook-report clean
 
 setup: $(STAMP)
 
@@ -26,6 +26,11 @@ $(STAMP): pyproject.toml
 
 test: setup
 	$(PY) -m pytest
+
+# The fuzz tier (~2 min): schemathesis over the OpenAPI spec and hypothesis-made protobuf/JSON bodies, in-process on
+# a tiny model, a fixed number of derandomized examples each: no reply >= 500, every 4xx a JSON body naming the field.
+test-fuzz: setup
+	TINKERD_FUZZ=1 $(PY) -m pytest tests/fuzz
 
 # Tier 1, the Ray engine (~75 s here): installs the ray extra, then tests/ray and the contract suite on a local
 # Ray cluster. Without ray installed, make test skips these tests; with it, make test runs them too.

@@ -60,6 +60,12 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-queued-sample-tokens-per-key", type=int, default=0, metavar="N",
                        help="a key's sample requests wait (queue_state paused_rate_limit) while its requests in the "
                             "sampler hold N tokens (num_samples x (prompt + max_tokens)); 0 (default): no limit")
+    serve.add_argument("--max-body-bytes", type=int, default=256 * 1024 * 1024, metavar="BYTES",
+                       help="largest request body as sent (compressed or not); larger answer 400")
+    serve.add_argument("--max-decompressed-bytes", type=int, default=64 * 1024 * 1024, metavar="BYTES",
+                       help="largest a zstd body may expand to, and a sparse tensor once dense (400 beyond)")
+    serve.add_argument("--max-topk-logprobs", type=int, default=128, metavar="K",
+                       help="largest topk_prompt_logprobs / topk_sample_logprobs of a sample request (400 beyond)")
     serve.add_argument("--threads", type=int, default=None, metavar="N",
                        help="torch compute threads (and inter-op threads); default: torch's (one per core). "
                             "Lower it when other processes share the cores")
@@ -186,7 +192,9 @@ def serve(args: argparse.Namespace) -> None:
                           parked_state_ttl_seconds=args.parked_state_ttl,
                           batch_gather_seconds=args.batch_gather_ms / 1000,
                           shutdown_park_seconds=args.shutdown_park_seconds,
-                          restore_point_every_steps=args.restore_point_every,
+                          restore_point_every_steps=args.restore_point_every, max_body_bytes=args.max_body_bytes,
+                          max_decompressed_bytes=args.max_decompressed_bytes,
+                          max_topk_logprobs=args.max_topk_logprobs,
                           jobs_url=f"http://{'127.0.0.1' if args.host in ('0.0.0.0', '::', '') else args.host}"
                                    f":{args.port}",
                           jobs_per_key=args.jobs_per_key, job_max_file_bytes=int(args.job_max_file_mb * 2**20))

@@ -176,3 +176,13 @@ def test_a_lost_run_is_handed_to_the_rebuild_hook_once_and_its_futures_stay_pend
     assert states == {("kept", 1): "pending", ("kept", 2): "pending", ("gone", 1): "error"}
     assert sorted(asked) == ["gone", "kept", "kept"]  # once per batch for "kept", then once for the sample
     assert sample["state"] == "lost" and "send the request again" in sample["error"]
+
+
+def test_runs_take_turns_so_one_runs_long_queue_does_not_hold_up_another(tmp_path):
+    """Issue 24, defect 7: run a's replay (many queued jobs) no longer keeps run b waiting for all of it;
+    each run's own order is kept."""
+    done, states = _run(tmp_path, [("a", seq, "optim_step") for seq in range(1, 6)] + [("b", 1, "optim_step"),
+                                                                                         ("b", 2, "optim_step")])
+    assert states == ["done"] * 7
+    assert done == [("optim_step", "a", 1), ("optim_step", "b", 1), ("optim_step", "a", 2), ("optim_step", "b", 2),
+                    ("optim_step", "a", 3), ("optim_step", "a", 4), ("optim_step", "a", 5)]

@@ -42,6 +42,8 @@ class ServerConfig:
     max_queued_sample_tokens_per_key: int = 0  # a key's sample tokens in the sampler before its next requests wait; 0: off
     max_runs_per_key: int = 0  # a key's loaded training runs before its next create waits; 0: off
     max_body_bytes: int = 256 * 1024 * 1024
+    max_decompressed_bytes: int = 64 * 1024 * 1024  # a zstd body may expand to this much, checked while decompressing
+    max_topk_logprobs: int = 128  # topk_prompt_logprobs / topk_sample_logprobs: the work is positions x k
     store: str | None = None  # `--store` URL; None: SQLite at DATA_DIR/tinkerd.sqlite3
     session_timeout_seconds: float = 600.0  # no heartbeat nor training request this long: unload the session's runs
     batch_gather_seconds: float = 0.05  # how long a forward batch waits for the tenants of the previous one

@@ -83,7 +83,8 @@ def _recover_run(st: ControlPlane, model_id: str, answered: set[str]) -> bool:
     st.runs.last_request[model_id] = session["last_seen"]
     st.runs.recovering.setdefault(model_id, [])
     folder = restore_point[1] if restore_point is not None else None
-    st.scheduler.submit(Job(None, "recover", lambda: _start_over(st, model_id, folder)))
+    # jobs of this run (not barriers): other runs' requests and replays take turns with this one (`Scheduler`)
+    st.scheduler.submit(Job(None, "recover", lambda: _start_over(st, model_id, folder), model_id=model_id))
     replayed, awaited = 0, len(answered)
     for entry in entries:
         pending = entry["state"] == "pending"
@@ -102,7 +103,7 @@ def _recover_run(st: ControlPlane, model_id: str, answered: set[str]) -> bool:
             st.scheduler.submit(job)
         else:  # in seq_id order; past a gap they wait for it to fill, as they did before the crash
             st.scheduler.submit_ordered(model_id, entry["seq_id"], job)
-    st.scheduler.submit(Job(None, "recovered", lambda: _recovered(st, model_id)))
+    st.scheduler.submit(Job(None, "recovered", lambda: _recovered(st, model_id), model_id=model_id))
     log.info("recovering training run %s: %s, then %d journaled requests (%d still awaited by clients)", model_id,
              f"restore point after seq_id {after}" if restore_point else "from its creation", replayed,
              len(answered) - awaited)

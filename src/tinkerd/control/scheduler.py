@@ -7,7 +7,8 @@ cores). When it picks a forward/forward_backward job it also takes every other f
 is queued before the next barrier (optim_step, saves, loads...), from any tenant, and runs them
 together as one multi-tenant batch, never reordering training. Tenants of the previous batch
 whose next request has not arrived yet get a short gather window (`gather_seconds`), so a tenant
-whose result came back first does not run alone. Between training jobs the worker
+whose result came back first does not run alone. Runs take turns (`_take_turns`), so one run's long
+queue, e.g. its replay after a restart, does not hold up the others. Between training jobs the worker
 advances the sampler one decode step at a time (continuous batching: new requests join the
 running batch), alternating with training when both have work. A sample request is answered on the future
 board (the SDK polls it) or, given a `SampleChannel`, on that channel: with its new tokens after each step if
@@ -93,6 +94,7 @@ class Scheduler:
         self.on_run_lost: Callable[[str], bool] = lambda model_id: False
         self.gather_seconds = gather_seconds
         self._partners: set[str] = set()  # the models of the last forward batch
+        self._last_model: str | None = None  # the run of the last job (`_take_turns`)
         self.metrics = metrics or ServerMetrics()
         self.metrics.training_queue.set_function(lambda: len(self.jobs))
         self.metrics.sampling_requests.set_function(lambda: len(self.samples))
@@ -221,9 +223,11 @@ class Scheduler:
                 await self._sample_step(loop)
                 self.metrics.engine_seconds.labels("sample_step").observe(time.perf_counter() - started)
                 continue
+            self._take_turns()
             if self.jobs[0].call is not None and self.gather_seconds > 0:
                 await self._await_partners(self.jobs[0].call.model_id)
             job = self.jobs.popleft()
+            self._last_model = job.model_id if job.call is None else None  # a forward batch served all its runs
             started = time.perf_counter()
             if job.call is not None:
                 batch = self._take_forward_batch(job)
@@ -235,6 +239,21 @@ class Scheduler:
             seconds = time.perf_counter() - started
             self.metrics.engine_seconds.labels("forward_batch" if job.call is not None else job.kind).observe(seconds)
             log.info("engine %s %.1f ms", label, seconds * 1e3)
+
+    def _take_turns(self) -> None:
+        """Runs take turns: if the next job is of the run that had the last one, the earliest job of another run
+        queued before the next barrier goes first. One run's long queue (a replay after a restart, a burst of
+        saves) then delays another's request by one job, not by the whole queue. A run's own jobs keep their
+        order, and nothing passes a job of no run (a barrier)."""
+        if self._last_model is None or self.jobs[0].model_id != self._last_model:
+            return
+        for i, job in enumerate(self.jobs):
+            if job.model_id is None:
+                return
+            if job.model_id != self._last_model:
+                del self.jobs[i]
+                self.jobs.appendleft(job)
+                return
 
     async def _await_partners(self, model_id: str) -> None:
         """Wait up to `gather_seconds` until every still-open model of the last forward batch has a

@@ -105,6 +105,7 @@ class BaseModelInfo:
     arch: str
     max_context_length: int
     max_lora_rank: int
+    vocab_size: int = 0  # 0: not known (the front end then checks tensor widths only in the engine)
 
 
 class Trainer(Protocol):

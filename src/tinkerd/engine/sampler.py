@@ -15,6 +15,7 @@ logprobs are the model's own (temperature 1, before top-k/top-p), the quantity t
 from __future__ import annotations
 
 import collections
+import logging
 import math
 import queue
 import secrets
@@ -30,9 +31,11 @@ from tinkerd.engine.decoder import Decoder
 from tinkerd.engine.interface import AdapterRef, SampleTask, TokenProgress
 from tinkerd.engine.kv_cache import SlotKVCache
 from tinkerd.engine.runtime import ModelRuntime
+from tinkerd.protocol.sample import MAX_PROMPT_ALT_TOKENS
 from tinkerd.protocol.types import TOPK_SENTINEL_LOGPROB, BadRequest, SampledSequence, SampleResult, SamplingParams
 
-MAX_PROMPT_ALT_TOKENS = 1024
+log = logging.getLogger(__name__)
+
 PREFILL_TOKENS_PER_STEP = 4096  # prompt tokens admitted per step (then running rows decode again)
 PREFILL_TOKENS_PER_FORWARD = 2048  # padded tokens in one prefill forward
 SCORED_POSITIONS_PER_FORWARD = 512  # padded positions of prompts scored together (fp32 logits: 512 x V x 4 bytes)
@@ -101,11 +104,16 @@ class LocalSampler:
     @torch.no_grad()
     def step(self) -> list[tuple[str, SampleResult | BadRequest]]:
         """Admit queued requests, draw one token per active row, advance the survivors one position."""
-        finished: list[tuple[str, SampleResult | BadRequest]] = []
+        finished: list[tuple[str, SampleResult | Exception]] = []
         self._admit_waiting(finished)
         for name in list(self.batches):
-            self._decode(self.runtimes[name], self.batches[name], finished)
-            if not self.batches[name].rows:
+            batch = self.batches[name]
+            try:
+                self._decode(self.runtimes[name], batch, finished)
+            except Exception as exc:  # noqa: BLE001 - a shared forward failed: not one row's fault
+                log.exception("sampler decode step of %s failed; its %d rows fail", name, len(batch.rows))
+                self._fail_rows(self.runtimes[name], batch, batch.rows, exc, finished)
+            if not batch.rows:
                 del self.batches[name]  # frees its cache
         return finished
 
@@ -214,47 +222,73 @@ class LocalSampler:
             chunk: list = []
             for item in group:  # bound the padded size of one prefill forward
                 if chunk and (len(chunk) + 1) * len(item[0].prompt) > limit:
-                    self._prefill(self.runtimes[name], chunk)
+                    self._prefill_or_fail_alone(self.runtimes[name], chunk, finished)
                     chunk = []
                 chunk.append(item)
-            self._prefill(self.runtimes[name], chunk)
+            self._prefill_or_fail_alone(self.runtimes[name], chunk, finished)
+
+    def _prefill_or_fail_alone(self, runtime: ModelRuntime, items: list[tuple[SampleTask, str | None]],
+                               finished: list) -> None:
+        """Prefill `items` together; if that fails, each on its own, so only the requests that fail by
+        themselves are answered with their error (the running batch is left as it was for each)."""
+        try:
+            self._prefill(runtime, items)
+        except Exception as exc:  # noqa: BLE001 - whatever it is, it must not reach the other tenants
+            if len(items) > 1:
+                for item in items:
+                    self._prefill_or_fail_alone(runtime, [item], finished)
+                return
+            log.warning("sample request %s failed at admission: %s", items[0][0].request_id, exc)
+            finished.append((items[0][0].request_id, exc))
 
     def _prefill(self, runtime: ModelRuntime, items: list[tuple[SampleTask, str | None]]) -> None:
-        """One forward over the prompts into new cache rows; each request's row is repeated per sample."""
+        """One forward over the prompts into new cache rows; each request's row is repeated per sample.
+        All or nothing: on an exception the batch and its cache are as they were before the call."""
         batch = self.batches.get(runtime.name)
         if batch is None:
             decoder = self.decoders[runtime.name]
             batch = self.batches[runtime.name] = DecodeBatch(decoder, decoder.new_cache())
+        rows_before = batch.cache.rows
+        try:
+            logits, new_rows, repeats = self._prefill_rows(batch, items)
+        except BaseException:
+            batch.cache.keep(list(range(rows_before)))  # the new rows are the newest: this only forgets them
+            if not batch.rows:
+                del self.batches[runtime.name]
+            raise
+        for _, key in items:
+            runtime.lora.pin(key)
+        batch.logits = logits if batch.logits is None else torch.cat([batch.logits, logits])
+        batch.rows += new_rows
+
+    def _prefill_rows(self, batch: DecodeBatch, items: list[tuple[SampleTask, str | None]]):
+        """The cache rows of `items` (added to `batch.cache`), their next-token logits and decode rows."""
+        generators = [request_generators(request) for request, _ in items]  # before the cache is touched
         want_prompt = items[0][0].scores_prompt  # then every item does (`_admit_waiting` groups them)
         logits, rows = batch.decoder.prefill(batch.cache, [r.prompt for r, _ in items], [key for _, key in items],
                                              all_positions=want_prompt)
         new_rows, repeats = [], []
-        for i, (request, key) in enumerate(items):
+        for i, ((request, key), (row_generators, prompt_generator)) in enumerate(zip(items, generators)):
             result = SampleResult(sequences=[None] * request.num_samples)  # type: ignore[list-item]
-            seed = request.params.seed if request.params.seed is not None else secrets.randbits(62)
             if want_prompt:
-                fill_prompt_scores(result, logits[i, :len(request.prompt)], request,
-                                   torch.Generator().manual_seed(seed + request.num_samples))
+                fill_prompt_scores(result, logits[i, :len(request.prompt)], request, prompt_generator)
             pending = Pending(request, result, request.num_samples, key)
-            runtime.lora.pin(key)
-            new_rows += [DecodeRow(pending, j, torch.Generator().manual_seed(seed + j)) for j in range(request.num_samples)]
+            new_rows += [DecodeRow(pending, j, generator) for j, generator in enumerate(row_generators)]
             repeats.append(request.num_samples)
         if want_prompt:  # each prompt's last position (right-padded)
             last = torch.tensor([len(r.prompt) - 1 for r, _ in items], device=logits.device)
             logits = logits[torch.arange(len(items), device=logits.device), last]
         batch.cache.repeat_rows(rows, repeats)
         logits = logits.index_select(0, torch.repeat_interleave(torch.arange(len(items)), torch.tensor(repeats)))
-        batch.logits = logits if batch.logits is None else torch.cat([batch.logits, logits])
-        batch.rows += new_rows
+        return logits, new_rows, repeats
 
     # decoding
 
     def _decode(self, runtime: ModelRuntime, batch: DecodeBatch, finished: list) -> None:
-        chosen = choose_tokens(batch.logits, [r.pending.request.params for r in batch.rows],
-                               [r.generator for r in batch.rows])
+        chosen = self._choose(batch, finished)
         logp = batch.logits.log_softmax(-1)
         chosen_lp = logp.gather(-1, chosen[:, None])[:, 0].tolist()
-        top_k = max(r.pending.request.topk_sample_logprobs for r in batch.rows)
+        top_k = min(max(r.pending.request.topk_sample_logprobs for r in batch.rows), logp.shape[-1])
         if top_k > 0:
             top_lp, top_ids = (t.numpy() for t in logp.topk(top_k, dim=-1))
         keep = []
@@ -263,19 +297,27 @@ class LocalSampler:
             if pending.request.request_id in self.cancelled:
                 self._retire(runtime, row, None, finished)
                 continue
-            token = int(chosen[i])
-            row.tokens.append(token)
-            row.logprobs.append(chosen_lp[i])
-            if top_k > 0 and (k := pending.request.topk_sample_logprobs) > 0:
-                row.topk.append((top_ids[i, :k].astype(np.int32), top_lp[i, :k]))
-            if pending.request.stream:
-                self.progress.append(TokenProgress(pending.request.request_id, row.sample, token, chosen_lp[i],
-                                                   row.topk[-1] if pending.request.topk_sample_logprobs else None))
-            reason = stop_reason(runtime, pending.request.params, row.tokens)
+            try:
+                token = int(chosen[i])
+                row.tokens.append(token)
+                row.logprobs.append(chosen_lp[i])
+                if top_k > 0 and (k := pending.request.topk_sample_logprobs) > 0:
+                    row.topk.append((top_ids[i, :k].astype(np.int32), top_lp[i, :k]))
+                if pending.request.stream:
+                    self.progress.append(TokenProgress(pending.request.request_id, row.sample, token, chosen_lp[i],
+                                                       row.topk[-1] if pending.request.topk_sample_logprobs else None))
+                reason = stop_reason(runtime, pending.request.params, row.tokens)
+            except Exception as exc:  # noqa: BLE001 - this request's rows fail, the rest keep decoding
+                self._fail(pending, exc, finished)
+                self._retire(runtime, row, None, finished)
+                continue
             if reason is None:
                 keep.append(i)
             else:
                 self._retire(runtime, row, reason, finished)
+        for i in [i for i in keep if batch.rows[i].pending.request.request_id in self.cancelled]:
+            self._retire(runtime, batch.rows[i], None, finished)  # its request failed at a later row
+            keep.remove(i)
         if len(keep) < len(batch.rows):
             order = batch.cache.keep(keep)
             batch.rows = [batch.rows[i] for i in order]
@@ -283,6 +325,46 @@ class LocalSampler:
         if not batch.rows:
             return
         batch.logits = batch.decoder.decode(batch.cache, chosen, [r.pending.adapter_key for r in batch.rows])
+
+    def _choose(self, batch: DecodeBatch, finished: list) -> torch.Tensor:
+        """Every row's next token; if drawing fails, request by request, and a request that fails alone is
+        failed (its rows drop out at this step, their token a placeholder)."""
+        rows = batch.rows
+        try:
+            return choose_tokens(batch.logits, [r.pending.request.params for r in rows], [r.generator for r in rows])
+        except Exception:  # noqa: BLE001 - find whose rows it was
+            pass
+        chosen = torch.zeros(len(rows), dtype=torch.long, device=batch.logits.device)
+        by_request: dict[int, list[int]] = {}
+        for i, row in enumerate(rows):
+            by_request.setdefault(id(row.pending), []).append(i)
+        for indices in by_request.values():
+            pending = rows[indices[0]].pending
+            index = torch.tensor(indices, device=batch.logits.device)
+            try:
+                chosen[index] = choose_tokens(batch.logits.index_select(0, index), [pending.request.params] * len(indices),
+                                              [rows[i].generator for i in indices])
+            except Exception as exc:  # noqa: BLE001
+                self._fail(pending, exc, finished)
+        return chosen
+
+    def _fail(self, pending: Pending, exc: Exception, finished: list) -> None:
+        """Answer a request with `exc` now; its rows still in the batch are dropped as they come (`cancelled`)."""
+        request_id = pending.request.request_id
+        if request_id in self.cancelled:
+            return
+        log.warning("sample request %s failed while decoding: %s: %s", request_id, type(exc).__name__, exc)
+        finished.append((request_id, exc))
+        self.cancelled.add(request_id)
+
+    def _fail_rows(self, runtime: ModelRuntime, batch: DecodeBatch, rows: list[DecodeRow], exc: Exception,
+                   finished: list) -> None:
+        """Fail every request with rows in `batch` and empty it (its cache is freed with it)."""
+        for row in list(rows):
+            self._fail(row.pending, exc, finished)
+            self._retire(runtime, row, None, finished)
+        batch.rows, batch.logits = [], None
+        batch.cache.keep([])
 
     def _retire(self, runtime: ModelRuntime, row: DecodeRow, reason: str | None, finished: list) -> None:
         pending = row.pending
@@ -299,6 +381,17 @@ class LocalSampler:
                 self.cancelled.discard(request_id)
             else:
                 finished.append((request_id, pending.result))
+
+
+def request_generators(request: SampleTask) -> tuple[list[torch.Generator], torch.Generator]:
+    """Sample i draws from `seed + i`, prompt alternatives from `seed + num_samples`; a random seed when none
+    is given. Seeds past torch's range [-2^63, 2^64) wrap modulo 2^64 (the edge refuses them anyway)."""
+    seed = request.params.seed if request.params.seed is not None else secrets.randbits(62)
+
+    def generator(value: int) -> torch.Generator:
+        return torch.Generator().manual_seed(value if -(1 << 63) <= value < (1 << 64) else value % (1 << 64))
+
+    return [generator(seed + j) for j in range(request.num_samples)], generator(seed + request.num_samples)
 
 
 def stop_reason(runtime: ModelRuntime, params: SamplingParams, tokens: list[int]) -> str | None:

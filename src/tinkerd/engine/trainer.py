@@ -10,6 +10,7 @@ anything runs, so a bad request fails alone. Runs whatever it is handed, in that
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -66,7 +67,7 @@ class LocalTrainer:
 
     def base_models(self) -> list[BaseModelInfo]:
         return [
-            BaseModelInfo(name, rt.tokenizer_id, rt.config.model_type, rt.max_context, MAX_LORA_RANK)
+            BaseModelInfo(name, rt.tokenizer_id, rt.config.model_type, rt.max_context, MAX_LORA_RANK, rt.vocab_size)
             for name, rt in self.runtimes.items()
         ]
 
@@ -232,7 +233,8 @@ class LocalTrainer:
         for group in adapter.optimizer.param_groups:
             group.update(lr=params.learning_rate, betas=(params.beta1, params.beta2), eps=params.eps,
                          weight_decay=params.weight_decay)
-        adapter.optimizer.step()
+        with _undone_if_non_finite(adapter.optimizer, weights):
+            adapter.optimizer.step()
         adapter.optimizer.zero_grad(set_to_none=True)
         adapter.version += 1
         return {"grad_norm:mean": grad_norm, "learning_rate:mean": params.learning_rate}
@@ -303,6 +305,31 @@ class LocalTrainer:
                     param.grad = optimizer_state[f"{name}.grad"].clone()
         self.adapters[model_id] = TrainedAdapter(runtime, spec, optimizer, version=int(meta.get("version", 0)))
         return spec
+
+
+@contextlib.contextmanager
+def _undone_if_non_finite(optimizer: torch.optim.Optimizer, weights: list[torch.Tensor]):
+    """Run an optimizer step that is taken back, weights and Adam state, if it leaves any weight NaN or
+    infinite (finite gradients can still overflow the second moment or the weights); the caller's step
+    is refused with a `BadRequest`. Costs one copy of the adapter's weights and state per step (a few
+    ms next to the step's forward/backward)."""
+    saved_weights = [w.detach().clone() for w in weights]
+    saved_state = {id(w): {k: v.clone() if torch.is_tensor(v) else v for k, v in optimizer.state[w].items()}
+                   for w in weights if w in optimizer.state}
+    yield
+    if all(bool(torch.isfinite(w).all()) for w in weights):
+        return
+    with torch.no_grad():
+        for w, saved in zip(weights, saved_weights):
+            w.copy_(saved)
+    for w in weights:
+        if id(w) in saved_state:
+            optimizer.state[w] = saved_state[id(w)]
+        else:
+            optimizer.state.pop(w, None)
+    optimizer.zero_grad(set_to_none=True)
+    raise BadRequest("this step would make the adapter's weights non-finite (NaN or infinity); step refused, "
+                     "gradients cleared, weights unchanged: lower the learning rate or check the loss inputs")
 
 
 def check_spec(spec: AdapterSpec) -> None:

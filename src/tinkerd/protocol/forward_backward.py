@@ -6,22 +6,32 @@ from __future__ import annotations
 import numpy as np
 from google.protobuf.message import DecodeError
 
-from tinkerd.protocol.tensors import batched_tensor_to_pb, tensor_from_json, tensor_from_pb, tensor_to_pb
+from tinkerd.protocol.numbers import INT32_MAX, INT64_MAX, as_float, as_int, int_list
+from tinkerd.protocol.tensors import (DEFAULT_MAX_TENSOR_BYTES, Bounds, batched_tensor_to_pb, tensor_from_json,
+                                      tensor_from_pb, tensor_to_pb)
 from tinkerd.protocol.types import BadRequest, Datum, ForwardBackwardCall, ForwardBackwardResult, ProvenanceSpan
 from tinkerd.protocol.wire_pb import pb
 
-MAX_DECOMPRESSED_BYTES = 1 << 31
-
-
-def decompress_body(body: bytes, content_encoding: str | None) -> bytes:
+def decompress_body(body: bytes, content_encoding: str | None,
+                    max_bytes: int = DEFAULT_MAX_TENSOR_BYTES) -> bytes:
+    """The body, zstd-decompressed if so encoded, refused (`BadRequest`) as soon as the output passes
+    `max_bytes` (the server's `--max-decompressed-bytes`): decompressed in pieces, never allocated whole."""
     if (content_encoding or "").strip().lower() != "zstd":
         return body
     import zstandard
 
+    out, size = [], 0
     try:
-        return zstandard.ZstdDecompressor().decompress(body, max_output_size=MAX_DECOMPRESSED_BYTES)
+        reader = zstandard.ZstdDecompressor().stream_reader(body, read_across_frames=True)
+        while piece := reader.read(1 << 20):
+            size += len(piece)
+            if size > max_bytes:
+                raise BadRequest(f"body: decompressed size exceeds the server's limit of {max_bytes} bytes "
+                                 "(--max-decompressed-bytes)")
+            out.append(piece)
     except zstandard.ZstdError as exc:
         raise BadRequest(f"body: invalid zstd data: {exc}") from exc
+    return b"".join(out)
 
 
 def _text_tokens(chunks, field: str) -> np.ndarray:
@@ -49,7 +59,10 @@ def _spans(spans) -> list[ProvenanceSpan]:
     return out
 
 
-def decode_forward_backward_pb(body: bytes) -> ForwardBackwardCall:
+def decode_forward_backward_pb(body: bytes, max_width: int | None = None,
+                               max_tensor_bytes: int = DEFAULT_MAX_TENSOR_BYTES) -> ForwardBackwardCall:
+    """`max_width`: the widest a loss input may be (the vocabulary); `max_tensor_bytes`: the most one may take
+    once dense. Both are checked, with each tensor's rows against its datum's tokens, before allocating."""
     msg = pb.ForwardBackwardRequest()
     try:
         msg.ParseFromString(body)
@@ -63,7 +76,9 @@ def decode_forward_backward_pb(body: bytes) -> ForwardBackwardCall:
     data = []
     for i, datum in enumerate(msg.data):
         tokens = _text_tokens(datum.model_input, f"data[{i}].model_input")
-        inputs = {name: tensor_from_pb(t, f"data[{i}].loss_fn_inputs.{name}") for name, t in datum.loss_fn_inputs.items()}
+        bounds = Bounds(rows=len(tokens), max_cols=max_width, max_bytes=max_tensor_bytes)
+        inputs = {name: tensor_from_pb(t, f"data[{i}].loss_fn_inputs.{name}", bounds)
+                  for name, t in datum.loss_fn_inputs.items()}
         data.append(Datum(tokens, inputs, _spans(datum.loss_fn_input_spans) if len(datum.loss_fn_input_spans) else None))
     return ForwardBackwardCall(msg.model_id, msg.seq_id, msg.loss_fn or "cross_entropy", config,
                                msg.forward_only, data)
@@ -90,23 +105,48 @@ def encode_forward_backward_call_pb(call: ForwardBackwardCall) -> bytes:
     return msg.SerializeToString()
 
 
-def decode_forward_backward_json(obj: dict, forward_only: bool = False) -> ForwardBackwardCall:
-    """The pre-0.22.3 JSON body: {model_id, seq_id, forward_backward_input: {data, loss_fn, loss_fn_config}}."""
+def decode_forward_backward_json(obj: dict, forward_only: bool = False, max_width: int | None = None,
+                                 max_tensor_bytes: int = DEFAULT_MAX_TENSOR_BYTES) -> ForwardBackwardCall:
+    """The pre-0.22.3 JSON body: {model_id, seq_id, forward_backward_input: {data, loss_fn, loss_fn_config}}.
+    Every field is type- and range-checked here; a wrong one is a `BadRequest` naming it."""
     if not isinstance(obj, dict) or "model_id" not in obj:
         raise BadRequest("model_id is required")
+    if not isinstance(obj["model_id"], str):
+        raise BadRequest("model_id: expected a string")
+    seq_id = 0 if obj.get("seq_id") is None else as_int(obj["seq_id"], "seq_id", 0, INT64_MAX)
     fb = obj.get("forward_backward_input") or obj.get("forward_input") or {}
+    if not isinstance(fb, dict):
+        raise BadRequest("forward_backward_input: expected an object")
+    loss_fn = fb.get("loss_fn", "cross_entropy")
+    if not isinstance(loss_fn, str):
+        raise BadRequest("forward_backward_input.loss_fn: expected a string")
+    config = fb.get("loss_fn_config") or {}
+    if not isinstance(config, dict):
+        raise BadRequest("forward_backward_input.loss_fn_config: expected an object")
+    config = {k: v if isinstance(v, str) else as_float(v, f"loss_fn_config.{k}") for k, v in config.items()}
+    raw_data = fb.get("data") or []
+    if not isinstance(raw_data, list):
+        raise BadRequest("forward_backward_input.data: expected a list of datums")
     data = []
-    for i, datum in enumerate(fb.get("data") or []):
-        tokens = []
-        for j, chunk in enumerate(datum.get("model_input", {}).get("chunks", [])):
-            if chunk.get("type", "encoded_text") != "encoded_text":
+    for i, datum in enumerate(raw_data):
+        if not isinstance(datum, dict):
+            raise BadRequest(f"data[{i}]: expected an object")
+        chunks = (datum.get("model_input") or {}).get("chunks", []) if isinstance(datum.get("model_input"), dict) else None
+        if not isinstance(chunks, list):
+            raise BadRequest(f"data[{i}].model_input: expected a ModelInput object with a 'chunks' list")
+        tokens: list[int] = []
+        for j, chunk in enumerate(chunks):
+            if not isinstance(chunk, dict) or chunk.get("type", "encoded_text") != "encoded_text":
                 raise BadRequest(f"data[{i}].model_input.chunks[{j}]: only encoded_text chunks are supported")
-            tokens += list(chunk.get("tokens", []))
-        inputs = {name: tensor_from_json(t, f"data[{i}].loss_fn_inputs.{name}")
-                  for name, t in (datum.get("loss_fn_inputs") or {}).items()}
-        data.append(Datum(np.asarray(tokens, dtype=np.int64), inputs))
-    return ForwardBackwardCall(str(obj["model_id"]), int(obj.get("seq_id") or 0), fb.get("loss_fn", "cross_entropy"),
-                               dict(fb.get("loss_fn_config") or {}), forward_only, data)
+            tokens += int_list(chunk.get("tokens", []), f"data[{i}].model_input.chunks[{j}].tokens", 0, INT32_MAX)
+        inputs = datum.get("loss_fn_inputs") or {}
+        if not isinstance(inputs, dict):
+            raise BadRequest(f"data[{i}].loss_fn_inputs: expected an object")
+        bounds = Bounds(rows=len(tokens), max_cols=max_width, max_bytes=max_tensor_bytes)
+        data.append(Datum(np.asarray(tokens, dtype=np.int64),
+                          {name: tensor_from_json(t, f"data[{i}].loss_fn_inputs.{name}", bounds=bounds)
+                           for name, t in inputs.items()}))
+    return ForwardBackwardCall(obj["model_id"], seq_id, loss_fn, config, forward_only, data)
 
 
 def encode_forward_backward_pb(result: ForwardBackwardResult) -> bytes:

@@ -1,14 +1,18 @@
 """JSON request bodies of the Tinker API, as pydantic models.
 
-Unknown fields are ignored (newer SDKs may add some); wrong types are rejected with a 422 that
-names the field. Only what tinkerd reads is declared.
+Unknown fields are ignored (newer SDKs may add some); wrong types, and integers beyond int64, are
+rejected with a 422 that names the field. Only what tinkerd reads is declared.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any
 
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field
+
+from tinkerd.protocol.numbers import INT64_MAX, INT64_MIN
+
+Int64 = Annotated[int, Field(ge=INT64_MIN, le=INT64_MAX)]  # what the Store and torch can hold; beyond: 422
 
 
 class Body(BaseModel):
@@ -28,8 +32,8 @@ class SessionRequest(Body):
 
 
 class LoraConfig(Body):
-    rank: int = 32
-    seed: int | None = None
+    rank: Int64 = 32
+    seed: Int64 | None = None
     train_unembed: bool = True
     train_mlp: bool = True
     train_attn: bool = True
@@ -37,7 +41,7 @@ class LoraConfig(Body):
 
 class CreateModelRequest(Body):
     session_id: str
-    model_seq_id: int
+    model_seq_id: Int64
     base_model: str
     lora_config: LoraConfig | None = None
     user_metadata: dict[str, Any] | None = None
@@ -61,7 +65,7 @@ class AdamParamsBody(Body):
 
 class OptimStepRequest(Body):
     model_id: str
-    seq_id: int | None = None
+    seq_id: Int64 | None = None
     adam_params: AdamParamsBody = Field(
         default_factory=AdamParamsBody, validation_alias=AliasChoices("adam_params", "optim_params", "optimizer_params")
     )
@@ -70,16 +74,16 @@ class OptimStepRequest(Body):
 class SaveWeightsForSamplerRequest(Body):
     model_id: str
     path: str | None = None
-    sampling_session_seq_id: int | None = None
+    sampling_session_seq_id: Int64 | None = None
     kind: str = "snapshot"
-    seq_id: int | None = None
-    ttl_seconds: int | None = None
+    seq_id: Int64 | None = None
+    ttl_seconds: Int64 | None = None
     user_metadata: dict[str, Any] | None = None
 
 
 class CreateSamplingSessionRequest(Body):
     session_id: str
-    sampling_session_seq_id: int
+    sampling_session_seq_id: Int64
     base_model: str | None = None
     model_path: str | None = None
 
@@ -87,17 +91,17 @@ class CreateSamplingSessionRequest(Body):
 class SampleRequest(Body):
     prompt: dict[str, Any]
     sampling_params: dict[str, Any] | None = None
-    num_samples: int = 1
+    num_samples: Int64 = 1
     sampling_session_id: str | None = None
     base_model: str | None = None
     model_path: str | None = None
     prompt_logprobs: bool | None = None
-    topk_prompt_logprobs: int = 0
-    topk_sample_logprobs: int = 0
+    topk_prompt_logprobs: Int64 = 0
+    topk_sample_logprobs: Int64 = 0
     target_prompt_logprobs: dict[str, Any] | None = None  # TensorData, int64 [len(prompt) - 1, K]
-    prompt_alt_tokens_k: int = 0
-    prompt_logprobs_last_n: int | None = None
-    seq_id: int | None = None
+    prompt_alt_tokens_k: Int64 = 0
+    prompt_logprobs_last_n: Int64 | None = None
+    seq_id: Int64 | None = None
     record_stability_info: bool | None = None
 
 
@@ -109,8 +113,8 @@ class RetrieveFutureRequest(Body):
 class SaveWeightsRequest(Body):
     model_id: str
     path: str | None = None
-    seq_id: int | None = None
-    ttl_seconds: int | None = None
+    seq_id: Int64 | None = None
+    ttl_seconds: Int64 | None = None
     overwrite: bool = False
     user_metadata: dict[str, Any] | None = None
 
@@ -121,9 +125,9 @@ class LoadWeightsRequest(Body):
     path: str
     optimizer: bool = False
     model_id: str | None = None
-    seq_id: int | None = None
+    seq_id: Int64 | None = None
     session_id: str | None = None
-    model_seq_id: int | None = None
+    model_seq_id: Int64 | None = None
     base_model: str | None = None
     user_metadata: dict[str, Any] | None = None
 
@@ -131,8 +135,8 @@ class LoadWeightsRequest(Body):
 class SaveWeightsExternalRequest(Body):
     model_id: str
     path: str
-    seq_id: int | None = None
-    ttl_seconds: int | None = None
+    seq_id: Int64 | None = None
+    ttl_seconds: Int64 | None = None
     age_encryption_recipients: list[str] | None = None
 
 
@@ -141,7 +145,7 @@ class CopyWeightsRequest(Body):
 
     source_path: str
     session_id: str | None = None
-    model_seq_id: int | None = None
+    model_seq_id: Int64 | None = None
     destination_project_id: str | None = None
-    ttl_seconds: int | None = None
+    ttl_seconds: Int64 | None = None
     weights_access_token: str | None = None

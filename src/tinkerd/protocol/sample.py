@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import numpy as np
 
+from tinkerd.protocol.numbers import INT32_MAX, as_float, as_int, int_list
 from tinkerd.protocol.tensors import tensor_to_pb
-from tinkerd.protocol.types import TOPK_SENTINEL_LOGPROB, BadRequest, SampleResult, SamplingParams
+from tinkerd.protocol.types import SEED_MAX, SEED_MIN, TOPK_SENTINEL_LOGPROB, BadRequest, SampleResult, SamplingParams
 from tinkerd.protocol.wire_pb import pb
 
 
@@ -16,15 +17,17 @@ def prompt_tokens(prompt: dict) -> list[int]:
     for j, chunk in enumerate(prompt["chunks"]):
         if not isinstance(chunk, dict) or chunk.get("type", "encoded_text") != "encoded_text":
             raise BadRequest(f"prompt.chunks[{j}]: only encoded_text chunks are supported by this server")
-        raw = chunk.get("tokens")
-        if not isinstance(raw, list) or not all(isinstance(t, int) and not isinstance(t, bool) for t in raw):
-            raise BadRequest(f"prompt.chunks[{j}].tokens: expected a list of integers")
-        tokens += raw
+        tokens += int_list(chunk.get("tokens"), f"prompt.chunks[{j}].tokens", 0, INT32_MAX)
     return tokens
 
 
 def sampling_params(obj: dict | None) -> SamplingParams:
-    obj = obj or {}
+    """The JSON `sampling_params`, every number range-checked (`protocol.numbers`); context length and
+    vocabulary are the engine's to check."""
+    if obj is None:
+        obj = {}
+    if not isinstance(obj, dict):
+        raise BadRequest("sampling_params: expected an object")
     stop = obj.get("stop")
     stop_strings: tuple[str, ...] = ()
     stop_tokens: tuple[int, ...] = ()
@@ -32,25 +35,40 @@ def sampling_params(obj: dict | None) -> SamplingParams:
         stop_strings = (stop,)
     elif isinstance(stop, list) and all(isinstance(s, str) for s in stop):
         stop_strings = tuple(stop)
-    elif isinstance(stop, list) and all(isinstance(s, int) and not isinstance(s, bool) for s in stop):
-        stop_tokens = tuple(stop)
+    elif isinstance(stop, list):
+        stop_tokens = tuple(int_list(stop, "sampling_params.stop", 0, INT32_MAX))
     elif stop is not None:
         raise BadRequest("sampling_params.stop: expected null, a string, a list of strings or a list of token ids")
-    try:
-        return SamplingParams(
-            max_tokens=int(obj["max_tokens"]) if obj.get("max_tokens") is not None else 16,
-            temperature=float(obj.get("temperature", 1.0)),
-            top_k=int(obj.get("top_k", -1)),
-            top_p=float(obj.get("top_p", 1.0)),
-            seed=int(obj["seed"]) if obj.get("seed") is not None else None,
-            stop_strings=stop_strings,
-            stop_tokens=stop_tokens,
-            stop_at_eos=stop != [],
-        )
-    except (TypeError, ValueError) as exc:
-        if isinstance(exc, BadRequest):
-            raise
-        raise BadRequest(f"sampling_params: {exc}") from exc
+
+    def number(name, parse, default, *bounds, **kw):
+        value = obj.get(name)
+        return default if value is None else parse(value, f"sampling_params.{name}", *bounds, **kw)
+
+    return SamplingParams(
+        max_tokens=number("max_tokens", as_int, 16, 1, INT32_MAX),
+        temperature=number("temperature", as_float, 1.0, 0.0, None),
+        top_k=number("top_k", as_int, -1, -1, INT32_MAX),
+        top_p=number("top_p", as_float, 1.0, 0.0, 1.0, lo_open=True),
+        seed=number("seed", as_int, None, SEED_MIN, SEED_MAX),
+        stop_strings=stop_strings,
+        stop_tokens=stop_tokens,
+        stop_at_eos=stop != [],
+    )
+
+
+MAX_SAMPLES_PER_REQUEST = 128
+MAX_PROMPT_ALT_TOKENS = 1024
+
+
+def check_counts(request, max_topk: int) -> None:
+    """The counts of a `SampleRequest`: num_samples, top-k sizes (at most `max_topk`, the server's
+    `--max-topk-logprobs`: their cost is positions x k), prompt_alt_tokens_k, prompt_logprobs_last_n."""
+    as_int(request.num_samples, "num_samples", 1, MAX_SAMPLES_PER_REQUEST)
+    as_int(request.topk_prompt_logprobs, "topk_prompt_logprobs", 0, max_topk)
+    as_int(request.topk_sample_logprobs, "topk_sample_logprobs", 0, max_topk)
+    as_int(request.prompt_alt_tokens_k, "prompt_alt_tokens_k", 0, MAX_PROMPT_ALT_TOKENS)
+    if request.prompt_logprobs_last_n is not None:
+        as_int(request.prompt_logprobs_last_n, "prompt_logprobs_last_n", 1, INT32_MAX)
 
 
 def _topk_to_pb(topk: tuple[np.ndarray, np.ndarray], out) -> None:

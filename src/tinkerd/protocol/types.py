@@ -6,6 +6,7 @@ dtypes, ranges) happens here, and errors name the offending field.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -53,6 +54,10 @@ class ForwardBackwardResult:
     metrics: dict[str, float]  # keys are "name:reduction"
 
 
+MAX_LEARNING_RATE = 10.0  # Adam moves each weight by ~lr per step: beyond this nothing trains, it only overflows
+MAX_WEIGHT_DECAY = 10.0  # decoupled: each step scales weights by (1 - lr * weight_decay)
+
+
 @dataclass(frozen=True)
 class AdamParams:
     learning_rate: float = 1e-4
@@ -63,18 +68,27 @@ class AdamParams:
     grad_clip_norm: float = 0.0
 
     def __post_init__(self) -> None:
-        if not self.learning_rate >= 0:
-            raise BadRequest(f"adam_params.learning_rate must be >= 0, got {self.learning_rate}")
+        """Ranges beyond which no run trains sensibly; non-finite values are refused (a step with them would
+        leave every weight NaN). `MAX_LEARNING_RATE`, `MAX_WEIGHT_DECAY`: docs/operations.md."""
+        for name in ("learning_rate", "beta1", "beta2", "eps", "weight_decay", "grad_clip_norm"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
+                raise BadRequest(f"adam_params.{name} must be a finite number, got {value!r}")
+        if not 0 <= self.learning_rate <= MAX_LEARNING_RATE:
+            raise BadRequest(f"adam_params.learning_rate must be in [0, {MAX_LEARNING_RATE}], got {self.learning_rate}")
         for name in ("beta1", "beta2"):
             value = getattr(self, name)
             if not 0.0 <= value < 1.0:
                 raise BadRequest(f"adam_params.{name} must be in [0, 1), got {value}")
-        if not self.eps > 0:
-            raise BadRequest(f"adam_params.eps must be > 0, got {self.eps}")
-        if not self.weight_decay >= 0:
-            raise BadRequest(f"adam_params.weight_decay must be >= 0, got {self.weight_decay}")
+        if not 0 < self.eps <= 1:
+            raise BadRequest(f"adam_params.eps must be in (0, 1], got {self.eps}")
+        if not 0 <= self.weight_decay <= MAX_WEIGHT_DECAY:
+            raise BadRequest(f"adam_params.weight_decay must be in [0, {MAX_WEIGHT_DECAY}], got {self.weight_decay}")
         if not self.grad_clip_norm >= 0:
             raise BadRequest(f"adam_params.grad_clip_norm must be >= 0 (0 = off), got {self.grad_clip_norm}")
+
+
+SEED_MIN, SEED_MAX = -(1 << 63), (1 << 63) - 1  # int64: sample i draws from seed + i (< 2^64, torch's range)
 
 
 @dataclass(frozen=True)
@@ -94,12 +108,14 @@ class SamplingParams:
     def __post_init__(self) -> None:
         if self.max_tokens < 1:
             raise BadRequest(f"sampling_params.max_tokens must be >= 1, got {self.max_tokens}")
-        if not self.temperature >= 0:
-            raise BadRequest(f"sampling_params.temperature must be >= 0, got {self.temperature}")
+        if not 0 <= self.temperature < math.inf:
+            raise BadRequest(f"sampling_params.temperature must be a finite number >= 0, got {self.temperature}")
         if self.top_k == 0 or self.top_k < -1:
             raise BadRequest(f"sampling_params.top_k must be -1 (off) or >= 1, got {self.top_k}")
         if not 0.0 < self.top_p <= 1.0:
             raise BadRequest(f"sampling_params.top_p must be in (0, 1], got {self.top_p}")
+        if self.seed is not None and not SEED_MIN <= self.seed <= SEED_MAX:
+            raise BadRequest(f"sampling_params.seed must be in [{SEED_MIN}, {SEED_MAX}] (int64), got {self.seed}")
 
 
 TOPK_SENTINEL_LOGPROB = -99999.0  # top-k prompt rows with no score (position 0, or before prompt_logprobs_last_n)

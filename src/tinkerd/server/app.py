@@ -17,7 +17,6 @@ import asyncio
 import contextlib
 import logging
 import secrets
-import time
 from pathlib import Path
 
 from fastapi import FastAPI, Request, Response
@@ -35,8 +34,10 @@ from tinkerd.control.scheduler import Scheduler
 from tinkerd.engine.interface import Sampler, Trainer
 from tinkerd.server.console import pages, signin
 from tinkerd.server.errors import install_error_handlers
-from tinkerd.server.routes import (checkpoints, curves, custom_losses, downloads, futures, identity, jobs,
-                                   openai, rest, sampling, service, training)
+from tinkerd.server.request_log import RequestLog
+from tinkerd.server.responses import FiniteJSONResponse
+from tinkerd.server.routes import (checkpoints, curves, custom_losses, downloads, futures, identity, jobs, openai,
+                                   rest, sampling, service, training)
 from tinkerd.store.db import Store, open_store
 
 log = logging.getLogger("tinkerd.http")
@@ -108,7 +109,7 @@ def create_app(config: ServerConfig, trainer: Trainer, sampler: Sampler, store: 
         if owns_store:
             store.close()
 
-    app = FastAPI(title="tinkerd", lifespan=lifespan)
+    app = FastAPI(title="tinkerd", lifespan=lifespan, default_response_class=FiniteJSONResponse)
     app.state.download_grants, app.state.remembered_copies = DownloadGrants(), RememberedCopies()
     app.state.csrf_secret = secrets.token_bytes(32)  # the console's CSRF tokens (`server.auth`)
     install_error_handlers(app)
@@ -123,15 +124,7 @@ def create_app(config: ServerConfig, trainer: Trainer, sampler: Sampler, store: 
     async def sign_in_first(request: Request, exc: signin.SignInRequired) -> Response:
         return signin.sign_in_redirect(exc.next_url)
 
-    @app.middleware("http")
-    async def log_requests(request: Request, call_next):
-        started = time.perf_counter()
-        response = await call_next(request)
-        seconds = time.perf_counter() - started
-        route = getattr(request.scope.get("route"), "path", "unmatched")  # the template: bounded label values
-        metrics.request_seconds.labels(request.method, route, str(response.status_code)).observe(seconds)
-        log.info("%s %s %d %.1f ms", request.method, request.url.path, response.status_code, seconds * 1e3)
-        return response
+    app.add_middleware(RequestLog, metrics=metrics)
 
     @app.get("/metrics", include_in_schema=False)
     async def prometheus_metrics() -> Response:

@@ -8,6 +8,7 @@ import logging
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from tinkerd.protocol.types import BadRequest
 from tinkerd.control.openai_requests import OpenAIError
@@ -34,7 +35,14 @@ def install_error_handlers(app: FastAPI) -> None:
     async def invalid_body(request: Request, exc: RequestValidationError) -> JSONResponse:
         """422 naming each bad field; the offending input is not echoed (it may not even be valid JSON)."""
         errors = [{"loc": [str(part) for part in e.get("loc", ())], "msg": str(e.get("msg", ""))} for e in exc.errors()]
-        summary = "; ".join(f"{'.'.join(e['loc'][1:] or e['loc'])}: {e['msg']}" for e in errors)
+
+        def where(error: dict, kind: str) -> str:  # "seq_id", "query offset", "body" (for unparsable JSON)
+            loc = error["loc"]
+            if kind == "json_invalid" or len(loc) < 2:
+                return loc[0] if loc else "body"
+            return ".".join(loc[1:]) if loc[0] == "body" else f"{loc[0]} parameter {'.'.join(loc[1:])}"
+
+        summary = "; ".join(f"{where(e, raw.get('type', ''))}: {e['msg']}" for e, raw in zip(errors, exc.errors()))
         return JSONResponse({"detail": summary or "invalid request", "errors": errors}, status_code=422)
 
     @app.exception_handler(NotFound)
@@ -46,6 +54,17 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(Gone)
     async def gone(request: Request, exc: Gone) -> JSONResponse:
         return JSONResponse({"detail": str(exc)}, status_code=410)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        """Starlette's own refusals (unknown path, wrong method), saying which path and method."""
+        if exc.status_code == 404 and exc.detail == "Not Found":
+            detail = f"path {request.url.path!r} is not a route of this server"
+        elif exc.status_code == 405:
+            detail = f"method {request.method} is not allowed on path {request.url.path!r}"
+        else:
+            detail = exc.detail
+        return JSONResponse({"detail": detail}, status_code=exc.status_code, headers=getattr(exc, "headers", None))
 
     @app.exception_handler(Exception)
     async def unexpected(request: Request, exc: Exception) -> JSONResponse:

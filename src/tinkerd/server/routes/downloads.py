@@ -5,7 +5,7 @@
 - `GET .../archive` (SDKs before 0.36) answers `{url, expires}` for a .tar.gz of the checkpoint's files
   (at the archive's root).
 - `GET /files/{token}/{relative_path}` needs no API key (the cookbook fetches with plain urllib): the
-  unguessable token is the credential, and serves only the files it was granted for.
+  unguessable token is the credential, and serves only the files it was granted for. HEAD works too.
 
 Plain `def` routes: SQLite and disk work run in FastAPI's thread pool.
 """
@@ -61,9 +61,11 @@ def checkpoint_archive(run_id: str, kind: str, name: str, request: Request, owne
 
 
 @router.get("/files/{token}/{relative_path:path}")
+@router.head("/files/{token}/{relative_path:path}", include_in_schema=False)
 def download(token: str, relative_path: str, st: ControlPlane = Depends(plane),
              grants: DownloadGrants = Depends(download_grants)):
-    """Serve one file of a download grant; no API key (the unguessable token is the credential)."""
+    """Serve one file of a download grant; no API key (the unguessable token is the credential). HEAD answers
+    the same status and headers (size, type) without the body, as download tools check URLs with it."""
     grant = grants.lookup(token)
     if grant is None:
         return JSONResponse({"detail": "download link unknown or expired; ask for new URLs"}, status_code=404)

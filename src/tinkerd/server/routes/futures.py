@@ -9,6 +9,8 @@ from __future__ import annotations
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, Response
 
+from tinkerd.server.responses import FiniteJSONResponse
+
 from tinkerd.protocol.requests import RetrieveFutureRequest
 from tinkerd.control.plane import ControlPlane
 from tinkerd.server.auth import caller
@@ -33,4 +35,4 @@ async def retrieve_future(body: RetrieveFutureRequest, request: Request, owner: 
         return {"error": row["error"], "category": row["category"]}
     if row["result_pb"] is not None and (PROTOBUF in request.headers.get("accept", "") or row["result_json"] is None):
         return Response(content=row["result_pb"], media_type=PROTOBUF)
-    return JSONResponse(row["result_json"])
+    return FiniteJSONResponse(row["result_json"])

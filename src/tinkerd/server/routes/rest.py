@@ -35,6 +35,7 @@ from tinkerd.control.checkpoints import (
 )
 from tinkerd.control import audit
 from tinkerd.control.plane import ControlPlane
+from tinkerd.protocol.numbers import INT64_MAX
 from tinkerd.protocol.paths import owner_urn, parse_tinker_path
 from tinkerd.protocol.requests import Body
 from tinkerd.protocol.types import BadRequest
@@ -115,8 +116,8 @@ def _run_json(st: ControlPlane, model: dict, checkpoints: list[dict]) -> dict:
 def _page(limit: int, offset: int) -> None:
     if not 1 <= limit <= MAX_PAGE:
         raise BadRequest(f"limit must be in [1, {MAX_PAGE}], got {limit}")
-    if offset < 0:
-        raise BadRequest(f"offset must be >= 0, got {offset}")
+    if not 0 <= offset <= INT64_MAX:
+        raise BadRequest(f"offset must be in [0, {INT64_MAX}], got {offset}")
 
 
 def _accessible(access_scope: str) -> bool:

@@ -16,14 +16,13 @@ from tinkerd.control.scheduler import Outcome
 from tinkerd.engine.interface import AdapterRef, SampleTask, snapshot_run
 from tinkerd.protocol.paths import parse_tinker_path, sampler_id
 from tinkerd.protocol.requests import CreateSamplingSessionRequest, RetrieveFutureRequest, SampleRequest
-from tinkerd.protocol.sample import encode_sample_pb, prompt_tokens, sample_to_json, sampling_params
-from tinkerd.protocol.tensors import csr_layout, tensor_from_json
+from tinkerd.protocol.sample import check_counts, encode_sample_pb, prompt_tokens, sample_to_json, sampling_params
+from tinkerd.protocol.tensors import Bounds, csr_layout, tensor_from_json
 from tinkerd.protocol.types import BadRequest
 from tinkerd.server.auth import caller
 from tinkerd.server.deps import plane
 
 router = APIRouter(prefix="/api/v1")
-MAX_SAMPLES_PER_REQUEST = 128
 
 
 def adapter_for(st: ControlPlane, owner: str, model_path: str | None, base_model: str | None, what: str) -> AdapterRef:
@@ -64,12 +63,13 @@ async def asample(body: SampleRequest, owner: str = Depends(caller), st: Control
         ref = adapter_for(st, owner, body.model_path, body.base_model, "asample")
         session_id, model_path = None, body.model_path
     run = snapshot_run(ref.uri, st.paths.versions) or (parse_tinker_path(model_path)[0] if model_path else None)
-    if not 1 <= body.num_samples <= MAX_SAMPLES_PER_REQUEST:
-        raise BadRequest(f"num_samples must be in [1, {MAX_SAMPLES_PER_REQUEST}], got {body.num_samples}")
+    check_counts(body, st.config.max_topk_logprobs)
     tokens, params = prompt_tokens(body.prompt), sampling_params(body.sampling_params)
     targets = target_layout = None
     if body.target_prompt_logprobs is not None:
-        targets = tensor_from_json(body.target_prompt_logprobs, "target_prompt_logprobs", fill=-1)
+        bounds = Bounds(rows=len(tokens) - 1, max_cols=st.base_model(ref.base_model).vocab_size or None,
+                        max_bytes=st.config.max_decompressed_bytes)
+        targets = tensor_from_json(body.target_prompt_logprobs, "target_prompt_logprobs", fill=-1, bounds=bounds)
         if targets.dtype != "int64":
             raise BadRequest("target_prompt_logprobs: expected an int64 tensor of token ids")
         target_layout = csr_layout(body.target_prompt_logprobs)

@@ -4,6 +4,7 @@ operations as futures in seq_id order."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 
 from fastapi import APIRouter, Depends, Request
@@ -45,7 +46,8 @@ async def _read_body(request: Request, st: ControlPlane) -> bytes:
     body = await request.body()
     if len(body) > st.config.max_body_bytes:
         raise BadRequest(f"body: {len(body)} bytes exceeds the server's limit of {st.config.max_body_bytes}")
-    return decompress_body(body, request.headers.get("content-encoding"))
+    return await asyncio.to_thread(decompress_body, body, request.headers.get("content-encoding"),
+                                   st.config.max_decompressed_bytes)
 
 
 def _json(body: bytes) -> dict:
@@ -55,26 +57,32 @@ def _json(body: bytes) -> dict:
         raise BadRequest(f"body: invalid JSON: {exc}") from exc
 
 
+def _decode(st: ControlPlane, body: bytes, as_json: bool, forward_only: bool = False):
+    """The call, every tensor checked against its datum's tokens, the served vocabulary and the size limit."""
+    limits = {"max_width": max((m.vocab_size for m in st.base_models.values()), default=0) or None,
+              "max_tensor_bytes": st.config.max_decompressed_bytes}
+    if as_json:
+        return decode_forward_backward_json(_json(body), forward_only, **limits)
+    return decode_forward_backward_pb(body, **limits)
+
+
 @router.post("/forward_backward")
 async def forward_backward(request: Request, owner: str = Depends(caller), st: ControlPlane = Depends(plane)):
     body = await _read_body(request, st)
-    if "json" in request.headers.get("content-type", ""):
-        call = decode_forward_backward_json(_json(body))
-    else:
-        call = decode_forward_backward_pb(body)
+    call = await asyncio.to_thread(_decode, st, body, "json" in request.headers.get("content-type", ""))
     return ops.queue_forward_backward(st, owner, call)
 
 
 @router.post("/forward")
 async def forward(request: Request, owner: str = Depends(caller), st: ControlPlane = Depends(plane)):
     """Forward-only passes as older SDKs (< 0.22.3) send them: JSON to /forward."""
-    call = decode_forward_backward_json(_json(await _read_body(request, st)), True)
+    call = await asyncio.to_thread(_decode, st, await _read_body(request, st), True, True)
     return ops.queue_forward_backward(st, owner, call)
 
 
 @router.post("/optim_step")
 async def optim_step(body: OptimStepRequest, owner: str = Depends(caller), st: ControlPlane = Depends(plane)):
-    args = body.adam_params.model_dump(mode="json", exclude={"type"}, exclude_none=True)
+    args = body.adam_params.model_dump(exclude={"type"}, exclude_none=True)  # floats as sent: AdamParams checks them
     return ops.submit_training(st, owner, body.model_id, body.seq_id, "optim_step", args)
 
 
