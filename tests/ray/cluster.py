@@ -37,6 +37,18 @@ def ensure_ray() -> str:
     return ray.get_runtime_context().gcs_address
 
 
+def engines_left() -> list[str]:
+    """The engine actors and placement groups alive in the cluster, in any namespace (a test leaves none)."""
+    from ray.util import list_named_actors
+    from ray.util.placement_group import placement_group_table
+
+    actors = [f"actor {a['namespace']}/{a['name']}" for a in list_named_actors(all_namespaces=True)
+              if a["name"].startswith("engine-")]
+    groups = [f"placement group {info['name']} ({info['state']})" for info in placement_group_table().values()
+              if info["name"].startswith("engine-") and info["state"] != "REMOVED"]
+    return actors + groups
+
+
 def tiny_runtimes(name: str, seed: int) -> dict:
     """Runs in the actor: the contract suite's tiny random model."""
     from tests.conftest import make_tiny_runtime
