@@ -1,8 +1,8 @@
 """The official tinker-cookbook 0.6.1 recipes run unmodified against tinkerd on the embedded SmolLM2.
 
-Each recipe trains 2 steps from its own CLI (`renderer_name=qwen3_instruct`, tiny batches); then a
-second invocation on the same log_path resumes from the checkpoint the first one left and trains
-step 2, not step 0. The server must answer every request without a 5xx and its REST API must show
+Each recipe trains 2 steps from its own CLI (`renderer_name=qwen3_instruct`, tiny batches; guess_number,
+by far the slowest, 1); then a second invocation on the same log_path resumes from the checkpoint the
+first one left and trains the next step only, not step 0. The server must answer every request without a 5xx and its REST API must show
 the training runs and their checkpoints. Settings and per-recipe timings: docs/official-cookbook.md.
 """
 
