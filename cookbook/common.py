@@ -84,11 +84,14 @@ def log_dir_for(config: BaseConfig, recipe: str) -> Path:
 def service_client(config: BaseConfig, log_dir: Path) -> Iterator[tinker.ServiceClient]:
     """A tinker ServiceClient for `config.base_url` (or $TINKER_BASE_URL). Without either, start a local
     tinkerd for the duration of the block (data in `log_dir/server`, converted models in
-    $TINKERD_MODEL_CACHE or ~/.cache/tinkerd/models, so only the very first start converts the model)."""
+    $TINKERD_MODEL_CACHE or ~/.cache/tinkerd/models, so only the very first start converts the model).
+    The client is closed when the block ends (its session finished, its heartbeat stopped), before a local
+    server stops."""
     api_key = os.environ.get("TINKER_API_KEY", "tml-cookbook")
     url = config.base_url or os.environ.get("TINKER_BASE_URL")
     if url:
-        yield tinker.ServiceClient(base_url=url, api_key=api_key)
+        with tinker.ServiceClient(base_url=url, api_key=api_key) as service:
+            yield service
         return
     from tinkerd.local_server import LocalServer  # only needed when we run the server ourselves
 
@@ -96,7 +99,8 @@ def service_client(config: BaseConfig, log_dir: Path) -> Iterator[tinker.Service
     print(f"starting a local tinkerd (model cache {cache}, log {log_dir / 'server' / 'server.log'}) ...")
     with LocalServer(log_dir / "server", model_cache=cache) as server:
         print(f"tinkerd is up at {server.url}")
-        yield tinker.ServiceClient(base_url=server.url, api_key=api_key)
+        with tinker.ServiceClient(base_url=server.url, api_key=api_key) as service:
+            yield service
 
 
 # ------------------------------------------------------------------------------------------------ chat

@@ -55,6 +55,7 @@ def task_b(rows: list[dict]) -> list[dict]:
 
 @dataclasses.dataclass
 class Config(BaseConfig):
+    data: str = str(DATA)  # task A (the sft recipe's JSONL: question, answer, key, split); B is built from it
     epochs_a: int = 5
     epochs_b: int = 5
     batch_size: int = 16
@@ -67,7 +68,7 @@ class Config(BaseConfig):
 
 def main(config: Config) -> dict:
     log_dir = log_dir_for(config, "continual")
-    a_train, a_test = load(DATA)
+    a_train, a_test = load(config.data)
     b_train, b_test = task_b(a_train), task_b(a_test)
     rng = random.Random(config.seed)
 

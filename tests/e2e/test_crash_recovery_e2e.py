@@ -51,37 +51,40 @@ def kill_mid_loop_and_compare(data_dir, *flags: str) -> str:
     server = ServerProcess(data_dir, *flags)
     restarted = None
     try:
-        service = tinker.ServiceClient(base_url=server.url, api_key="tml-crash")
-        training = service.create_lora_training_client(base_model=EMBEDDED, rank=4, seed=3).result()
-        prompt = types.ModelInput.from_ints(training.get_tokenizer().encode("Tell me about the sea."))
-        kill_now, outcome = threading.Event(), {}
+        # closed (its session finished) before the restarted server stops; left open, its heartbeat would
+        # go on failing against the stopped server for the rest of the test session
+        with tinker.ServiceClient(base_url=server.url, api_key="tml-crash") as service:
+            training = service.create_lora_training_client(base_model=EMBEDDED, rank=4, seed=3).result()
+            prompt = types.ModelInput.from_ints(training.get_tokenizer().encode("Tell me about the sea."))
+            kill_now, outcome = threading.Event(), {}
 
-        def run() -> None:
-            try:
-                outcome["result"] = _loop(training, prompt, lambda step: step == KILL_AT and kill_now.set())
-            except BaseException as exc:  # noqa: BLE001 - reported by the main thread
-                outcome["error"] = exc
+            def run() -> None:
+                try:
+                    outcome["result"] = _loop(training, prompt, lambda step: step == KILL_AT and kill_now.set())
+                except BaseException as exc:  # noqa: BLE001 - reported by the main thread
+                    outcome["error"] = exc
 
-        thread = threading.Thread(target=run, daemon=True)
-        thread.start()
-        assert kill_now.wait(600), outcome
-        deadline = time.time() + 60  # the SDK sends in the background: wait until the server has both requests
-        while server.log_tail(200_000).count("POST /api/v1/optim_step 200") <= KILL_AT and time.time() < deadline:
-            time.sleep(0.02)
-        server.kill()  # SIGKILL with a forward_backward and an optim_step in flight
-        restarted = ServerProcess(data_dir, *flags, port=server.port)
-        thread.join(600)
-        assert not thread.is_alive() and "error" not in outcome, outcome.get("error")
-        log = restarted.log_tail(200_000)
-        assert "recovering training run" in log and "restore point after seq_id" in log, log[-3000:]
-        assert "(0 still awaited by clients)" not in log  # the kill caught requests in flight
+            thread = threading.Thread(target=run, daemon=True)
+            thread.start()
+            assert kill_now.wait(600), outcome
+            deadline = time.time() + 60  # the SDK sends in the background: wait until the server has both requests
+            while server.log_tail(200_000).count("POST /api/v1/optim_step 200") <= KILL_AT and time.time() < deadline:
+                time.sleep(0.02)
+            server.kill()  # SIGKILL with a forward_backward and an optim_step in flight
+            restarted = ServerProcess(data_dir, *flags, port=server.port)
+            thread.join(600)
+            assert not thread.is_alive() and "error" not in outcome, outcome.get("error")
+            log = restarted.log_tail(200_000)
+            assert "recovering training run" in log and "restore point after seq_id" in log, log[-3000:]
+            assert "(0 still awaited by clients)" not in log  # the kill caught requests in flight
 
-        reference = _loop(service.create_lora_training_client(base_model=EMBEDDED, rank=4, seed=3).result(), prompt)
-        assert outcome["result"] == reference  # losses, sampled tokens and final logprobs, exactly
+            reference = _loop(service.create_lora_training_client(base_model=EMBEDDED, rank=4, seed=3).result(),
+                              prompt)
+            assert outcome["result"] == reference  # losses, sampled tokens and final logprobs, exactly
         return log
     finally:
         (restarted or server).stop()
 
 
 def test_kill_9_mid_loop_the_sdk_loop_finishes_with_the_uninterrupted_result(tmp_path):
-    kill_mid_loop_and_compare(tmp_path / "data", "--restore-point-every", "2")
+    kill_mid_loop_and_compare(tmp_path / "data", "--snapshot-every", "2")

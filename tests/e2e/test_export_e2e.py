@@ -25,8 +25,8 @@ def _datum(tokens: list[int]) -> types.Datum:
 
 
 def test_exported_adapter_loads_in_peft_and_matches_the_server(tmp_path):
-    with ServerProcess(tmp_path / "data", "--dtype", "fp32") as server:
-        service = tinker.ServiceClient(base_url=server.url, api_key="tml-export-e2e")
+    with (ServerProcess(tmp_path / "data", "--dtype", "fp32") as server,
+          tinker.ServiceClient(base_url=server.url, api_key="tml-export-e2e") as service):  # closed before the stop
         training = service.create_lora_training_client(base_model=EMBEDDED, rank=8, seed=0).result()
         tokenizer = training.get_tokenizer()
         train = [_datum(tokenizer.encode(text)) for text in ("The capital of France is Paris.", "Two plus two is four.")]

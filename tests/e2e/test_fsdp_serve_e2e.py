@@ -16,10 +16,10 @@ TOKENS = [3, 5, 7, 9, 42, 42, 42, 42, 42]
 
 def test_a_two_rank_trainer_group_serves_training_and_sampling_through_the_sdk(tmp_path):
     folder = _tiny_model_folder(tmp_path / "tiny")
-    with LocalServer(tmp_path / "data", "--base-model", str(folder), "--trainer-ranks", "2", "--dtype", "fp32",
-                     "--eager-norms", "--threads", "1") as server:
+    with (LocalServer(tmp_path / "data", "--base-model", str(folder), "--trainer-ranks", "2", "--dtype", "fp32",
+                      "--eager-norms", "--threads", "1") as server,
+          tinker.ServiceClient(base_url=server.url, api_key="tml-fsdp") as service):  # closed before the stop
         assert "FSDP2 trainer group of 2 ranks" in server.log_tail()
-        service = tinker.ServiceClient(base_url=server.url, api_key="tml-fsdp")
         training = service.create_lora_training_client(base_model=str(folder.resolve()), rank=4, seed=0).result()
         datum = types.Datum(model_input=types.ModelInput.from_ints(TOKENS[:-1]),
                             loss_fn_inputs={"target_tokens": TOKENS[1:], "weights": [1.0] * (len(TOKENS) - 1)})

@@ -18,20 +18,20 @@ def test_eight_clients_with_64_requests_each(tmp_path):
     server = ServerProcess(tmp_path / "load", "--max-pending-samples", "128")  # forces 429 backpressure
     try:
         def client_run(i: int) -> int:
-            service = tinker.ServiceClient(base_url=server.url, api_key=f"tml-load-{i}")
-            sampler = service.create_sampling_client(base_model=EMBEDDED).result()
-            training = service.create_lora_training_client(base_model=EMBEDDED, rank=4, seed=i).result()
-            datum = types.Datum(model_input=types.ModelInput.from_ints([1, 2, 3, 4]),
-                                loss_fn_inputs={"target_tokens": [2, 3, 4, 5], "weights": [1.0] * 4})
-            futures = [sampler.sample(types.ModelInput.from_ints([10 + i, 20 + j % 7, 30]), 1,
-                                      types.SamplingParams(max_tokens=3, seed=j)) for j in range(56)]
-            futures += [training.forward([datum], "cross_entropy") for _ in range(8)]
-            done = 0
-            for future in futures:
-                result = future.result()
-                done += bool(result.sequences[0].tokens) if hasattr(result, "sequences") else \
-                    len(result.loss_fn_outputs) == 1
-            return done
+            with tinker.ServiceClient(base_url=server.url, api_key=f"tml-load-{i}") as service:  # closed before stop
+                sampler = service.create_sampling_client(base_model=EMBEDDED).result()
+                training = service.create_lora_training_client(base_model=EMBEDDED, rank=4, seed=i).result()
+                datum = types.Datum(model_input=types.ModelInput.from_ints([1, 2, 3, 4]),
+                                    loss_fn_inputs={"target_tokens": [2, 3, 4, 5], "weights": [1.0] * 4})
+                futures = [sampler.sample(types.ModelInput.from_ints([10 + i, 20 + j % 7, 30]), 1,
+                                          types.SamplingParams(max_tokens=3, seed=j)) for j in range(56)]
+                futures += [training.forward([datum], "cross_entropy") for _ in range(8)]
+                done = 0
+                for future in futures:
+                    result = future.result()
+                    done += bool(result.sequences[0].tokens) if hasattr(result, "sequences") else \
+                        len(result.loss_fn_outputs) == 1
+                return done
 
         with ThreadPoolExecutor(8) as pool:
             assert list(pool.map(client_run, range(8))) == [64] * 8

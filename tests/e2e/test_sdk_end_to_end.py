@@ -67,8 +67,8 @@ def test_wrong_api_key_is_refused_when_keys_are_configured(tmp_path):
         with pytest.raises(tinker.AuthenticationError):
             tinker.ServiceClient(base_url=server.url, api_key="tml-wrong").create_lora_training_client(
                 base_model=EMBEDDED, rank=4).result()
-        ok = tinker.ServiceClient(base_url=server.url, api_key="tml-right-key")
-        assert ok.create_sampling_client(base_model=EMBEDDED).result() is not None
+        with tinker.ServiceClient(base_url=server.url, api_key="tml-right-key") as ok:  # closed before the stop
+            assert ok.create_sampling_client(base_model=EMBEDDED).result() is not None
     finally:
         server.stop()
 

@@ -75,8 +75,8 @@ def test_state_survives_kill_9_bit_exactly(tmp_path):
     data_dir = tmp_path / "data"
     first = ServerProcess(data_dir, "--restore-point-every", "0")
     try:
-        service = tinker.ServiceClient(base_url=first.url, api_key="tml-state")
-        training = service.create_lora_training_client(base_model=EMBEDDED, rank=4, seed=1).result()
+        crashed = tinker.ServiceClient(base_url=first.url, api_key="tml-state")
+        training = crashed.create_lora_training_client(base_model=EMBEDDED, rank=4, seed=1).result()
         tokenizer = training.get_tokenizer()
         tokens = tokenizer.encode("The quick brown fox jumps over the lazy dog.")
         datum = _datum(tokens, 1)
@@ -93,21 +93,25 @@ def test_state_survives_kill_9_bit_exactly(tmp_path):
     finally:
         first.kill()  # SIGKILL: no shutdown code runs
 
-    second = ServerProcess(data_dir, "--restore-point-every", "0")
+    # On the same port, so the first client's session (its heartbeat) reaches the restarted server, and both
+    # clients are closed before it stops: a client left open would heartbeat against nothing for the whole run.
+    second = ServerProcess(data_dir, "--restore-point-every", "0", port=first.port)
     try:
-        service = tinker.ServiceClient(base_url=second.url, api_key="tml-state")
-        lost = httpx.post(f"{second.url}/api/v1/retrieve_future", json={"request_id": in_flight},
-                          headers={"X-API-Key": "tml-state"}, timeout=10).json()
-        assert lost["category"] == "server" and "restarted" in lost["error"]
-        runs = tinker.RestClient(base_url=second.url, api_key="tml-state").list_training_runs().result()
-        assert training.model_id in [run.training_run_id for run in runs.training_runs]
-        resumed = service.create_training_client_from_state_with_optimizer(path).result()
-        assert resumed.forward([datum], "cross_entropy").result().loss_fn_outputs[0]["logprobs"].tolist() == saved
-        resumed.forward_backward([datum], "cross_entropy").result()
-        resumed.optim_step(adam).result()
-        assert resumed.forward([datum], "cross_entropy").result().loss_fn_outputs[0]["logprobs"].tolist() == after_step
-        sampler = service.create_sampling_client(model_path=path).result()  # a weights checkpoint samples too
-        assert sampler.sample(types.ModelInput.from_ints(tokens[:3]), 1, types.SamplingParams(max_tokens=3)).result()
+        with crashed, tinker.ServiceClient(base_url=second.url, api_key="tml-state") as service:
+            lost = httpx.post(f"{second.url}/api/v1/retrieve_future", json={"request_id": in_flight},
+                              headers={"X-API-Key": "tml-state"}, timeout=10).json()
+            assert lost["category"] == "server" and "restarted" in lost["error"]
+            runs = tinker.RestClient(base_url=second.url, api_key="tml-state").list_training_runs().result()
+            assert training.model_id in [run.training_run_id for run in runs.training_runs]
+            resumed = service.create_training_client_from_state_with_optimizer(path).result()
+            assert resumed.forward([datum], "cross_entropy").result().loss_fn_outputs[0]["logprobs"].tolist() == saved
+            resumed.forward_backward([datum], "cross_entropy").result()
+            resumed.optim_step(adam).result()
+            assert resumed.forward([datum], "cross_entropy").result().loss_fn_outputs[0]["logprobs"].tolist() == \
+                after_step
+            sampler = service.create_sampling_client(model_path=path).result()  # a weights checkpoint samples too
+            assert sampler.sample(types.ModelInput.from_ints(tokens[:3]), 1,
+                                  types.SamplingParams(max_tokens=3)).result()
     finally:
         second.stop()
 
@@ -131,10 +135,11 @@ def test_a_graceful_restart_keeps_unsaved_training_state_and_the_same_sdk_client
         first.stop()  # SIGTERM
     second = ServerProcess(data_dir, "--dtype", "fp32", park_on_exit=True, port=first.port)
     try:
-        training.optim_step(adam).result()  # the same SDK client, its next seq_id
-        got = training.forward([datum], "cross_entropy").result().loss_fn_outputs[0]["logprobs"].tolist()
-        assert np.allclose(got, expected, atol=1e-6, rtol=0)
-        assert "resume on their next request" in second.log_tail(100000)
+        with service:  # closed before the stop
+            training.optim_step(adam).result()  # the same SDK client, its next seq_id
+            got = training.forward([datum], "cross_entropy").result().loss_fn_outputs[0]["logprobs"].tolist()
+            assert np.allclose(got, expected, atol=1e-6, rtol=0)
+            assert "resume on their next request" in second.log_tail(100000)
     finally:
         second.stop()
 

@@ -1,8 +1,8 @@
 """The official tinker-cookbook 0.6.1 recipes run unmodified against tinkerd on the embedded SmolLM2.
 
-Each recipe trains 2 steps from its own CLI (`renderer_name=qwen3_instruct`, tiny batches); then a
-second invocation on the same log_path resumes from the checkpoint the first one left and trains
-step 2, not step 0. The server must answer every request without a 5xx and its REST API must show
+Each recipe trains 2 steps from its own CLI (`renderer_name=qwen3_instruct`, tiny batches; guess_number,
+by far the slowest, 1); then a second invocation on the same log_path resumes from the checkpoint the
+first one left and trains the next step only, not step 0. The server must answer every request without a 5xx and its REST API must show
 the training runs and their checkpoints. Settings and per-recipe timings: docs/official-cookbook.md.
 """
 
@@ -98,20 +98,25 @@ def test_preference_shorter_and_resume(cookbook_server, rest, tmp_path):
 
 def test_multiplayer_guess_number_and_resume(cookbook_server, rest, tmp_path):
     """Ten-turn episodes: ten sequential sampling rounds and 20 datums per step even at batch 1 (the
-    recipe's `player` history role never extends the `assistant` prompt, so turns do not merge)."""
+    recipe's `player` history role never extends the `assistant` prompt, so turns do not merge).
+    The slowest recipe by far (a step is ~270-token prompts x 20 turns, then 20 datums of rank-32
+    training), so it trains one step, then resumes and trains step 1, with 4-token replies."""
     recipe = Recipe(cookbook_server, "tinker_cookbook.recipes.multiplayer_rl.guess_number.train",
-                    tmp_path / "guess_number", "group_size=2", "batch_size=1", "max_tokens=8", "eval_every=0",
+                    tmp_path / "guess_number", "group_size=2", "batch_size=1", "max_tokens=4", "eval_every=0",
                     "save_every=0", "learning_rate=1e-4")
-    recipe.run("max_steps=2", timeout=600)
-    rows = _assert_rl_steps(recipe, [0, 1])
+    recipe.run("max_steps=1", timeout=600)
+    rows = _assert_rl_steps(recipe, [0])
     assert all(row["env/all/turns_per_episode"] >= 1 for row in rows)
     first = recipe.checkpoints()[-1]
+    assert first["batch"] == 1
     _assert_server_run(rest, first)
 
-    output = recipe.run("max_steps=3", resume=True, timeout=600)
+    output = recipe.run("max_steps=2", resume=True, timeout=600)
     assert f"Resumed training from {first['state_path']}" in output
-    _assert_rl_steps(recipe, [0, 1, 2])
-    _assert_server_run(rest, recipe.checkpoints()[-1])
+    _assert_rl_steps(recipe, [0, 1])  # the resumed process trained step 1 only
+    last = recipe.checkpoints()[-1]
+    assert last["batch"] == 2 and last["state_path"] != first["state_path"]
+    _assert_server_run(rest, last)
 
 
 def test_chat_sl_bundled_conversations_and_crash_resume(cookbook_server, rest, tmp_path, example_conversations):

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.ray.cluster import RAY_ENV, ensure_ray, tiny_placement
+from tests.ray.cluster import driver_env, ensure_ray, tiny_placement
 
 pytestmark = pytest.mark.ray
 
@@ -54,7 +54,7 @@ def placement():
 def _driver(code: str, address: str, timeout: float = 120) -> dict:
     """Run `code` as a separate Ray driver (a front-end process); it prints one JSON line."""
     prelude = "import json, sys, ray\nray.init(address=sys.argv[1], logging_level='warning')\n"
-    env = {**os.environ, **RAY_ENV, "PYTHONPATH": str(ROOT)}
+    env = driver_env(ROOT)
     done = subprocess.run([sys.executable, "-c", prelude + textwrap.dedent(code), address], env=env, cwd=ROOT,
                           capture_output=True, text=True, timeout=timeout)
     assert done.returncode == 0, done.stderr[-3000:]

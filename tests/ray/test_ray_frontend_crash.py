@@ -13,6 +13,7 @@ from tests.ray.cluster import RAY_ENV, ensure_ray
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
+from tests.e2e.conftest import no_sdk_session_outlives_its_server  # noqa: E402, F401  (autouse here too)
 from tests.e2e.test_crash_recovery_e2e import kill_mid_loop_and_compare  # noqa: E402
 from tinkerd.backends.ray_engine import remove  # noqa: E402
 

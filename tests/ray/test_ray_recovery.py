@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 
-from tests.ray.cluster import RAY_ENV, ensure_ray, tiny_placement
+from tests.ray.cluster import driver_env, ensure_ray, tiny_placement
 
 pytestmark = pytest.mark.ray
 
@@ -104,7 +104,7 @@ def test_losing_the_node_of_the_actor_moves_it_to_another_and_the_run_carries_on
     """`tests/ray/node_loss.py` in its own process: a Cluster of two one-GPU (logical) worker nodes."""
     root = Path(__file__).resolve().parents[2]
     done = subprocess.run([sys.executable, "-m", "tests.ray.node_loss"], cwd=root, capture_output=True, text=True,
-                          env={**os.environ, **RAY_ENV, "PYTHONPATH": str(root)}, timeout=900)
+                          env=driver_env(root), timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads(done.stdout.strip().splitlines()[-1])
     assert result["node_after"] != result["node_before"] and result["gpu_ids_after"], result

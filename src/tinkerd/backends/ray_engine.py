@@ -72,7 +72,7 @@ def attach(key: str):
 
 def start_or_attach(placement: ActorPlacement):
     """The named detached actor of `placement.key`, created (with its placement group) if absent."""
-    from ray.util.placement_group import get_placement_group, placement_group
+    from ray.util.placement_group import placement_group
     from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
     from tinkerd.backends.ray_actor import EngineActor
@@ -82,9 +82,8 @@ def start_or_attach(placement: ActorPlacement):
         return attach(placement.key)
     except ValueError:
         pass
-    try:
-        group = get_placement_group(name)
-    except ValueError:
+    group = next(iter(_placement_groups(name)), None)
+    if group is None:
         bundle = {"CPU": placement.num_cpus, **({"GPU": placement.num_gpus} if placement.num_gpus else {})}
         group = placement_group([bundle], strategy="STRICT_PACK", name=name, lifetime="detached")
     ray.get(group.ready())
@@ -97,17 +96,24 @@ def start_or_attach(placement: ActorPlacement):
 
 def remove(key: str) -> None:
     """Kill the actor of `key` and free its placement group (`tinkerd` never does this on its own)."""
-    from ray.util.placement_group import get_placement_group, remove_placement_group
+    from ray.util.placement_group import remove_placement_group
 
-    name = actor_name(key)
     try:
         ray.kill(attach(key), no_restart=True)
     except ValueError:
         pass
-    try:
-        remove_placement_group(get_placement_group(name))
-    except ValueError:
-        pass
+    for group in _placement_groups(actor_name(key)):
+        remove_placement_group(group)
+
+
+def _placement_groups(name: str) -> list:
+    """The live placement groups named `name`, whichever driver made them. A group's name lives in the namespace
+    of the job that created it (not the actor's `tinkerd`), so `get_placement_group`, which looks in the caller's
+    namespace only, misses a group that another front end or a test's subprocess driver created."""
+    from ray.util.placement_group import PlacementGroup, placement_group_table
+
+    return [PlacementGroup(ray.PlacementGroupID.from_hex(group_id))
+            for group_id, info in placement_group_table().items() if info["name"] == name and info["state"] != "REMOVED"]
 
 
 def connect(address: str | None, specs: list[str | None], model_cache: str, dtype: str = "auto",
