@@ -152,15 +152,15 @@ def test_bad_input_is_named_and_other_tenants_are_unaffected(server):
     cases = [
         ([_datum([1, 2, 10**6], 1)], "cross_entropy", "outside the vocabulary"),
         ([types.Datum(model_input=types.ModelInput.from_ints([1, 2, 3]),
-                      loss_fn_inputs={"target_tokens": [2, 3], "weights": [1.0, 1.0]})], "cross_entropy",
-         r"target_tokens has shape \(2,\)"),
+                      loss_fn_inputs={"target_tokens": [2, 3], "weights": [1.0, 1.0, 1.0]})], "cross_entropy",
+         r"target_tokens.*shape \(2,\)"),
         ([types.Datum(model_input=types.ModelInput.from_ints([1, 2, 3]),
                       loss_fn_inputs={"target_tokens": [2, 3, 4], "weights": [1.0, float("nan"), 1.0]})],
          "cross_entropy", "NaN"),
         ([good], "no_such_loss", "known losses"),
     ]
-    for data, loss_fn, message in cases:
-        with pytest.raises(tinker.RequestFailedError, match=message):
+    for data, loss_fn, message in cases:  # refused at submit (400) or as the request's failure, naming the field
+        with pytest.raises((tinker.RequestFailedError, tinker.BadRequestError), match=message):
             bad_client.forward_backward(data, loss_fn).result()
         good_client.forward_backward([good], "cross_entropy").result()
     with pytest.raises((tinker.RequestFailedError, tinker.BadRequestError), match="rank"):

@@ -130,8 +130,8 @@ def connect(address: str | None, specs: list[str | None], model_cache: str, dtyp
     if address:
         ray.init(address=address, namespace=NAMESPACE, logging_level="warning")
     else:  # a private cluster: its actors end with this process
-        ray.init(namespace=NAMESPACE, include_dashboard=False, object_store_memory=256 * 1024 * 1024,
-                 logging_level="warning")
+        ray.init(address="local", namespace=NAMESPACE, include_dashboard=False,
+                 object_store_memory=256 * 1024 * 1024, logging_level="warning")
     cpus = threads or 1
     gpus = 1.0 if device.startswith("cuda") else 0.0
     handles = [start_or_attach(ActorPlacement(f"{spec or 'embedded'}@{dtype}", load_base_model,
