@@ -14,6 +14,7 @@ not the wire format beyond the codecs it calls, not torch.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,7 +39,7 @@ from tinkerd.protocol.requests import (
     SaveWeightsForSamplerRequest,
     SaveWeightsRequest,
 )
-from tinkerd.protocol.types import AdamParams, ForwardBackwardCall
+from tinkerd.protocol.types import AdamParams, BadRequest, ForwardBackwardCall
 
 
 @dataclass
@@ -95,12 +96,49 @@ def submit_training(st: ControlPlane, owner: str, model_id: str, seq_id: int | N
     lifecycle.before_training_request(st, model_id)
     if model_id not in st.scheduler.models:
         raise NotFound(f"model_id {model_id!r} is not loaded (the server restarted); load it from a checkpoint")
-    job = job_for(kind, Op(st, owner, model_id, seq_id or None, args, body, call), None)
+    with refusal_holds_its_place(st, owner, model_id, seq_id, kind):
+        job = job_for(kind, Op(st, owner, model_id, seq_id or None, args, body, call), None)
     if not seq_id:
         journal.stop_journaling(st, model_id)
     job.future_id = st.board.create(owner, kind, model_id, seq_id or None, journal.entry(st, model_id, args, body))
     st.scheduler.submit_ordered(model_id, seq_id, job)
     return {"request_id": job.future_id, "model_id": model_id}
+
+
+def hold_refused_place(st: ControlPlane, owner: str, model_id: str, seq_id: int | None, kind: str,
+                       error: str) -> None:
+    """A request refused before it was queued (answered 4xx) still used its seq_id: the SDK numbers the next one
+    after it. A failed future holds that place in the run's order, so the run's later requests do not wait for it
+    forever, and a retry of the same seq_id gets the same error. Nothing happens for a model the caller does not
+    own or that is not loaded, or a seq_id that is already taken."""
+    if not seq_id:
+        return
+    try:
+        st.model(model_id, owner)
+    except NotFound:
+        return
+    queue = st.scheduler.models.get(model_id)
+    if queue is None or seq_id < queue.next_seq or seq_id in queue.waiting \
+            or st.store.future_for_seq(model_id, seq_id) is not None:
+        return
+    future_id = st.board.create(owner, kind, model_id, seq_id)
+    st.board.fail(future_id, error, "user")
+    st.scheduler.submit_ordered(model_id, seq_id, Job(None, "refused", _held_place))
+
+
+@contextlib.contextmanager
+def refusal_holds_its_place(st: ControlPlane, owner: str, model_id: str, seq_id: int | None, kind: str):
+    """Around a route's checks of an ordered request: if they refuse it (bad input, a checkpoint not found), its
+    seq_id's place is held (`hold_refused_place`) and the refusal goes on to the client."""
+    try:
+        yield
+    except (BadRequest, NotFound) as exc:
+        hold_refused_place(st, owner, model_id, seq_id, kind, str(exc))
+        raise
+
+
+def _held_place() -> Outcome:
+    return Outcome()
 
 
 def create_run(st: ControlPlane, owner: str, session: dict, model_seq_id: int, kind: str, args: dict) -> dict:

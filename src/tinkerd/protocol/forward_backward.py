@@ -3,6 +3,8 @@ encode the `ForwardBackwardOutput` result (protobuf, or JSON when the client ask
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 from google.protobuf.message import DecodeError
 
@@ -82,6 +84,27 @@ def decode_forward_backward_pb(body: bytes, max_width: int | None = None,
         data.append(Datum(tokens, inputs, _spans(datum.loss_fn_input_spans) if len(datum.loss_fn_input_spans) else None))
     return ForwardBackwardCall(msg.model_id, msg.seq_id, msg.loss_fn or "cross_entropy", config,
                                msg.forward_only, data)
+
+
+def request_order(body: bytes, as_json: bool) -> tuple[str, int] | None:
+    """(model_id, seq_id) of a forward pass whose body could not be decoded as a whole, when those two can be
+    read; None otherwise. A refused request still used its seq_id (`control.ops.hold_refused_place`)."""
+    if as_json:
+        try:
+            obj = json.loads(body)
+        except ValueError:
+            return None
+        model_id, seq_id = (obj.get("model_id"), obj.get("seq_id")) if isinstance(obj, dict) else (None, None)
+    else:
+        msg = pb.ForwardBackwardRequest()
+        try:
+            msg.ParseFromString(body)
+        except DecodeError:
+            return None
+        model_id, seq_id = msg.model_id, msg.seq_id
+    if not isinstance(model_id, str) or not model_id or type(seq_id) is not int or seq_id <= 0:
+        return None
+    return model_id, seq_id
 
 
 def encode_forward_backward_call_pb(call: ForwardBackwardCall) -> bytes:

@@ -13,6 +13,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from tinkerd.protocol.types import BadRequest
 from tinkerd.control.openai_requests import OpenAIError
 from tinkerd.control.plane import Gone, NotFound
+from tinkerd.server.refused_order import hold_place_of_invalid_body
 
 log = logging.getLogger(__name__)
 OPENAI_PREFIXES = ("/oai/api/v1/", "/v1/")  # routes/openai.py
@@ -43,6 +44,7 @@ def install_error_handlers(app: FastAPI) -> None:
             return ".".join(loc[1:]) if loc[0] == "body" else f"{loc[0]} parameter {'.'.join(loc[1:])}"
 
         summary = "; ".join(f"{where(e, raw.get('type', ''))}: {e['msg']}" for e, raw in zip(errors, exc.errors()))
+        await hold_place_of_invalid_body(request, exc.body, summary or "invalid request")
         return JSONResponse({"detail": summary or "invalid request", "errors": errors}, status_code=422)
 
     @app.exception_handler(NotFound)

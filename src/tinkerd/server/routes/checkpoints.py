@@ -13,6 +13,8 @@ Listing, deleting, publishing and TTLs are `rest`; download links are `downloads
 
 from __future__ import annotations
 
+import contextlib
+
 from fastapi import APIRouter, Depends, Request
 
 from tinkerd.control import ops
@@ -37,20 +39,23 @@ router = APIRouter(prefix="/api/v1")
 @router.post("/save_weights")
 async def save_weights(body: SaveWeightsRequest, owner: str = Depends(caller), st: ControlPlane = Depends(plane)):
     st.model(body.model_id, owner)
-    name = checkpoint_name(body.path)
-    path = tinker_path(body.model_id, "weights", name)
-    if st.store.checkpoint(path) is not None and not body.overwrite:
-        raise BadRequest(f"path: checkpoint {path} already exists; pass overwrite=True to replace it")
+    with ops.refusal_holds_its_place(st, owner, body.model_id, body.seq_id, "save_weights"):
+        name = checkpoint_name(body.path)
+        path = tinker_path(body.model_id, "weights", name)
+        if st.store.checkpoint(path) is not None and not body.overwrite:
+            raise BadRequest(f"path: checkpoint {path} already exists; pass overwrite=True to replace it")
     return ops.submit_training(st, owner, body.model_id, body.seq_id, "save_weights",
                                {**body.model_dump(mode="json"), "path": name})
 
 
 @router.post("/load_weights")
 async def load_weights(body: LoadWeightsRequest, owner: str = Depends(caller), st: ControlPlane = Depends(plane)):
-    _, kind, _ = parse_tinker_path(body.path, "path")
-    if kind != "weights" and body.optimizer:
-        raise BadRequest(f"path: a {kind} checkpoint has no optimizer state; use a 'weights' (save_state) checkpoint")
-    checkpoint = readable_checkpoint(st, owner, body.path)
+    with ops.refusal_holds_its_place(st, owner, body.model_id, body.seq_id, "load_weights") if body.model_id \
+            else contextlib.nullcontext():
+        _, kind, _ = parse_tinker_path(body.path, "path")
+        if kind != "weights" and body.optimizer:
+            raise BadRequest(f"path: a {kind} checkpoint has no optimizer state; use a 'weights' (save_state) checkpoint")
+        checkpoint = readable_checkpoint(st, owner, body.path)
     args = {"path": body.path, "optimizer": body.optimizer, "directory": checkpoint["directory"],
             "base_model": checkpoint["base_model"], "session_id": body.session_id, "user_metadata": body.user_metadata}
     if body.model_id:
@@ -66,13 +71,14 @@ async def load_weights(body: LoadWeightsRequest, owner: str = Depends(caller), s
 async def save_weights_external(body: SaveWeightsExternalRequest, owner: str = Depends(caller),
                                 st: ControlPlane = Depends(plane)):
     st.model(body.model_id, owner)
-    if body.age_encryption_recipients:
-        raise BadRequest("age_encryption_recipients: age encryption is not supported by this tinkerd server; "
-                         "save without recipients (the download links are unguessable and expire in 1 hour)")
-    if not body.path:
-        raise BadRequest("path: a name for the external weights is required")
-    name = checkpoint_name(body.path)
-    check_ttl(body.ttl_seconds)
+    with ops.refusal_holds_its_place(st, owner, body.model_id, body.seq_id, "save_weights_external"):
+        if body.age_encryption_recipients:
+            raise BadRequest("age_encryption_recipients: age encryption is not supported by this tinkerd server; "
+                             "save without recipients (the download links are unguessable and expire in 1 hour)")
+        if not body.path:
+            raise BadRequest("path: a name for the external weights is required")
+        name = checkpoint_name(body.path)
+        check_ttl(body.ttl_seconds)
     return ops.submit_training(st, owner, body.model_id, body.seq_id, "save_weights_external",
                                {**body.model_dump(mode="json"), "path": name})
 

@@ -12,7 +12,8 @@ from fastapi import APIRouter, Depends, Request
 from tinkerd.control import ops
 from tinkerd.control.checkpoints import NAME
 from tinkerd.control.plane import ControlPlane
-from tinkerd.protocol.forward_backward import decode_forward_backward_json, decode_forward_backward_pb, decompress_body
+from tinkerd.protocol.forward_backward import (decode_forward_backward_json, decode_forward_backward_pb, decompress_body,
+                                              request_order)
 from tinkerd.protocol.requests import CreateModelRequest, ModelRequest, OptimStepRequest, SaveWeightsForSamplerRequest
 from tinkerd.protocol.types import BadRequest
 from tinkerd.server.auth import caller
@@ -66,18 +67,27 @@ def _decode(st: ControlPlane, body: bytes, as_json: bool, forward_only: bool = F
     return decode_forward_backward_pb(body, **limits)
 
 
+async def _queue(st: ControlPlane, owner: str, body: bytes, as_json: bool, forward_only: bool, kind: str) -> dict:
+    try:
+        call = await asyncio.to_thread(_decode, st, body, as_json, forward_only)
+    except BadRequest as exc:
+        order = request_order(body, as_json)
+        if order is not None:
+            ops.hold_refused_place(st, owner, *order, kind, str(exc))
+        raise
+    return ops.queue_forward_backward(st, owner, call)
+
+
 @router.post("/forward_backward")
 async def forward_backward(request: Request, owner: str = Depends(caller), st: ControlPlane = Depends(plane)):
     body = await _read_body(request, st)
-    call = await asyncio.to_thread(_decode, st, body, "json" in request.headers.get("content-type", ""))
-    return ops.queue_forward_backward(st, owner, call)
+    return await _queue(st, owner, body, "json" in request.headers.get("content-type", ""), False, "forward_backward")
 
 
 @router.post("/forward")
 async def forward(request: Request, owner: str = Depends(caller), st: ControlPlane = Depends(plane)):
     """Forward-only passes as older SDKs (< 0.22.3) send them: JSON to /forward."""
-    call = await asyncio.to_thread(_decode, st, await _read_body(request, st), True, True)
-    return ops.queue_forward_backward(st, owner, call)
+    return await _queue(st, owner, await _read_body(request, st), True, True, "forward")
 
 
 @router.post("/optim_step")
@@ -90,9 +100,10 @@ async def optim_step(body: OptimStepRequest, owner: str = Depends(caller), st: C
 async def save_weights_for_sampler(body: SaveWeightsForSamplerRequest, owner: str = Depends(caller),
                                    st: ControlPlane = Depends(plane)):
     st.model(body.model_id, owner)
-    if body.path and not NAME.match(body.path):
-        raise BadRequest(f"path: {body.path!r} is not a valid checkpoint name (letters, digits, '.', '_', '-')")
-    if not body.path and body.sampling_session_seq_id is None:
-        raise BadRequest("save_weights_for_sampler needs either path or sampling_session_seq_id")
+    with ops.refusal_holds_its_place(st, owner, body.model_id, body.seq_id, "save_weights_for_sampler"):
+        if body.path and not NAME.match(body.path):
+            raise BadRequest(f"path: {body.path!r} is not a valid checkpoint name (letters, digits, '.', '_', '-')")
+        if not body.path and body.sampling_session_seq_id is None:
+            raise BadRequest("save_weights_for_sampler needs either path or sampling_session_seq_id")
     return ops.submit_training(st, owner, body.model_id, body.seq_id, "save_weights_for_sampler",
                                body.model_dump(mode="json"))
