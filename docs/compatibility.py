@@ -41,7 +41,7 @@ STATUS: dict[str, dict[str, tuple[str, str]]] = {
         "save_state": (YES, "PEFT adapter + AdamW state, atomic"), "load_state": (YES, "weights only"),
         "load_state_with_optimizer": (YES, "weights and AdamW state"),
         "save_weights_for_sampler": (YES, "named sampler_weights checkpoint (PEFT layout)"),
-        "save_weights_and_get_sampling_client": (YES, "in-memory snapshot, no file, no reload; kind='inflight' is not done yet: it is served as a snapshot (the client keeps the weights of its save)"),
+        "save_weights_and_get_sampling_client": (YES, "in-memory snapshot, no file, no reload; kind='inflight': one shared target per run, later saves move every inflight client, a generation in flight adopts them at its next decode step (docs/inflight.md)"),
         "save_weights_external": (YES, "PEFT folder + download URLs; age encryption refused with a clear 400"),
         "create_sampling_client": (YES, "from a tinker:// path"), "get_info": (YES, "model_data.model_name, tokenizer_id"),
         "get_tokenizer": (YES, "resolves offline from the HF cache tinkerd fills (HF_HUB_OFFLINE=1)"),

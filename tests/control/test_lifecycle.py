@@ -296,3 +296,22 @@ def test_a_server_restart_parks_loaded_runs_and_the_next_process_resumes_them_ex
         run.call("optim_step", adam_params={"learning_rate": 0.01})  # seq_id 4: restored first, gradients included
         np.testing.assert_array_equal(run.logprobs(), expected)
         assert not st.paths.parked(run.model_id).exists()
+
+
+def test_an_inflight_client_of_a_parked_run_follows_it_when_it_is_restored(api):
+    st = api.st
+    run = Run(api)
+    run.train_step()
+    inflight = run.call("save_weights_for_sampler", sampling_session_seq_id=0, kind="inflight")["sampling_session_id"]
+    assert _sample(api, inflight).status_code == 200
+    st.config.session_timeout_seconds = 0.2
+    time.sleep(0.3)
+    api.portal.call(lifecycle.sweep, st)
+    assert set(st.runs.parked) == {run.model_id}
+    _wait(lambda: _keys(api.runtime, run.model_id) == [], "the run and its inflight target to be unloaded")
+    assert _sample(api, inflight).status_code == 410
+    st.config.session_timeout_seconds = 600
+    run.train_step()  # restored first; the restore publishes the target again
+    r = _sample(api, inflight)
+    assert r.status_code == 200, r.text
+    assert "error" not in future_result(api, r.json()["request_id"])

@@ -97,3 +97,23 @@ def test_prompt_scoring_options_reach_the_sdk(server):
     answer = sampler.sample(prompt, 1, types.SamplingParams(max_tokens=1), target_prompt_logprobs=sparse).result()
     scored = answer.target_prompt_logprobs
     assert scored.sparse_crow_indices is not None and scored.to_numpy()[-1, 1] == pytest.approx(full[-1], abs=1e-4)
+
+
+def test_an_inflight_client_follows_later_inflight_saves_and_a_snapshot_client_does_not(server):
+    """`save_weights_and_get_sampling_client(kind="inflight")` with the official SDK: a client made before
+    two more training steps scores a sequence as the weights after them do (docs/inflight.md)."""
+    service = tinker.ServiceClient(base_url=server.url, api_key="tml-inflight")
+    training = service.create_lora_training_client(base_model=EMBEDDED, rank=4, seed=0).result()
+    datum = sft_datum(training.get_tokenizer(), "Name a colour.", "Teal.")
+    sequence = types.ModelInput.from_ints(datum.model_input.to_ints())
+    inflight = training.save_weights_and_get_sampling_client(kind="inflight").result()
+    snapshot = training.save_weights_and_get_sampling_client().result()
+    before = inflight.compute_logprobs(sequence).result()[1:]
+    for _ in range(2):
+        training.forward_backward([datum], "cross_entropy")
+        training.optim_step(types.AdamParams(learning_rate=1e-3)).result()
+    newer = training.save_weights_and_get_sampling_client(kind="inflight").result()
+    old_client, new_client = (c.compute_logprobs(sequence).result()[1:] for c in (inflight, newer))
+    assert max(abs(a - b) for a, b in zip(old_client, new_client)) < 1e-5
+    assert max(abs(a - b) for a, b in zip(old_client, before)) > 1e-3
+    assert max(abs(a - b) for a, b in zip(snapshot.compute_logprobs(sequence).result()[1:], before)) < 1e-5

@@ -237,3 +237,33 @@ def test_ray_trainer_samples_through_vllm_on_the_weights_the_actor_published(pla
     finally:
         sampler.close()
         fake.stop()
+
+
+def test_the_actors_inflight_target_is_one_slot_that_old_clients_follow(placement):
+    """`--engine ray`: the inflight target lives in the actor next to its sampler, so a client created before
+    a later inflight save samples the newer weights, and the slot is reused, not added."""
+    from tests.vllm.conftest import train_steps
+    from tinkerd.engine.interface import SampleTask
+    from tinkerd.protocol.types import SamplingParams
+
+    trainer = RayTrainer([start_or_attach(placement)])
+    sampler = RaySampler(trainer)
+    greedy = SamplingParams(max_tokens=8, temperature=0.0, stop_at_eos=False)
+
+    def tokens(ref, request_id):
+        sampler.submit(SampleTask(request_id, ref, [3, 5, 7], 1, greedy))
+        finished = []
+        while not finished:
+            finished = sampler.step()
+        (_, result), = finished
+        return result.sequences[0].tokens
+
+    trainer.create_adapter("run", "tiny", SPEC)
+    train_steps(trainer, "run", 1)
+    inflight = trainer.publish_inflight("run")
+    before = tokens(inflight, "before")
+    train_steps(trainer, "run", 6, tokens=(3, 5, 7, 20, 21, 22, 23, 24), lr=0.2)
+    assert trainer.publish_inflight("run") == inflight
+    after = tokens(inflight, "after")
+    assert after != before, "training did not change the greedy answer; the test cannot tell the weights apart"
+    assert after == tokens(trainer.snapshot_for_sampler("run"), "snapshot")

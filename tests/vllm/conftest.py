@@ -22,7 +22,8 @@ def train_steps(trainer, model_id: str, steps: int, tokens=(3, 5, 7, 9, 11, 13, 
     tokens = np.asarray(tokens, dtype=np.int64)
     datum = Datum(tokens[:-1], {"target_tokens": tokens[1:], "weights": np.ones(len(tokens) - 1, dtype=np.float32)})
     for _ in range(steps):
-        trainer.forward_backward(ForwardBackwardCall(model_id, 1, "cross_entropy", {}, False, [datum]))
+        # seq_id 0: unordered, so a fenced (Ray) trainer runs each step instead of answering a repeat from its cache
+        trainer.forward_backward(ForwardBackwardCall(model_id, 0, "cross_entropy", {}, False, [datum]))
         trainer.optim_step(model_id, AdamParams(learning_rate=lr))
 
 

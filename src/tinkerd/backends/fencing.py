@@ -189,6 +189,9 @@ class FencedTrainer:
     def snapshot_for_sampler(self, model_id: str) -> AdapterRef:
         return self._here("snapshot_for_sampler", model_id)
 
+    def publish_inflight(self, model_id: str) -> AdapterRef:
+        return self._here("publish_inflight", model_id)
+
     def save_sampler_weights(self, model_id: str, directory: Path) -> None:
         return self._here("save_sampler_weights", model_id, directory)
 

@@ -283,6 +283,10 @@ class RayTrainer:
     def snapshot_for_sampler(self, model_id: str) -> AdapterRef:
         return self._invoke(self._base_of(model_id), "snapshot_for_sampler", model_id, model_id=model_id)
 
+    def publish_inflight(self, model_id: str) -> AdapterRef:
+        """The actor's in-memory target: its sampler shares the runtime, so rows adopt it at their next step."""
+        return self._invoke(self._base_of(model_id), "publish_inflight", model_id, model_id=model_id)
+
     def save_sampler_weights(self, model_id: str, directory: Path) -> None:
         return self._invoke(self._base_of(model_id), "save_sampler_weights", model_id, directory, model_id=model_id)
 

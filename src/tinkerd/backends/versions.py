@@ -196,6 +196,11 @@ class VersionedTrainer:
         self._current.pop(model_id, None)
         self.versions.drop_run(model_id)
 
+    def publish_inflight(self, model_id: str) -> AdapterRef:
+        """A version folder, as for a snapshot: an out-of-process sampler cannot swap the weights of a generation
+        it is running, so requests started after this save use it and those in flight finish on theirs."""
+        return self.snapshot_for_sampler(model_id)
+
     def snapshot_for_sampler(self, model_id: str) -> AdapterRef:
         current = self._current.get(model_id)
         if current is None or current[0] not in self.versions.live(model_id):

@@ -215,6 +215,8 @@ def _restore(st: ControlPlane, model_id: str) -> None:
                 # parked by a server that kept no journal: the journal from here on needs this state as its base
                 journal.write_restore_point(st, model_id, parked_after)
             shutil.rmtree(directory, ignore_errors=True)
+            if st.store.has_inflight_sessions(model_id):  # its inflight clients follow it: the restored weights
+                st.store.repoint_inflight_sessions(model_id, st.trainer.publish_inflight(model_id).uri)
             log.info("restored training run %s", model_id)
         return Outcome()
 

@@ -262,7 +262,8 @@ def _save_checkpoint(op: Op, kind: str, name: str, write: Callable[[Path], None]
 
 @replayable("save_weights_for_sampler", changes_state=lambda args: not args.get("path"))
 def _save_weights_for_sampler_job(op: Op) -> dict:
-    """A named checkpoint on disk, or an in-memory snapshot for a sampling session (which a replay rebuilds)."""
+    """A named checkpoint on disk, or for a sampling session (rebuilt by a replay) an in-memory snapshot
+    (kind `snapshot`) or the run's shared inflight target (kind `inflight`, `Trainer.publish_inflight`)."""
     st, body = op.st, SaveWeightsForSamplerRequest(**op.args)
     if body.path:
         def run() -> Outcome:
@@ -273,10 +274,17 @@ def _save_weights_for_sampler_job(op: Op) -> dict:
     else:
         session_id = st.store.model(op.model_id)["session_id"]
         sampling_session = sampler_id(session_id, body.sampling_session_seq_id)
+        inflight = body.kind == "inflight"
 
         def run() -> Outcome:
-            ref = st.trainer.snapshot_for_sampler(op.model_id)
-            st.store.add_sampling_session(sampling_session, session_id, op.owner, ref.base_model, None, ref.uri)
+            if inflight:  # the run's shared target moves; every inflight session of the run samples it
+                ref = st.trainer.publish_inflight(op.model_id)
+                st.store.add_sampling_session(sampling_session, session_id, op.owner, ref.base_model, None, ref.uri,
+                                              inflight_of=op.model_id)
+                st.store.repoint_inflight_sessions(op.model_id, ref.uri)
+            else:
+                ref = st.trainer.snapshot_for_sampler(op.model_id)
+                st.store.add_sampling_session(sampling_session, session_id, op.owner, ref.base_model, None, ref.uri)
             return Outcome(json={"sampling_session_id": sampling_session, "type": "save_weights_for_sampler"})
 
     return {"run": run}

@@ -286,12 +286,21 @@ class LoRAAdapters:
         return out
 
     def clone(self, source: str, key: str) -> None:
-        """Freeze a copy of adapter `source` under `key` (a sampler snapshot)."""
+        """Freeze a copy of adapter `source` under `key` (a sampler snapshot). A `key` that exists with the same
+        shapes is overwritten in place (no new memory): rows decoding on it read the new values at their next
+        forward (the inflight target)."""
         self._doomed.discard(key)  # a new copy under a key whose old copy awaits removal: keep the new one
-        for module in self.modules.values():
-            w = module.adapters.get(source)
-            if w is not None:
-                module.adapters[key] = LoRAWeights(w.A.detach().clone(), w.B.detach().clone(), w.scale)
+        with torch.no_grad():
+            for module in self.modules.values():
+                w, old = module.adapters.get(source), module.adapters.get(key)
+                if w is None:
+                    module.adapters.pop(key, None)
+                elif old is not None and old.A.shape == w.A.shape and old.B.shape == w.B.shape:
+                    old.A.copy_(w.A)
+                    old.B.copy_(w.B)
+                    old.scale = w.scale
+                else:
+                    module.adapters[key] = LoRAWeights(w.A.detach().clone(), w.B.detach().clone(), w.scale)
         self.specs[key] = self.specs[source]
 
     def export(self, key: str) -> dict[str, torch.Tensor]:

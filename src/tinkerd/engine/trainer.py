@@ -33,6 +33,7 @@ log = logging.getLogger(__name__)
 
 MAX_LORA_RANK = 128
 SNAPSHOTS_KEPT_PER_MODEL = 8
+INFLIGHT_VERSION = "inflight"  # the version label of a run's inflight target (`publish_inflight`)
 ADAM_STATE_KEYS = ("exp_avg", "exp_avg_sq", "step")
 
 
@@ -42,6 +43,7 @@ class TrainedAdapter:
     spec: AdapterSpec
     optimizer: torch.optim.AdamW
     snapshots: list[str] = field(default_factory=list)
+    inflight: str | None = None  # the key of its inflight target, once published
     version: int = 0  # optimizer steps taken
 
 
@@ -96,7 +98,7 @@ class LocalTrainer:
         adapter = self.adapters.pop(model_id, None)
         if adapter is None:
             return False
-        for key in [model_id, *adapter.snapshots]:
+        for key in [model_id, *adapter.snapshots, *([adapter.inflight] if adapter.inflight else [])]:
             adapter.runtime.lora.remove(key)
         return True
 
@@ -250,6 +252,16 @@ class LocalTrainer:
             adapter.snapshots.append(key)
         while len(adapter.snapshots) > SNAPSHOTS_KEPT_PER_MODEL:
             adapter.runtime.lora.remove(adapter.snapshots.pop(0))
+        return AdapterRef.in_memory(key, adapter.runtime.name)
+
+    def publish_inflight(self, model_id: str) -> AdapterRef:
+        """The run's one inflight target, `mem://<run>@inflight`, overwritten in place with the adapter as it is
+        now. Rows decoding on it read the new weights from their next decode step on (their cache stays as it
+        was computed); no copy accumulates however often it is published."""
+        adapter = self._adapter(model_id)
+        key = f"{model_id}@{INFLIGHT_VERSION}"
+        adapter.runtime.lora.clone(model_id, key)
+        adapter.inflight = key
         return AdapterRef.in_memory(key, adapter.runtime.name)
 
     def save_sampler_weights(self, model_id: str, directory: Path) -> None:

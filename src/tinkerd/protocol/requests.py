@@ -6,7 +6,7 @@ rejected with a 422 that names the field. Only what tinkerd reads is declared.
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field
 
@@ -75,7 +75,7 @@ class SaveWeightsForSamplerRequest(Body):
     model_id: str
     path: str | None = None
     sampling_session_seq_id: Int64 | None = None
-    kind: str = "snapshot"
+    kind: Literal["snapshot", "inflight"] = "snapshot"  # types.SamplingClientKind; see control.ops
     seq_id: Int64 | None = None
     ttl_seconds: Int64 | None = None
     user_metadata: dict[str, Any] | None = None

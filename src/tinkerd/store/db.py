@@ -73,6 +73,7 @@ CREATE TABLE IF NOT EXISTS steps (
 _ADDED_COLUMNS = {
     "checkpoints": {"public": "INTEGER NOT NULL DEFAULT 0", "expires_at": "REAL", "user_metadata": "TEXT"},
     "futures": {"request": "BLOB"},
+    "sampling_sessions": {"inflight_of": "TEXT"},  # the training run whose inflight target it samples
 }
 
 # Indexes for the listing queries (created after the columns they use exist).
@@ -212,10 +213,18 @@ class Store:
 
     # sampling sessions
     def add_sampling_session(self, sampler_id: str, session_id: str, owner: str, base_model: str,
-                             model_path: str | None, adapter_uri: str | None) -> None:
+                             model_path: str | None, adapter_uri: str | None, inflight_of: str | None = None) -> None:
         self._insert("sampling_sessions", dict(id=sampler_id, session_id=session_id, owner=owner, base_model=base_model,
-                                               model_path=model_path, adapter_uri=adapter_uri, created=time.time()),
+                                               model_path=model_path, adapter_uri=adapter_uri, created=time.time(),
+                                               inflight_of=inflight_of),
                      key="id")
+
+    def has_inflight_sessions(self, model_id: str) -> bool:
+        return self._one("SELECT 1 AS one FROM sampling_sessions WHERE inflight_of = ? LIMIT 1", (model_id,)) is not None
+
+    def repoint_inflight_sessions(self, model_id: str, adapter_uri: str) -> int:
+        """Every inflight sampling session of run `model_id` now samples `adapter_uri`; how many there are."""
+        return self._execute("UPDATE sampling_sessions SET adapter_uri = ? WHERE inflight_of = ?", (adapter_uri, model_id))
 
     def sampling_session(self, sampler_id: str) -> dict | None:
         return self._one("SELECT * FROM sampling_sessions WHERE id = ?", (sampler_id,))
