@@ -54,6 +54,9 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--device", default="cpu")
     serve.add_argument("--max-pending-samples", type=int, default=1024,
                        help="sampling requests in flight before asample answers 429 (the SDK backs off and retries)")
+    serve.add_argument("--max-sampler-rows", type=int, default=256, metavar="N",
+                       help="sample rows (num_samples each request) decoding at once, all keys together; more "
+                            "requests wait (queue_state paused_capacity), keys taking turns; 0: no limit")
     serve.add_argument("--max-runs-per-key", type=int, default=0, metavar="N",
                        help="a key's request creating a training run waits (queue_state paused_rate_limit) while N "
                             "of its runs are loaded; 0 (default): no limit")
@@ -188,6 +191,7 @@ def serve(args: argparse.Namespace) -> None:
                           max_pending_samples=args.max_pending_samples,
                           max_queued_sample_tokens_per_key=args.max_queued_sample_tokens_per_key,
                           max_runs_per_key=args.max_runs_per_key,
+                          max_sampler_rows=args.max_sampler_rows,
                           store=args.store, session_timeout_seconds=args.session_timeout,
                           parked_state_ttl_seconds=args.parked_state_ttl,
                           batch_gather_seconds=args.batch_gather_ms / 1000,

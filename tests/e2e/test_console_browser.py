@@ -98,8 +98,8 @@ def test_the_console_shows_a_run_its_curves_checkpoint_and_playground_to_its_key
 
     page.goto(saved.get_console_url().replace(CONSOLE, server.url))  # the SDK's own link, host swapped
     assert page.inner_text("#tinker-path") == saved.path
-    page.click("#copy-path")
-    assert page.inner_text("#copy-path") == "Copied"
+    page.click("#copy-path")  # the label says so once the clipboard write resolves, for 1.5 s: polled in the page
+    page.wait_for_function("document.getElementById('copy-path').textContent === 'Copied'", timeout=10_000)
     page.screenshot(path=str(shots / "checkpoint.png"), full_page=True)
     dialogs = []
     page.on("dialog", lambda dialog: (dialogs.append(dialog.message), dialog.accept()))

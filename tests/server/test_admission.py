@@ -102,3 +102,37 @@ def test_runs_per_key_queue_until_one_of_the_keys_runs_is_released(tmp_path):
         assert "model_id" in future_result(api, _create(api, OTHER, _session(api, OTHER)), OTHER)  # not held up
         assert api.post(f"/api/v1/sessions/{first_session}/finish", headers=FLOODER).status_code == 200
         assert "model_id" in future_result(api, waiting, FLOODER)  # created once the first run was released
+
+
+@pytest.fixture
+def small_sampler(tmp_path):
+    """The app with room for 3 sample rows in the sampler, no per-key limit."""
+    runtime = make_tiny_runtime()
+    sampler = HoldingSampler({"tiny": runtime})
+    app = create_app(ServerConfig(data_dir=tmp_path, long_poll_seconds=0.3, max_sampler_rows=3),
+                     LocalTrainer({"tiny": runtime}), sampler)
+    with TestClient(app) as client:
+        client.st, client.sampler = app.state.tinkerd, sampler
+        yield client
+
+
+def test_past_the_samplers_capacity_requests_wait_paused_capacity_keys_take_turns_and_all_complete(small_sampler):
+    api = small_sampler
+    api.sampler.hold.set()
+    flood = [_sample(api, FLOODER) for _ in range(5)]
+    assert api.sampler.holding.wait(30)
+    assert set(api.st.scheduler.samples) == set(flood[:3])  # 3 rows: the capacity
+    other = _sample(api, OTHER)
+    assert other not in api.st.scheduler.samples
+    poll = api.post("/api/v1/retrieve_future", headers=OTHER, json={"request_id": other}).json()
+    assert poll["type"] == "try_again" and poll["queue_state"] == "paused_capacity"
+    assert "3 rows decoding (limit 3, --max-sampler-rows)" in poll["queue_state_reason"]
+    assert api.st.admission.queue_state(flood[4])[0] == "paused_capacity"
+
+    _resume(api)
+    results = {f: future_result(api, f, FLOODER) for f in flood}
+    results[other] = future_result(api, other, OTHER)
+    assert all(len(r["sequences"][0]["tokens"]) == 8 for r in results.values())
+    finished = {f: api.st.store.future(f)["finished"] for f in results}
+    assert finished[other] <= max(finished[f] for f in flood[3:])  # its turn came before the flood's last
+    assert api.st.admission.waiting == 0 and api.st.admission.rows_in_sampler == 0

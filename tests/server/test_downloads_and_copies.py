@@ -128,13 +128,13 @@ def test_save_external_errors(api):
     r = api.post("/api/v1/save_weights_external", headers=KEY,
                  json={"model_id": model_id, "path": "enc", "seq_id": 1, "age_encryption_recipients": ["age1xyz"]})
     assert r.status_code == 400 and "age encryption is not supported" in r.json()["detail"]
-    r = api.post("/api/v1/save_weights_external", headers=KEY, json={"model_id": model_id, "path": "../x", "seq_id": 1})
+    r = api.post("/api/v1/save_weights_external", headers=KEY, json={"model_id": model_id, "path": "../x", "seq_id": 2})
     assert r.status_code == 400 and "not a valid checkpoint name" in r.json()["detail"]
-    r = api.post("/api/v1/save_weights_external", headers=OTHER, json={"model_id": model_id, "path": "x", "seq_id": 1})
-    assert r.status_code == 404
-    # With a TTL; the seq_id after the refused requests still runs (they never took a turn).
+    r = api.post("/api/v1/save_weights_external", headers=OTHER, json={"model_id": model_id, "path": "x", "seq_id": 3})
+    assert r.status_code == 404  # a stranger's request does not spend the owner's seq_id 3
+    # With a TTL; the seq_id after the refused requests runs (each refused one used its seq_id, as the SDK counts).
     fut = api.post("/api/v1/save_weights_external", headers=KEY,
-                   json={"model_id": model_id, "path": "short", "seq_id": 1, "ttl_seconds": 3600}).json()
+                   json={"model_id": model_id, "path": "short", "seq_id": 3, "ttl_seconds": 3600}).json()
     assert future_result(api, fut["request_id"])["path"].endswith("/external_weights/short")
     assert api.st.store.checkpoint(f"tinker://{model_id}/external_weights/short")["expires_at"] is not None
 

@@ -5,6 +5,7 @@ more cells than the datum can use; a run cannot be poisoned by its optimizer's n
 decompressed sizes are capped; HEAD answers on download URLs."""
 
 import json
+import threading
 
 import numpy as np
 import pytest
@@ -269,6 +270,49 @@ def test_a_zstd_body_expanding_past_the_cap_is_a_400_before_decoding(capped):
     assert len(body) < 64 * 1024
     r = api.post("/api/v1/forward_backward", headers={**KEY, **PROTOBUF, "Content-Encoding": "zstd"}, content=body)
     _assert_400(r, "decompressed")
+
+
+def _while_blocked(api, monkeypatch, target, name, expensive):
+    """Run `expensive()` in a thread while `target.name` is held up inside it; returns what healthz and another
+    tenant's submit answered meanwhile (the expensive call must still be in progress then)."""
+    entered, release = threading.Event(), threading.Event()
+    original = getattr(target, name)
+
+    def held(*args, **kwargs):
+        entered.set()
+        release.wait(60)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(target, name, held)
+    worker = threading.Thread(target=expensive)
+    worker.start()
+    try:
+        assert entered.wait(30), "the expensive request never reached the step it is held at"
+        health = api.get("/api/v1/healthz")
+        other = api.post("/api/v1/create_session", json={"tags": []}, headers=OTHER)
+        still_running = worker.is_alive()
+    finally:
+        release.set()
+        worker.join(60)
+    assert still_running
+    return health, other
+
+
+def test_healthz_and_other_tenants_answer_while_a_body_is_being_decompressed(api, monkeypatch):
+    from tinkerd.server.routes import training
+
+    _, model_id = _model(api)
+    body = zstandard.ZstdCompressor().compress(_fb_request(model_id, 1).SerializeToString())
+    health, other = _while_blocked(api, monkeypatch, training, "decompress_body", lambda: api.post(
+        "/api/v1/forward_backward", headers={**KEY, **PROTOBUF, "Content-Encoding": "zstd"}, content=body))
+    assert health.json() == {"status": "ok"} and other.status_code == 200
+
+
+def test_healthz_and_other_tenants_answer_while_the_engine_is_busy_on_a_sample(api, monkeypatch):
+    sampler = api.st.scheduler.sampler
+    health, other = _while_blocked(api, monkeypatch, sampler, "step", lambda: future_result(api, api.post(
+        "/api/v1/asample", headers=KEY, json=_sample_body(topk_prompt_logprobs=0)).json()["request_id"]))
+    assert health.json() == {"status": "ok"} and other.status_code == 200
 
 
 # 8. HEAD on download URLs

@@ -4,9 +4,10 @@ run's later requests must not wait for that seq_id forever. Through the HTTP API
 import json
 
 import pytest
+import zstandard
 
 from tests.app_client import OWNER_KEY as KEY
-from tests.server.test_hostile_input import PROTOBUF, _fb_request, _model
+from tests.server.test_hostile_input import PROTOBUF, _fb_request, _model, capped  # noqa: F401 (a fixture)
 
 OTHER = {"X-API-Key": "tml-other-tenant"}
 
@@ -70,3 +71,30 @@ def test_a_stranger_cannot_spend_another_tenants_seq_id(api):
                   content=_fb_request(model_id, 1).SerializeToString()).json()
     result = _bounded_result(api, fb["request_id"])
     assert result is not None and "error" not in result, result
+
+
+def _next_runs(api, model_id, seq_id):
+    fb = api.post("/api/v1/forward_backward", headers={**KEY, **PROTOBUF},
+                  content=_fb_request(model_id, seq_id).SerializeToString()).json()
+    result = _bounded_result(api, fb["request_id"])
+    assert result is not None, f"seq_id {seq_id} still waits for the refused one before it"
+    assert "error" not in result, result
+
+
+def test_a_truncated_protobuf_body_still_holds_its_seq_id(api):
+    _, model_id = _model(api)
+    body = _fb_request(model_id, 1).SerializeToString()
+    refused = api.post("/api/v1/forward_backward", headers={**KEY, **PROTOBUF}, content=body[:len(body) - 7])
+    assert refused.status_code == 400 and "ForwardBackwardRequest" in refused.text, refused.text
+    _next_runs(api, model_id, 2)
+
+
+def test_a_body_refused_while_decompressing_still_holds_its_seq_id(capped):
+    api = capped
+    _, model_id = _model(api)
+    msg = _fb_request(model_id, 1)
+    msg.data[0].model_input[0].encoded_text.tokens = b"\x03\x00\x00\x00" * (api.st.config.max_decompressed_bytes // 4)
+    body = zstandard.ZstdCompressor().compress(msg.SerializeToString())
+    refused = api.post("/api/v1/forward_backward", headers={**KEY, **PROTOBUF, "Content-Encoding": "zstd"}, content=body)
+    assert refused.status_code == 400 and "decompressed" in refused.text, refused.text
+    _next_runs(api, model_id, 2)

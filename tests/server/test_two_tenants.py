@@ -42,9 +42,14 @@ def _sample(api, headers, tokens, **params):
         "sampling_params": {"max_tokens": 6, "seed": 5, "stop": [], **params}})
 
 
+BAD_SEQ_IDS = 6  # ordered requests `bad_inputs` sends
+
+
 def bad_inputs(api, model_id: str, seq_id: int, with_zip_bomb: bool) -> tuple[list[str], list[str]]:
     """Every bad input of issue 24, each answered by a 4xx or a failed future; returns the futures that must
-    fail and those that must merely answer. Uses seq_id and seq_id + 1 of the bad tenant's run."""
+    fail and those that must merely answer. Uses the bad tenant's run's seq_ids from `seq_id` on, one per ordered
+    request as the SDK numbers them (a refused request used its seq_id too), through `seq_id + BAD_SEQ_IDS - 1`."""
+    seqs = iter(range(seq_id, seq_id + BAD_SEQ_IDS))
     replies = [
         _sample(api, BAD, [3, 4, 5], seed=2**64), _sample(api, BAD, [3, 4, 5], seed=2**64 - 1, num_samples=2),
         api.post("/api/v1/asample", headers={**BAD, "Content-Type": "application/json"}, content=json.dumps({
@@ -58,11 +63,11 @@ def bad_inputs(api, model_id: str, seq_id: int, with_zip_bomb: bool) -> tuple[li
         api.get(f"/api/v1/training_runs?offset={2**63}", headers=BAD),
         api.get(f"/api/v1/checkpoints?offset={2**64}", headers=BAD),
         api.post("/api/v1/optim_step", headers={**BAD, "Content-Type": "application/json"}, content=json.dumps(
-            {"model_id": model_id, "seq_id": seq_id, "adam_params": {"learning_rate": float("inf")}})),
-        api.post("/api/v1/optim_step", headers=BAD, json={"model_id": model_id, "seq_id": seq_id,
+            {"model_id": model_id, "seq_id": next(seqs), "adam_params": {"learning_rate": float("inf")}})),
+        api.post("/api/v1/optim_step", headers=BAD, json={"model_id": model_id, "seq_id": next(seqs),
                                                           "adam_params": {"weight_decay": 1e308}}),
     ]
-    sparse = _fb(model_id, seq_id, [3, 4, 5, 6])
+    sparse = _fb(model_id, next(seqs), [3, 4, 5, 6])
     tensor = sparse.data[0].loss_fn_inputs["target_tokens"]
     tensor.ClearField("dense")
     tensor.ClearField("shape")
@@ -71,14 +76,14 @@ def bad_inputs(api, model_id: str, seq_id: int, with_zip_bomb: bool) -> tuple[li
     tensor.sparse_csr.col_indices = bytes(8)
     replies.append(api.post("/api/v1/forward_backward", headers={**BAD, **PROTOBUF}, content=sparse.SerializeToString()))
     if with_zip_bomb:
-        huge = _fb(model_id, seq_id, [3, 4])
+        huge = _fb(model_id, next(seqs), [3, 4])
         huge.data[0].model_input[0].encoded_text.tokens = b"\x03\x00\x00\x00" * ((64 << 20) // 4 + 1024)  # past the 64 MiB cap
         replies.append(api.post("/api/v1/forward_backward", headers={**BAD, **PROTOBUF, "Content-Encoding": "zstd"},
                                 content=zstandard.ZstdCompressor().compress(huge.SerializeToString())))
     # A step that passes the edge but overflows the loss, then is refused by the engine: the bad run keeps going.
     fut = api.post("/api/v1/forward_backward", headers={**BAD, **PROTOBUF},
-                   content=_fb(model_id, seq_id, [3, 4, 5], weights=[3e38, 3e38]).SerializeToString()).json()
-    step = api.post("/api/v1/optim_step", headers=BAD, json={"model_id": model_id, "seq_id": seq_id + 1,
+                   content=_fb(model_id, next(seqs), [3, 4, 5], weights=[3e38, 3e38]).SerializeToString()).json()
+    step = api.post("/api/v1/optim_step", headers=BAD, json={"model_id": model_id, "seq_id": next(seqs),
                                                               "adam_params": {"learning_rate": 1.0}}).json()
     for reply in replies[:3] + replies[4:]:
         assert 400 <= reply.status_code < 500, (reply.status_code, reply.text)
@@ -123,7 +128,7 @@ def test_one_tenants_bad_inputs_leave_the_others_results_unchanged(tmp_path):
     refused, answered = [], []
 
     def disturb(step: int) -> None:
-        must_fail, must_answer = bad_inputs(api, bad_run, 2 * step + 1, with_zip_bomb=step == 0)
+        must_fail, must_answer = bad_inputs(api, bad_run, BAD_SEQ_IDS * step + 1, with_zip_bomb=True)
         refused.extend(must_fail)
         answered.extend(must_answer)
 

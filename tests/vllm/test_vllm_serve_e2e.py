@@ -76,7 +76,7 @@ def test_sdk_trains_and_samples_through_vllm(fake, tmp_path):
             assert loaded[-1].split("@")[1].startswith("v2.")
             assert not v1.exists()
             assert fake.routes_called("/v1/unload_lora_adapter") == [{"lora_name": load["lora_name"]}]
-            with pytest.raises(tinker.RequestFailedError, match="no longer published"):
+            with pytest.raises(tinker.RequestFailedError, match="are no longer kept"):
                 first.sample(prompt, 1, GREEDY).result()
 
             prompt_lp = second.compute_logprobs(prompt).result()  # vLLM prompt_logprobs

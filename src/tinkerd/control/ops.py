@@ -15,6 +15,7 @@ not the wire format beyond the codecs it calls, not torch.
 from __future__ import annotations
 
 import contextlib
+import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +32,7 @@ from tinkerd.protocol.forward_backward import (
     encode_forward_backward_pb,
     forward_backward_to_json,
 )
+from tinkerd.protocol.numbers import INT64_MAX
 from tinkerd.protocol.paths import run_id, sampler_id, tinker_path
 from tinkerd.protocol.requests import (
     CreateModelRequest,
@@ -40,6 +42,9 @@ from tinkerd.protocol.requests import (
     SaveWeightsRequest,
 )
 from tinkerd.protocol.types import AdamParams, BadRequest, ForwardBackwardCall
+
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -62,6 +67,7 @@ class Replayable:
 
 
 KINDS: dict[str, Replayable] = {}
+REFUSED = "refused"  # the kind of a future holding the place of a request refused at submit (`hold_refused_place`)
 
 
 def replayable(kind: str, changes_state: bool | Callable[[dict], bool] = True):
@@ -91,6 +97,8 @@ def submit_training(st: ControlPlane, owner: str, model_id: str, seq_id: int | N
     st.model(model_id, owner)
     if seq_id:
         existing = st.store.future_for_seq(model_id, seq_id)
+        if existing is not None and existing["kind"] == REFUSED:
+            raise BadRequest(existing["error"])  # sent again: refused again
         if existing is not None:
             return {"request_id": existing["id"], "model_id": model_id}
     lifecycle.before_training_request(st, model_id)
@@ -109,9 +117,10 @@ def hold_refused_place(st: ControlPlane, owner: str, model_id: str, seq_id: int 
                        error: str) -> None:
     """A request refused before it was queued (answered 4xx) still used its seq_id: the SDK numbers the next one
     after it. A failed future holds that place in the run's order, so the run's later requests do not wait for it
-    forever, and a retry of the same seq_id gets the same error. Nothing happens for a model the caller does not
-    own or that is not loaded, or a seq_id that is already taken."""
-    if not seq_id:
+    forever, and the same seq_id sent again is refused again. Nothing happens for a model the caller does not
+    own or that is not loaded, or a seq_id that is already taken. The held place is a future of kind `refused`
+    with no journal entry: a replay after a crash skips it."""
+    if not isinstance(seq_id, int) or not 0 < seq_id <= INT64_MAX:  # none, or not a seq_id the run can have
         return
     try:
         st.model(model_id, owner)
@@ -121,8 +130,9 @@ def hold_refused_place(st: ControlPlane, owner: str, model_id: str, seq_id: int 
     if queue is None or seq_id < queue.next_seq or seq_id in queue.waiting \
             or st.store.future_for_seq(model_id, seq_id) is not None:
         return
-    future_id = st.board.create(owner, kind, model_id, seq_id)
+    future_id = st.board.create(owner, REFUSED, model_id, seq_id)
     st.board.fail(future_id, error, "user")
+    log.info("refused %s seq_id %d of %s; its place in the order is held: %s", kind, seq_id, model_id, error)
     st.scheduler.submit_ordered(model_id, seq_id, Job(None, "refused", _held_place))
 
 

@@ -41,6 +41,7 @@ class ServerConfig:
     max_pending_samples: int = 1024
     max_queued_sample_tokens_per_key: int = 0  # a key's sample tokens in the sampler before its next requests wait; 0: off
     max_runs_per_key: int = 0  # a key's loaded training runs before its next create waits; 0: off
+    max_sampler_rows: int = 256  # rows decoding at once (all keys) before sample requests wait; 0: no limit
     max_body_bytes: int = 256 * 1024 * 1024
     max_decompressed_bytes: int = 64 * 1024 * 1024  # a zstd body may expand to this much, checked while decompressing
     max_topk_logprobs: int = 128  # topk_prompt_logprobs / topk_sample_logprobs: the work is positions x k
@@ -91,7 +92,8 @@ class ControlPlane:
     def __post_init__(self) -> None:
         if self.admission is None:
             self.admission = Admission(self.board, self.config.max_queued_sample_tokens_per_key,
-                                       max_runs_per_key=self.config.max_runs_per_key)
+                                       max_runs_per_key=self.config.max_runs_per_key,
+                                       max_rows=self.config.max_sampler_rows)
 
     def owned(self, row: dict | None, owner: str, what: str, ident: str) -> dict:
         if row is None or row["owner"] != owner:

@@ -14,9 +14,18 @@ from tinkerd.protocol.tensors import (DEFAULT_MAX_TENSOR_BYTES, Bounds, batched_
 from tinkerd.protocol.types import BadRequest, Datum, ForwardBackwardCall, ForwardBackwardResult, ProvenanceSpan
 from tinkerd.protocol.wire_pb import pb
 
+class UndecompressibleBody(BadRequest):
+    """A compressed body refused while decompressing; `prefix`: its first decompressed bytes (they may still
+    say which run and seq_id the request was, `request_order`)."""
+
+    def __init__(self, message: str, prefix: bytes) -> None:
+        super().__init__(message)
+        self.prefix = prefix
+
+
 def decompress_body(body: bytes, content_encoding: str | None,
                     max_bytes: int = DEFAULT_MAX_TENSOR_BYTES) -> bytes:
-    """The body, zstd-decompressed if so encoded, refused (`BadRequest`) as soon as the output passes
+    """The body, zstd-decompressed if so encoded, refused (`UndecompressibleBody`) as soon as the output passes
     `max_bytes` (the server's `--max-decompressed-bytes`): decompressed in pieces, never allocated whole."""
     if (content_encoding or "").strip().lower() != "zstd":
         return body
@@ -28,11 +37,11 @@ def decompress_body(body: bytes, content_encoding: str | None,
         while piece := reader.read(1 << 20):
             size += len(piece)
             if size > max_bytes:
-                raise BadRequest(f"body: decompressed size exceeds the server's limit of {max_bytes} bytes "
-                                 "(--max-decompressed-bytes)")
+                raise UndecompressibleBody(f"body: decompressed size exceeds the server's limit of {max_bytes} "
+                                           "bytes (--max-decompressed-bytes)", out[0][:4096] if out else piece[:4096])
             out.append(piece)
     except zstandard.ZstdError as exc:
-        raise BadRequest(f"body: invalid zstd data: {exc}") from exc
+        raise UndecompressibleBody(f"body: invalid zstd data: {exc}", out[0][:4096] if out else b"") from exc
     return b"".join(out)
 
 
@@ -96,15 +105,47 @@ def request_order(body: bytes, as_json: bool) -> tuple[str, int] | None:
             return None
         model_id, seq_id = (obj.get("model_id"), obj.get("seq_id")) if isinstance(obj, dict) else (None, None)
     else:
-        msg = pb.ForwardBackwardRequest()
-        try:
-            msg.ParseFromString(body)
-        except DecodeError:
-            return None
-        model_id, seq_id = msg.model_id, msg.seq_id
+        model_id, seq_id = _leading_order_fields(body)
     if not isinstance(model_id, str) or not model_id or type(seq_id) is not int or seq_id <= 0:
         return None
     return model_id, seq_id
+
+
+def _leading_order_fields(body: bytes) -> tuple[str | None, int | None]:
+    """model_id (field 1) and seq_id (field 2) of a ForwardBackwardRequest, read from the start of its bytes, where
+    a serializer writes them (fields in number order): a truncated or otherwise broken body still gives them."""
+    model_id = seq_id = None
+    position = 0
+    while position < len(body):
+        tag, position = _varint(body, position)
+        if tag is None or tag >> 3 not in (1, 2):
+            break
+        if tag == (1 << 3) | 2:  # model_id: length-delimited
+            length, position = _varint(body, position)
+            if length is None or position + length > len(body):
+                break
+            try:
+                model_id = body[position:position + length].decode()
+            except UnicodeDecodeError:
+                break
+            position += length
+        elif tag == (2 << 3) | 0:  # seq_id: varint
+            seq_id, position = _varint(body, position)
+        else:
+            break
+    return model_id, seq_id
+
+
+def _varint(data: bytes, position: int) -> tuple[int | None, int]:
+    value = shift = 0
+    while position < len(data) and shift < 64:
+        byte = data[position]
+        position += 1
+        value |= (byte & 0x7F) << shift
+        if not byte & 0x80:
+            return value, position
+        shift += 7
+    return None, position
 
 
 def encode_forward_backward_call_pb(call: ForwardBackwardCall) -> bytes:

@@ -100,7 +100,7 @@ async def asample(body: SampleRequest, owner: str = Depends(caller), st: Control
 
     cost = body.num_samples * (len(tokens) + params.max_tokens)  # what the per-key limit counts (`admission`)
     recovery.when_recovered(st, ref.uri, lambda after_replay: st.admission.submit(
-        owner, future_id, cost, lambda: submit(after_replay)))
+        owner, future_id, cost, lambda: submit(after_replay), rows=body.num_samples))
     return {"request_id": future_id, "sample_sequence_ids": sequence_ids}
 
 

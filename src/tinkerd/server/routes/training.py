@@ -12,8 +12,8 @@ from fastapi import APIRouter, Depends, Request
 from tinkerd.control import ops
 from tinkerd.control.checkpoints import NAME
 from tinkerd.control.plane import ControlPlane
-from tinkerd.protocol.forward_backward import (decode_forward_backward_json, decode_forward_backward_pb, decompress_body,
-                                              request_order)
+from tinkerd.protocol.forward_backward import (UndecompressibleBody, decode_forward_backward_json,
+                                              decode_forward_backward_pb, decompress_body, request_order)
 from tinkerd.protocol.requests import CreateModelRequest, ModelRequest, OptimStepRequest, SaveWeightsForSamplerRequest
 from tinkerd.protocol.types import BadRequest
 from tinkerd.server.auth import caller
@@ -67,11 +67,15 @@ def _decode(st: ControlPlane, body: bytes, as_json: bool, forward_only: bool = F
     return decode_forward_backward_pb(body, **limits)
 
 
-async def _queue(st: ControlPlane, owner: str, body: bytes, as_json: bool, forward_only: bool, kind: str) -> dict:
+async def _queue(request: Request, st: ControlPlane, owner: str, as_json: bool, forward_only: bool, kind: str) -> dict:
+    """Read, decode and queue a forward pass. A refused one still used its seq_id if its body names one
+    (`ops.hold_refused_place`)."""
+    body = b""
     try:
+        body = await _read_body(request, st)
         call = await asyncio.to_thread(_decode, st, body, as_json, forward_only)
     except BadRequest as exc:
-        order = request_order(body, as_json)
+        order = request_order(exc.prefix if isinstance(exc, UndecompressibleBody) else body, as_json)
         if order is not None:
             ops.hold_refused_place(st, owner, *order, kind, str(exc))
         raise
@@ -80,14 +84,14 @@ async def _queue(st: ControlPlane, owner: str, body: bytes, as_json: bool, forwa
 
 @router.post("/forward_backward")
 async def forward_backward(request: Request, owner: str = Depends(caller), st: ControlPlane = Depends(plane)):
-    body = await _read_body(request, st)
-    return await _queue(st, owner, body, "json" in request.headers.get("content-type", ""), False, "forward_backward")
+    return await _queue(request, st, owner, "json" in request.headers.get("content-type", ""), False,
+                        "forward_backward")
 
 
 @router.post("/forward")
 async def forward(request: Request, owner: str = Depends(caller), st: ControlPlane = Depends(plane)):
     """Forward-only passes as older SDKs (< 0.22.3) send them: JSON to /forward."""
-    return await _queue(st, owner, await _read_body(request, st), True, True, "forward")
+    return await _queue(request, st, owner, True, True, "forward")
 
 
 @router.post("/optim_step")
