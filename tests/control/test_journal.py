@@ -7,6 +7,7 @@ data dir and Store, as a new process would.
 """
 
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -171,3 +172,36 @@ def test_a_run_parked_by_a_server_without_journal_is_recoverable_after_its_resto
         assert "metrics" in future_result(client, step)
         run.client = client
         np.testing.assert_array_equal(run.logprobs(), logprobs)
+
+
+def test_after_a_crash_a_short_replay_is_answered_while_a_long_one_still_runs(tmp_path):
+    """Issue 24 defect 7: one run's long replay does not hold up another run's requests. The long run replays
+    10 steps, each made slow here; the short run's next request is answered while the long one still replays."""
+    data = tmp_path / "data"
+    config = {"restore_point_every_steps": 1000}  # a journal, no restore point: each run replays from its creation
+    with _app(data, **config) as client:
+        long_run, short_run = Run(client, seed=1), Run(client, seed=2)
+        for _ in range(10):
+            long_run.train_step()
+        short_run.train_step()
+
+    client = _app(data, **config)
+    step = client.trainer.optim_step
+
+    def slow_for_the_long_run(model_id, params):
+        if model_id == long_run.model_id:
+            time.sleep(0.3)
+        return step(model_id, params)
+
+    client.trainer.optim_step = slow_for_the_long_run
+    with client:
+        st = client.app.state.tinkerd
+        started = time.monotonic()
+        short_run.client = client
+        fb = _post(short_run, "forward_backward", TRAIN)
+        assert "metrics" in future_result(client, fb)
+        answered = time.monotonic() - started
+        assert long_run.model_id in st.runs.recovering, "the long replay finished first: nothing was shown"
+        long_run.client = client
+        assert "metrics" in future_result(client, _post(long_run, "forward_backward", TRAIN))
+        print(f"restart to first answer: short run {answered:.2f} s, long run {time.monotonic() - started:.2f} s")
