@@ -26,5 +26,15 @@ class ServerMetrics:
         self.sampling_requests = Gauge("tinkerd_sampling_requests", "Sampling requests in flight",
                                        registry=self.registry)
 
+        self.online = {what: Gauge(f"tinkerd_online_{what}", help, registry=self.registry) for what, help in (
+            ("models", "Online models"), ("updates", "Updates the online models made, in total"),
+            ("feedback_stored", "Feedback stored for online models"),
+            ("feedback_learned", "Feedback an update of its online model has trained on"))}
+
+    def set_online(self, totals: dict[str, int]) -> None:
+        """Read from the Store when /metrics is scraped (`Store.online_totals`)."""
+        for what, value in totals.items():
+            self.online[what].set(value)
+
     def render(self) -> tuple[bytes, str]:
         return generate_latest(self.registry), CONTENT_TYPE_LATEST

@@ -6,9 +6,10 @@ restore points and request journal (`recovery`), and the futures still pending a
 clear error instead of hanging their pollers (sample requests: 410, resend). At shutdown, loaded
 runs are parked.
 Background tasks: expired checkpoints are purged, training runs of finished or lapsed
-sessions are unloaded (`lifecycle`), and the job queue starts job runners, resuming the jobs a previous
-process left running (`control.jobs.manager`). Knows how the pieces of `control` fit the app's life; the work
-itself is theirs (no torch, no engine internals).
+sessions are unloaded (`lifecycle`), the job queue starts job runners, resuming the jobs a previous
+process left running (`control.jobs.manager`), and the online learner trains online models on their stored
+feedback, first resuming those a previous process left (`control.online.learner`). Knows how the pieces of
+`control` fit the app's life; the work itself is theirs (no torch, no engine internals).
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from tinkerd.control.futures import FutureBoard
 from tinkerd.control.jobs.manager import JobManager
 from tinkerd.control.lifecycle import adopt_parked, park_all, sweep_forever
 from tinkerd.control.metrics import ServerMetrics
+from tinkerd.control.online.learner import OnlineLearner
 from tinkerd.control.plane import ControlPlane, ServerConfig
 from tinkerd.control.recovery import rebuild, recover
 from tinkerd.control.scheduler import Scheduler
@@ -36,8 +38,8 @@ from tinkerd.server.console import pages, signin
 from tinkerd.server.errors import install_error_handlers
 from tinkerd.server.request_log import RequestLog
 from tinkerd.server.responses import FiniteJSONResponse
-from tinkerd.server.routes import (checkpoints, curves, custom_losses, downloads, futures, identity, jobs, openai,
-                                   rest, sampling, service, training)
+from tinkerd.server.routes import (checkpoints, curves, custom_losses, downloads, futures, identity, jobs, online,
+                                   openai, rest, sampling, service, training)
 from tinkerd.store.db import Store, open_store
 
 log = logging.getLogger("tinkerd.http")
@@ -94,10 +96,13 @@ def create_app(config: ServerConfig, trainer: Trainer, sampler: Sampler, store: 
         if app.state.jobs.resume_all():
             log.info("jobs left running by the previous process resume from their last state checkpoint")
         job_loop = asyncio.get_running_loop().create_task(_run_jobs(app.state.jobs))
+        app.state.online = OnlineLearner(app.state.tinkerd)  # resumes the previous process's online models first
+        learner = asyncio.get_running_loop().create_task(app.state.online.run_forever())
         janitor = asyncio.get_running_loop().create_task(_purge_expired_checkpoints(app.state.tinkerd))
         sweeper = asyncio.get_running_loop().create_task(sweep_forever(app.state.tinkerd))
         yield
         job_loop.cancel()
+        learner.cancel()
         app.state.jobs.stop_all()
         janitor.cancel()
         sweeper.cancel()
@@ -114,7 +119,7 @@ def create_app(config: ServerConfig, trainer: Trainer, sampler: Sampler, store: 
     app.state.csrf_secret = secrets.token_bytes(32)  # the console's CSRF tokens (`server.auth`)
     install_error_handlers(app)
     for module in (service, identity, training, custom_losses, checkpoints, sampling, futures, curves, rest,
-                   downloads, jobs, signin, pages):
+                   downloads, jobs, online, signin, pages):
         app.include_router(module.router)
     for prefix in openai.PREFIXES:
         app.include_router(openai.router, prefix=prefix)
@@ -127,7 +132,8 @@ def create_app(config: ServerConfig, trainer: Trainer, sampler: Sampler, store: 
     app.add_middleware(RequestLog, metrics=metrics)
 
     @app.get("/metrics", include_in_schema=False)
-    async def prometheus_metrics() -> Response:
+    async def prometheus_metrics(request: Request) -> Response:
+        metrics.set_online(await asyncio.to_thread(request.app.state.tinkerd.store.online_totals))
         body, content_type = metrics.render()
         return Response(body, media_type=content_type)
 

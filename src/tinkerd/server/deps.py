@@ -11,6 +11,7 @@ from fastapi import Request
 from tinkerd.control.checkpoints import RememberedCopies
 from tinkerd.control.downloads import DownloadGrants
 from tinkerd.control.jobs.manager import JobManager
+from tinkerd.control.online.learner import OnlineLearner
 from tinkerd.control.plane import ControlPlane
 
 
@@ -20,6 +21,10 @@ async def plane(request: Request) -> ControlPlane:
 
 async def jobs(request: Request) -> JobManager:
     return request.app.state.jobs
+
+
+async def online_learner(request: Request) -> OnlineLearner:
+    return request.app.state.online
 
 
 async def download_grants(request: Request) -> DownloadGrants:

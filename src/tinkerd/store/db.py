@@ -63,6 +63,16 @@ CREATE TABLE IF NOT EXISTS custom_losses (
     id TEXT PRIMARY KEY, session_id TEXT NOT NULL, owner TEXT NOT NULL, name TEXT NOT NULL,
     definition TEXT NOT NULL, created REAL NOT NULL
 );
+CREATE TABLE IF NOT EXISTS online_models (
+    id TEXT PRIMARY KEY, owner TEXT NOT NULL, name TEXT NOT NULL, base_model TEXT NOT NULL, source TEXT,
+    settings TEXT NOT NULL, status TEXT NOT NULL, session_id TEXT, model_id TEXT, sampling_session_id TEXT,
+    anchors TEXT, updates INTEGER NOT NULL DEFAULT 0, last_update REAL, history TEXT, error TEXT,
+    created REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS online_feedback (
+    id TEXT PRIMARY KEY, online_id TEXT NOT NULL, kind TEXT NOT NULL, feedback TEXT NOT NULL, created REAL NOT NULL,
+    learned_update INTEGER, learned REAL
+);
 CREATE TABLE IF NOT EXISTS steps (
     owner TEXT NOT NULL, session_id TEXT, model_id TEXT, seq_id INTEGER, kind TEXT NOT NULL,
     created REAL NOT NULL, metrics TEXT NOT NULL
@@ -93,11 +103,13 @@ CREATE INDEX IF NOT EXISTS checkpoints_expiry ON checkpoints(expires_at) WHERE e
 CREATE UNIQUE INDEX IF NOT EXISTS steps_model_seq ON steps(model_id, seq_id)
     WHERE model_id IS NOT NULL AND seq_id IS NOT NULL;
 CREATE INDEX IF NOT EXISTS steps_model ON steps(model_id) WHERE model_id IS NOT NULL;
+CREATE UNIQUE INDEX IF NOT EXISTS online_models_name ON online_models(owner, name);
+CREATE INDEX IF NOT EXISTS online_feedback_model ON online_feedback(online_id, created);
 CREATE INDEX IF NOT EXISTS steps_session ON steps(session_id, created) WHERE session_id IS NOT NULL;
 """
 
 _JSON_COLUMNS = {"tags", "user_metadata", "lora_config", "result_json", "metrics", "definition", "details",
-                 "job_spec", "job_progress", "job_result", "job_resume"}
+                 "job_spec", "job_progress", "job_result", "job_resume", "settings", "anchors", "history", "feedback"}
 
 
 def open_store(url: str | None, data_dir: Path) -> "Store":
@@ -342,6 +354,75 @@ class Store:
         """Sets the given columns (JSON columns take dicts)."""
         values = tuple(json.dumps(v) if k in _JSON_COLUMNS and v is not None else v for k, v in fields.items())
         self._execute(f"UPDATE jobs SET {', '.join(f'{k} = ?' for k in fields)} WHERE id = ?", (*values, job_id))
+
+    # online models (`tinkerd.control.online`): a row per model, a row per piece of feedback (learned: NULL until
+    # an update has trained on it)
+    def add_online_model(self, online_id: str, owner: str, name: str, base_model: str, source: str | None,
+                         settings: dict) -> None:
+        """Raises the database's integrity error if the owner already has a model of that name."""
+        self._insert("online_models", dict(id=online_id, owner=owner, name=name, base_model=base_model, source=source,
+                                           settings=settings, status="creating", created=time.time(), history=[]))
+
+    def online_model(self, online_id: str) -> dict | None:
+        return self._one("SELECT * FROM online_models WHERE id = ?", (online_id,))
+
+    def online_model_named(self, owner: str, name: str) -> dict | None:
+        return self._one("SELECT * FROM online_models WHERE owner = ? AND name = ?", (owner, name))
+
+    def list_online_models(self, owner: str, limit: int, offset: int) -> tuple[list[dict], int]:
+        return self._page("online_models", "owner = ?", (owner,), limit, offset)
+
+    def online_models_in(self, statuses: tuple[str, ...]) -> list[dict]:
+        marks = ", ".join("?" * len(statuses))
+        return self._all(f"SELECT * FROM online_models WHERE status IN ({marks}) ORDER BY created, rowid", statuses)
+
+    def update_online_model(self, online_id: str, **fields: Any) -> None:
+        values = tuple(json.dumps(v) if k in _JSON_COLUMNS and v is not None else v for k, v in fields.items())
+        self._execute(f"UPDATE online_models SET {', '.join(f'{k} = ?' for k in fields)} WHERE id = ?",
+                      (*values, online_id))
+
+    def delete_online_model(self, online_id: str) -> None:
+        self._execute("DELETE FROM online_feedback WHERE online_id = ?", (online_id,))
+        self._execute("DELETE FROM online_models WHERE id = ?", (online_id,))
+
+    def add_feedback(self, feedback_id: str, online_id: str, kind: str, feedback: dict) -> None:
+        """Committed when this returns (the route acknowledges only then)."""
+        self._insert("online_feedback", dict(id=feedback_id, online_id=online_id, kind=kind, feedback=feedback,
+                                             created=time.time()))
+
+    def feedback(self, online_id: str, learned: bool | None = None, limit: int = 1 << 30) -> list[dict]:
+        """An online model's feedback, oldest first: all, only learned ones, or only those not learned yet."""
+        which = "" if learned is None else (" AND learned IS NOT NULL" if learned else " AND learned IS NULL")
+        return self._all(f"SELECT * FROM online_feedback WHERE online_id = ?{which} ORDER BY created, rowid LIMIT ?",
+                         (online_id, limit))
+
+    def feedback_counts(self, online_id: str) -> dict[str, int]:
+        row = self._one("SELECT COUNT(*) AS stored, COUNT(learned) AS learned FROM online_feedback "
+                        "WHERE online_id = ?", (online_id,))
+        return {"stored": row["stored"], "learned": row["learned"], "pending": row["stored"] - row["learned"]}
+
+    def mark_feedback_learned(self, feedback_ids: list[str], update: int) -> None:
+        now = time.time()
+        for feedback_id in feedback_ids:
+            self._execute("UPDATE online_feedback SET learned_update = ?, learned = ? WHERE id = ?",
+                          (update, now, feedback_id))
+
+    def forget_learned_feedback(self, online_id: str) -> int:
+        """Every piece of the model's feedback is to be learned again (its weights were rebuilt from the base)."""
+        return self._execute("UPDATE online_feedback SET learned_update = NULL, learned = NULL WHERE online_id = ?",
+                             (online_id,))
+
+    def online_totals(self) -> dict[str, int]:
+        """Across every owner: online models, their updates, feedback stored and learned (`/metrics`)."""
+        models = self._one("SELECT COUNT(*) AS n, COALESCE(SUM(updates), 0) AS updates FROM online_models", ())
+        feedback = self._one("SELECT COUNT(*) AS stored, COUNT(learned) AS learned FROM online_feedback", ())
+        return {"models": models["n"], "updates": int(models["updates"]), "feedback_stored": feedback["stored"],
+                "feedback_learned": feedback["learned"]}
+
+    def max_seq_id(self, model_id: str) -> int:
+        """The highest seq_id any request of the run used (-1: none)."""
+        row = self._one("SELECT MAX(seq_id) AS top FROM futures WHERE model_id = ?", (model_id,))
+        return -1 if row is None or row["top"] is None else int(row["top"])
 
     # steps: what each training request and sample measured (the console's curves, `tinkerd.control.curves`)
     def add_step(self, owner: str, session_id: str | None, model_id: str | None, seq_id: int | None, kind: str,

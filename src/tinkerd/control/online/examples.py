@@ -1,0 +1,98 @@
+"""Feedback and anchors as training data: token sequences whose reply positions carry the loss.
+
+`reply_datum` renders a conversation with the base model's own chat template (the same text the chat route
+samples from), appends a reply and its end-of-turn, and weights the reply's tokens by `weight / tokens` (each
+example counts the same, whatever its length). `feedback_examples` turns one stored piece of feedback into its
+`Example`s (a correction: one; a preference: the preferred and the rejected reply, weighted later by the DPO
+rule; a rating: the reply weighted by the rating). `ANCHOR_PROMPTS` are the general prompts whose base answers
+the anchor set holds. Knows tokenizers and the wire `Datum`; not the Store, the engine nor the schedule.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from tinkerd.control.chat_tokenizer import ChatTokenizer
+from tinkerd.protocol.types import Datum
+
+# General prompts, answered by the base model at creation: the anchor set (the last quarter: the held-out probe).
+ANCHOR_PROMPTS = [
+    "What is the capital of France?",
+    "Give me three tips for staying healthy.",
+    "Explain what photosynthesis is in one sentence.",
+    "Write a short poem about the sea.",
+    "How many days are there in a week?",
+    "What is 12 plus 7?",
+    "Name a primary colour.",
+    "Why is the sky blue?",
+    "Translate 'thank you' into Spanish.",
+    "What does a thermometer measure?",
+    "Suggest a name for a pet cat.",
+    "What is the boiling point of water in Celsius?",
+    "Describe a rainy day in two sentences.",
+    "What is the largest planet in our solar system?",
+    "List three fruits.",
+    "How do you make a cup of tea?",
+]
+
+
+@dataclass
+class Example:
+    datum: Datum
+    reply_positions: np.ndarray  # bool (T,): the target positions that are the reply's tokens
+    role: str = "sft"  # sft | chosen | rejected
+
+
+def reply_tokens(tokenizer: ChatTokenizer, messages: list[dict], reply: str) -> tuple[list[int], list[int]]:
+    """(prompt tokens, reply tokens with the end of turn) as the chat route would see them."""
+    prompt_text = tokenizer.render(messages)
+    full_text = tokenizer.render(messages + [{"role": "assistant", "content": reply}], add_generation_prompt=False)
+    if not full_text.startswith(prompt_text):  # a template that rewrites earlier turns: fall back to EOS
+        eos = tokenizer.special_tokens.get("eos_token") or ""
+        return tokenizer.encode(prompt_text), tokenizer.encode(reply + eos)
+    return tokenizer.encode(prompt_text), tokenizer.encode(full_text[len(prompt_text):].rstrip("\n"))
+
+
+def reply_datum(tokenizer: ChatTokenizer, messages: list[dict], reply: str, weight: float = 1.0,
+                role: str = "sft", max_tokens: int | None = None) -> Example:
+    prompt, answer = reply_tokens(tokenizer, messages, reply)
+    tokens = prompt + answer
+    cut = max(0, len(tokens) - max_tokens) if max_tokens is not None else 0  # keep the reply, cut the start
+    tokens, prompt_left = tokens[cut:], max(1, len(prompt) - cut)
+    targets = np.array(tokens[1:], dtype=np.int64)
+    positions = np.zeros(len(targets), dtype=bool)
+    positions[prompt_left - 1:] = True
+    weights = positions.astype(np.float32) * (weight / max(1, int(positions.sum())))
+    datum = Datum(np.array(tokens[:-1], dtype=np.int64), {"target_tokens": targets, "weights": weights})
+    return Example(datum, positions, role)
+
+
+def feedback_examples(tokenizer: ChatTokenizer, kind: str, feedback: dict, max_tokens: int) -> list[Example]:
+    messages = feedback["messages"]
+    if kind == "correction":
+        return [reply_datum(tokenizer, messages, feedback["correction"], max_tokens=max_tokens)]
+    if kind == "preference":
+        return [reply_datum(tokenizer, messages, feedback["preferred"], role="chosen", max_tokens=max_tokens),
+                reply_datum(tokenizer, messages, feedback["rejected"], role="rejected", max_tokens=max_tokens)]
+    return [reply_datum(tokenizer, messages, feedback["reply"], weight=feedback["rating"], max_tokens=max_tokens)]
+
+
+def with_weight(example: Example, scale: float) -> Datum:
+    """The example's datum with its reply weights multiplied by `scale` (a DPO pair's sigmoid factor)."""
+    inputs = dict(example.datum.loss_inputs)
+    inputs["weights"] = (inputs["weights"] * np.float32(scale)).astype(np.float32)
+    return Datum(example.datum.tokens, inputs)
+
+
+def reply_logprob(example: Example, logprobs: list[float]) -> float:
+    """The summed logprob of the reply's tokens, from a forward pass's per-position `logprobs`."""
+    return float(np.asarray(logprobs, dtype=np.float64)[example.reply_positions].sum())
+
+
+def reply_nll(examples: list[Example], logprobs: list[list[float]]) -> float:
+    """Mean negative logprob per reply token over `examples` (the retention probe)."""
+    total = sum(-reply_logprob(e, lp) for e, lp in zip(examples, logprobs))
+    tokens = sum(int(e.reply_positions.sum()) for e in examples)
+    return total / max(1, tokens)
