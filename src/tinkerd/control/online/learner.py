@@ -28,7 +28,8 @@ import random
 import time
 
 from tinkerd.control.online.driver import RunDriver
-from tinkerd.control.online.examples import Example, feedback_examples, reply_datum, reply_logprob, reply_nll, with_weight
+from tinkerd.control.online.examples import Example, feedback_examples, reply_logprob, with_weight
+from tinkerd.control.online.probe import anchor_examples, retention
 from tinkerd.control.online.models import HISTORY_KEPT, resume_all
 from tinkerd.control.plane import ControlPlane
 
@@ -121,12 +122,7 @@ class OnlineLearner:
 
         new_examples = [(fb["id"], e) for fb in new for e in examples(fb)]
         learned = st.store.feedback(row["id"], learned=True)
-        anchors = row["anchors"] or []
-        held_out = len(anchors) // 4
-        train_anchors = [reply_datum(tokenizer, a["messages"], a["reply"], settings["anchor_weight"],
-                                     max_tokens=context) for a in anchors[:len(anchors) - held_out]]
-        probe = [reply_datum(tokenizer, a["messages"], a["reply"], max_tokens=context)
-                 for a in anchors[len(anchors) - held_out:]]
+        train_anchors, probe = anchor_examples(tokenizer, row["anchors"] or [], settings["anchor_weight"], context)
         driver = self._driver(row)
         update = row["updates"] + 1
         rng = random.Random(settings["seed"] * 1_000_003 + update)
@@ -139,13 +135,10 @@ class OnlineLearner:
             batch = await self._weighted(driver, new_examples + replayed, references, settings["dpo_beta"])
             metrics = await driver.train_step(batch + [a.datum for a in anchor_batch], settings["learning_rate"])
         await driver.publish()
-        logprobs = await driver.forward([e.datum for e in train_anchors + probe]) if anchors else []
-        seconds = time.perf_counter() - started
+        seconds = time.perf_counter() - started  # the chat sees the update from here on
         point = {"update": update, "time": time.time(), "seconds": round(seconds, 3), "feedback": len(new),
-                 "learned_total": len(learned) + len(new),
-                 "loss": metrics.get("loss:sum"),
-                 "anchor_nll": reply_nll(train_anchors, logprobs[:len(train_anchors)]) if train_anchors else None,
-                 "probe_nll": reply_nll(probe, logprobs[len(train_anchors):]) if probe else None}
+                 "learned_total": len(learned) + len(new), "loss": metrics.get("loss:sum"),
+                 **await retention(driver, train_anchors, probe)}
         if st.store.online_model(row["id"]) is None:  # deleted while it learned
             return point
         history = ((row["history"] or []) + [point])[-HISTORY_KEPT:]

@@ -21,6 +21,7 @@ from tinkerd.control import lifecycle
 from tinkerd.control.checkpoints import readable_checkpoint
 from tinkerd.control.online.driver import RunDriver
 from tinkerd.control.online.examples import ANCHOR_PROMPTS
+from tinkerd.control.online.probe import anchor_examples, retention
 from tinkerd.control.online.spec import parse_create, parse_feedback
 from tinkerd.control.plane import ControlPlane, NotFound
 from tinkerd.engine.interface import AdapterRef
@@ -74,7 +75,12 @@ async def create(st: ControlPlane, owner: str, body: dict) -> dict:
     try:
         row = await start_run(st, row)
         anchors = await sample_anchors(st, owner, source_path or base_model, settings)
-        st.store.update_online_model(online_id, anchors=anchors, status="ready")
+        info = st.base_model(base_model)
+        tokenizer = await asyncio.to_thread(st.tokenizers.get, info.tokenizer_id)
+        trained, probe = anchor_examples(tokenizer, anchors, settings["anchor_weight"], info.max_context_length)
+        start = {"update": 0, "time": time.time(), "feedback": 0, "learned_total": 0,
+                 **await retention(RunDriver(st, owner, row["model_id"]), trained, probe)}
+        st.store.update_online_model(online_id, anchors=anchors, status="ready", history=[start])
     except Exception as exc:
         st.store.update_online_model(online_id, status="failed", error=str(exc))
         raise
