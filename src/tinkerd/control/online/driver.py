@@ -16,6 +16,7 @@ from tinkerd.control.plane import ControlPlane
 from tinkerd.protocol.types import Datum, ForwardBackwardCall
 
 INFLIGHT_SEQ = 0  # the run's one inflight sampling session: `<session>:sample:0`
+YIELD_SECONDS = 5.0  # a training step waits at most this long for the sampler to drain (chats go first)
 
 
 class OnlineRunError(RuntimeError):
@@ -68,8 +69,17 @@ class RunDriver:
         out = await result(self.st, self._call(data, True)["request_id"])
         return [o["logprobs"]["data"] for o in out["loss_fn_outputs"]]
 
+    async def yield_to_samples(self) -> None:
+        """Wait (at most YIELD_SECONDS) until no sample request is in the engine: the engine alternates sampling
+        steps with training jobs, so a step queued behind a chat's decoding would stretch every token of it."""
+        deadline = asyncio.get_running_loop().time() + YIELD_SECONDS
+        while self.st.scheduler.pending_samples and asyncio.get_running_loop().time() < deadline:
+            await asyncio.sleep(0.02)
+
     async def train_step(self, data: list[Datum], learning_rate: float) -> dict:
-        """forward_backward then optim_step, queued together; the forward_backward's metrics."""
+        """forward_backward then optim_step, queued together once chats have drained; the forward_backward's
+        metrics."""
+        await self.yield_to_samples()
         fb = self._call(data, False)
         step = ops.submit_training(self.st, self.owner, self.model_id, self._seq(), "optim_step",
                                    {"learning_rate": learning_rate})

@@ -45,9 +45,13 @@ class Example:
     role: str = "sft"  # sft | chosen | rejected
 
 
-def reply_tokens(tokenizer: ChatTokenizer, messages: list[dict], reply: str) -> tuple[list[int], list[int]]:
-    """(prompt tokens, reply tokens with the end of turn) as the chat route would see them."""
+def reply_tokens(tokenizer: ChatTokenizer, messages: list[dict], reply: str,
+                 end_turn: bool = True) -> tuple[list[int], list[int]]:
+    """(prompt tokens, reply tokens with the end of turn) as the chat route would see them; without `end_turn`
+    (a reply cut off at max_tokens) the reply's tokens alone."""
     prompt_text = tokenizer.render(messages)
+    if not end_turn:
+        return tokenizer.encode(prompt_text), tokenizer.encode(reply)
     full_text = tokenizer.render(messages + [{"role": "assistant", "content": reply}], add_generation_prompt=False)
     if not full_text.startswith(prompt_text):  # a template that rewrites earlier turns: fall back to EOS
         eos = tokenizer.special_tokens.get("eos_token") or ""
@@ -56,8 +60,8 @@ def reply_tokens(tokenizer: ChatTokenizer, messages: list[dict], reply: str) -> 
 
 
 def reply_datum(tokenizer: ChatTokenizer, messages: list[dict], reply: str, weight: float = 1.0,
-                role: str = "sft", max_tokens: int | None = None) -> Example:
-    prompt, answer = reply_tokens(tokenizer, messages, reply)
+                role: str = "sft", max_tokens: int | None = None, end_turn: bool = True) -> Example:
+    prompt, answer = reply_tokens(tokenizer, messages, reply, end_turn)
     tokens = prompt + answer
     cut = max(0, len(tokens) - max_tokens) if max_tokens is not None else 0  # keep the reply, cut the start
     tokens, prompt_left = tokens[cut:], max(1, len(prompt) - cut)

@@ -118,7 +118,9 @@ async def sample_anchors(st: ControlPlane, owner: str, model: str, settings: dic
         body = {"model": model, "messages": messages, "max_tokens": settings["anchor_max_tokens"],
                 "temperature": 0.0}
         reply = await chat_completion(st, owner, body, never_gone)
-        return {"messages": messages, "reply": reply["choices"][0]["message"]["content"]}
+        choice = reply["choices"][0]
+        return {"messages": messages, "reply": choice["message"]["content"],
+                "complete": choice["finish_reason"] == "stop"}
 
     return list(await asyncio.gather(*(answer(p) for p in prompts)))
 

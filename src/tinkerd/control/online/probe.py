@@ -1,7 +1,7 @@
 """The retention probe: how well the model still gives the base model's own answers to the anchor prompts.
 
 The anchor set is split: the first three quarters are trained on in every update (replay of what the base model
-knew), the last quarter is never trained on (the held-out probe). `retention` measures the mean reply NLL per
+knew), the last quarter is never trained on (the held-out probe). An answer cut off at `anchor_max_tokens` is not taught to end there. `retention` measures the mean reply NLL per
 token of both under the run's current weights, with one forward pass. Knows examples and the driver; not when it
 is called.
 """
@@ -17,9 +17,9 @@ def anchor_examples(tokenizer: ChatTokenizer, anchors: list[dict], weight: float
                     context: int) -> tuple[list[Example], list[Example]]:
     """(trained anchors weighted `weight`, held-out probe)."""
     held_out = len(anchors) // 4
-    trained = [reply_datum(tokenizer, a["messages"], a["reply"], weight, max_tokens=context)
-               for a in anchors[:len(anchors) - held_out]]
-    probe = [reply_datum(tokenizer, a["messages"], a["reply"], max_tokens=context)
+    trained = [reply_datum(tokenizer, a["messages"], a["reply"], weight, max_tokens=context,
+                           end_turn=a.get("complete", True)) for a in anchors[:len(anchors) - held_out]]
+    probe = [reply_datum(tokenizer, a["messages"], a["reply"], max_tokens=context, end_turn=a.get("complete", True))
              for a in anchors[len(anchors) - held_out:]]
     return trained, probe
 
