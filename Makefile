@@ -8,7 +8,7 @@ DEMO_PORT ?= 8765
 export HF_HUB_OFFLINE := 1
 export TINKER_TELEMETRY := 0
 
-.PHONY: setup demo test test-fuzz test-ray test-jobs serve bench cookbook-report clean
+.PHONY: setup demo test test-fuzz test-ray test-jobs test-online bench-online serve bench cookbook-report clean
 
 setup: $(STAMP)
 
@@ -42,6 +42,15 @@ test-ray: setup
 # The task-level jobs on the embedded model, heavy ones included (dpo, rl, kill -9 mid-job; a few minutes here).
 test-jobs: setup
 	TINKERD_JOB_TESTS=1 $(PY) -m pytest tests/jobs
+
+# Online models on the embedded model, the issue's full size (~10 min here): 10 facts taught one correction at a time,
+# recalled on paraphrases (make test runs the same test with 3). Not in .ci/run.
+test-online: setup
+	TINKERD_ONLINE_FACTS=10 $(PY) -m pytest tests/e2e/test_online_e2e.py
+
+# The measured online-learning session of docs/online.md (30 facts; ~30 min here): writes bench/online-results.json.
+bench-online: setup
+	$(PY) -m bench.online --facts 30
 
 # Benchmarks against the peers in one run (minutes; not part of make test). Writes bench/RESULTS.md.
 bench: setup

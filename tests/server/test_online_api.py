@@ -6,6 +6,9 @@ rebuilds the run or the model is rebuilt from its feedback."""
 
 from __future__ import annotations
 
+import html
+import json
+import re
 import sqlite3
 import time
 
@@ -227,3 +230,21 @@ def test_feedback_acknowledged_but_not_learned_is_learned_after_a_restart(tmp_pa
         else:  # a new run relearned both pieces of feedback
             assert row["training_run_id"] != made["training_run_id"]
             assert any(p.get("rebuilt") for p in row["retention"])
+
+
+def test_the_console_page_shows_feedback_updates_and_the_retention_curve(api):
+    create(api)
+    feed(api, {"messages": ASK, "correction": "ok"})
+    learned(api)
+    api.cookies.clear()
+    assert api.post("/signin", data={"api_key": "tml-owner", "next": "/"}, follow_redirects=False).status_code == 303
+    listing = api.get("/online")
+    assert listing.status_code == 200 and 'href="/online/helper"' in listing.text
+    page = api.get("/online/helper")
+    assert page.status_code == 200
+    assert 'id="feedback-stored">1<' in page.text and 'id="updates">1<' in page.text
+    points = re.search(r'id="chart-probe"[^>]*data-points="([^"]*)"', page.text).group(1)
+    assert [p[0] for p in json.loads(html.unescape(points))] == [0, 1]  # at creation, after update 1
+    api.cookies.clear()
+    api.post("/signin", data={"api_key": "tml-other", "next": "/"}, follow_redirects=False)
+    assert api.get("/online/helper").status_code == 404

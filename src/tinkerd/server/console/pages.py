@@ -1,6 +1,7 @@
 """The console's pages, at the hosted console's paths (the SDK's `get_console_url` links work with the host
 swapped): `/` and `/training_runs`, `/training_runs/{id}`, `/sessions`, `/sessions/{id}`, `/checkpoints`,
-`/checkpoints/{run_id}/{checkpoint_id}`, `/playground?mode=checkpoint&checkpoint=<tinker path>`.
+`/checkpoints/{run_id}/{checkpoint_id}`, `/playground?mode=checkpoint&checkpoint=<tinker path>`; and tinkerd's
+own `/online` and `/online/{name}` (online models: feedback, updates, the retention probe's curve).
 
 Plain `def` routes: they read the Store, so FastAPI runs them in its thread pool.
 """
@@ -75,3 +76,13 @@ def playground_page(request: Request, mode: str = "base", checkpoint: str = "", 
                     st: ControlPlane = Depends(plane)):
     return _page(request, who, "playground.html", lambda: views.samplable(st, who.owner), chosen=checkpoint,
                  mode=mode, nav="playground")
+
+
+@router.get("/online")
+def online_list_page(request: Request, who: Viewer = Depends(viewer), st: ControlPlane = Depends(plane)):
+    return _page(request, who, "online_models.html", lambda: views.online_models(st, who.owner), nav="online")
+
+
+@router.get("/online/{name}")
+def online_page(name: str, request: Request, who: Viewer = Depends(viewer), st: ControlPlane = Depends(plane)):
+    return _page(request, who, "online.html", lambda: views.online_model(st, who.owner, name), nav="online")

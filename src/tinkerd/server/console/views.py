@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 
 from tinkerd.control import status
+from tinkerd.control.online import models as online
 from tinkerd.control.plane import ControlPlane, NotFound
 from tinkerd.protocol.paths import owner_urn, session_of_run
 from tinkerd.server.routes import rest
@@ -102,3 +103,17 @@ def samplable(st: ControlPlane, owner: str) -> dict:
             rows += rest.list_run_checkpoints(run["training_run_id"], owner=owner, st=st)["checkpoints"]
     paths = [c["tinker_path"] for c in rows if c["checkpoint_type"] in ("sampler", "training")]
     return {"base_models": sorted(st.base_models), "checkpoints": paths}
+
+
+def online_models(st: ControlPlane, owner: str) -> dict:
+    rows, _ = st.store.list_online_models(owner, ALL, 0)
+    return {"rows": [online.describe(st, r) for r in rows]}
+
+
+def online_model(st: ControlPlane, owner: str, name: str) -> dict:
+    """The model as `GET /api/v1/online/NAME` reads it, and its retention curve as chart points."""
+    data = online.describe(st, online.owned(st, owner, name))
+    curve = [p for p in data["retention"] if not p.get("rebuilt")]
+    data["curves"] = {key: [[p["update"], p[key]] for p in curve if p.get(key) is not None]
+                      for key in ("probe_nll", "anchor_nll", "seconds")}
+    return data
