@@ -212,20 +212,21 @@ def test_snapshot_and_metrics(api):
     assert "tinkerd_online_updates 1.0" in text and "tinkerd_online_models 1.0" in text
 
 
-@pytest.mark.parametrize("journal", [0, 1], ids=["rebuilt-from-feedback", "rebuilt-by-the-journal"])
-def test_feedback_acknowledged_but_not_learned_is_learned_after_a_restart(tmp_path, journal):
-    for api in serve(tmp_path, restore_point_every_steps=journal):
+@pytest.mark.parametrize("journal, park", [(0, 0), (1, 0), (0, 30)],
+                         ids=["rebuilt-from-feedback", "rebuilt-by-the-journal", "parked-by-a-graceful-stop"])
+def test_feedback_acknowledged_but_not_learned_is_learned_after_a_restart(tmp_path, journal, park):
+    for api in serve(tmp_path, restore_point_every_steps=journal, shutdown_park_seconds=park):
         made = create(api)
         feed(api, {"messages": ASK, "correction": "first"})
         learned(api)
         api.learner.paused = True
         assert feed(api, {"messages": ASK, "correction": "second"}).status_code == 200
         assert api.get("/api/v1/online/helper", headers=KEY).json()["feedback"]["pending"] == 1
-    for api in serve(tmp_path, restore_point_every_steps=journal):
+    for api in serve(tmp_path, restore_point_every_steps=journal, shutdown_park_seconds=park):
         row = learned(api, count=2)
         assert row["feedback"] == {"stored": 2, "learned": 2, "pending": 0}
         assert chat(api).status_code == 200
-        if journal:  # the same run, rebuilt from its journal, carries on
+        if journal or park:  # the same run, rebuilt from its journal or restored from its parked state, carries on
             assert row["training_run_id"] == made["training_run_id"] and row["updates"] == 2
         else:  # a new run relearned both pieces of feedback
             assert row["training_run_id"] != made["training_run_id"]

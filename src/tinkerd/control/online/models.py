@@ -5,9 +5,9 @@ An online model is a Store row owned by the caller's API key, plus an ordinary t
 own, whose inflight sampling session is what the chat route and the SDK sample. A caller sees only its own
 online models: any other name is "not found" (404), for reading, chatting and feeding alike.
 
-After a restart, a run the journal rebuilt (`recovery`) carries on; a run that could not be rebuilt (no journal)
-is created again from the base (or the source checkpoint) and all of the model's feedback, which the Store keeps,
-is learned again. Knows the Store, `ops` (through `driver`) and the checkpoint rules; not HTTP, not torch.
+After a restart, a run the journal rebuilt (`recovery`) or a graceful stop parked (`lifecycle`) carries on; a run
+that could not be rebuilt (no journal) is created again from the base (or the source checkpoint) and all of the
+model's feedback, which the Store keeps, is learned again. Knows the Store, `ops` (through `driver`) and the checkpoint rules; not HTTP, not torch.
 """
 
 from __future__ import annotations
@@ -166,6 +166,8 @@ async def resume_all(st: ControlPlane) -> int:
     rebuilt = 0
     for row in st.store.online_models_in(("ready", "rebuilding")):
         if row["status"] == "ready" and row["model_id"] in st.scheduler.models:
+            if row["model_id"] in st.runs.parked:  # parked by a graceful stop: back in memory, so chats work now
+                lifecycle.before_training_request(st, row["model_id"])
             continue
         try:
             st.store.forget_learned_feedback(row["id"])
