@@ -1,7 +1,8 @@
 """Online models on the real embedded model, through a real `tinkerd serve`: facts taught one correction at a time
 through the feedback route are recalled on paraphrased questions (never taught) through the chat route, while the
 held-out anchors' NLL moves by less than a measured bound; and feedback acknowledged but not yet learned when the
-server is killed (SIGKILL) is learned after the restart.
+server is killed (SIGKILL) is learned after the restart. The SDK samples the same weights through the model's
+inflight sampling session.
 
 `make test` teaches 3 facts; `make test-online` (TINKERD_ONLINE_FACTS=10) the issue's 10."""
 
@@ -12,8 +13,10 @@ import sqlite3
 import time
 
 import pytest
+import tinker
+from tinker import types
 
-from bench.online import Session, recalled
+from bench.online import KEY, Session, recalled
 from bench.online_facts import FACTS
 from tests.e2e.conftest import ServerProcess
 from tinkerd.store.db import DEFAULT_FILE
@@ -36,6 +39,19 @@ def wait_learned(session: Session, count: int) -> dict:
         time.sleep(0.5)
 
 
+def sdk_sample(url: str, row: dict, question: str) -> str:
+    """The online model's greedy answer through the SDK: a SamplingClient of its inflight sampling session."""
+    with tinker.ServiceClient(base_url=url, api_key=KEY) as service:
+        sampler = tinker.SamplingClient(service.holder, sampling_session_id=row["sampling_session_id"],
+                                        base_model=row["base_model"])
+        tokenizer = sampler.get_tokenizer()
+        prompt = tokenizer.apply_chat_template([{"role": "user", "content": question}], add_generation_prompt=True,
+                                               tokenize=False)
+        out = sampler.sample(types.ModelInput.from_ints(tokenizer.encode(prompt, add_special_tokens=False)), 1,
+                             types.SamplingParams(max_tokens=24, temperature=0.0)).result()
+        return tokenizer.decode(out.sequences[0].tokens)
+
+
 def test_facts_taught_one_at_a_time_are_recalled_on_paraphrases_and_the_probe_barely_moves(tmp_path):
     with ServerProcess(tmp_path) as server:
         session = Session(server.url)
@@ -45,6 +61,8 @@ def test_facts_taught_one_at_a_time_are_recalled_on_paraphrases_and_the_probe_ba
             wait_learned(session, i + 1)
         answers = {keyword: [session.ask(p)[0] for p in paraphrases] for _, _, keyword, paraphrases in FACTS[:N_FACTS]}
         row = session.read()
+        sdk_answer = sdk_sample(server.url, row, FACTS[0][3][0])
+    assert recalled(sdk_answer, FACTS[0][2]), sdk_answer  # the SDK samples the same inflight weights
     hits = [recalled(a, keyword) for keyword, replies in answers.items() for a in replies]
     assert sum(hits) >= 0.9 * len(hits), answers
     end = row["retention"][-1]

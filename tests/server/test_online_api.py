@@ -26,7 +26,7 @@ from tinkerd.store.db import DEFAULT_FILE
 
 KEY = {"X-API-Key": "tml-owner"}
 OTHER = {"X-API-Key": "tml-other"}
-FAST = {"steps": 3, "anchors": 4, "anchors_per_step": 2, "anchor_max_tokens": 6, "learning_rate": 0.02, "rank": 4}
+FAST = {"steps": 3, "stop_nll": 0.0, "anchors": 4, "anchors_per_step": 2, "anchor_max_tokens": 6, "learning_rate": 0.02, "rank": 4}
 ASK = [{"role": "user", "content": "hi"}]
 WAIT_SECONDS = 120  # a hang guard only; nothing asserts on time
 
@@ -184,6 +184,13 @@ def test_a_correction_is_learned_in_the_background_and_changes_the_chat(api):
     after = chat(api).json()["choices"][0]["message"]["content"]
     assert after != before, "the chat did not see the new weights"
     assert "z" in after
+
+
+def test_an_update_stops_early_once_the_correction_is_learned(api):
+    made = create(api, stop_nll=10.0)  # every reply's NLL is below 10 nats: the first step is the last
+    feed(api, {"messages": ASK, "correction": "zzzz"})
+    row = learned(api)
+    assert row["retention"][-1]["steps"] == 1 and optim_steps(api, made["training_run_id"]) == 1
 
 
 def test_preferences_and_ratings_are_learned_too(api):

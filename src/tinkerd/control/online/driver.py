@@ -78,14 +78,14 @@ class RunDriver:
 
     async def train_step(self, data: list[Datum], learning_rate: float) -> dict:
         """forward_backward then optim_step, queued together once chats have drained; the forward_backward's
-        metrics."""
+        result (`metrics`, and per datum `loss_fn_outputs[i]["logprobs"]` from before the step)."""
         await self.yield_to_samples()
         fb = self._call(data, False)
         step = ops.submit_training(self.st, self.owner, self.model_id, self._seq(), "optim_step",
                                    {"learning_rate": learning_rate})
-        metrics = (await result(self.st, fb["request_id"]))["metrics"]
+        out = await result(self.st, fb["request_id"])
         await result(self.st, step["request_id"])
-        return metrics
+        return out
 
     async def publish(self) -> str:
         """An inflight save: the run's inflight session (and every chat on the model) samples these weights now."""

@@ -4,7 +4,8 @@ One asyncio task on the server's event loop (`run_forever`, started with the app
 arrives (or every `TICK_SECONDS`), and for each ready online model with unlearned feedback runs one *update*:
 
 1. the new feedback (at most `max_new` pieces, oldest first) becomes examples (`examples`);
-2. `steps` optimizer steps, each on the new examples plus `replay` earlier pieces of feedback and
+2. up to `steps` optimizer steps (fewer once the new corrections' reply NLL, as a step measures it before its
+   update, is below `stop_nll`: a fact already learned is not trained further, which is what drifts), each on the new examples plus `replay` earlier pieces of feedback and
    `anchors_per_step` answers of the anchor set (the base model's own replies to general prompts), drawn afresh
    each step from (seed, update, step); a preference pair is weighted by the DPO rule against the model as it was
    when the update began (length-normalised log-ratios; `dpo_beta`), a rating weights its reply by the rating;
@@ -28,7 +29,7 @@ import random
 import time
 
 from tinkerd.control.online.driver import RunDriver
-from tinkerd.control.online.examples import Example, feedback_examples, reply_logprob, with_weight
+from tinkerd.control.online.examples import Example, feedback_examples, reply_logprob, reply_nll, with_weight
 from tinkerd.control.online.probe import anchor_examples, retention
 from tinkerd.control.online.models import HISTORY_KEPT, resume_all
 from tinkerd.control.plane import ControlPlane
@@ -121,6 +122,8 @@ class OnlineLearner:
             return feedback_examples(tokenizer, fb["kind"], fb["feedback"], context)
 
         new_examples = [(fb["id"], e) for fb in new for e in examples(fb)]
+        corrections = [i for i, (fb_id, _) in enumerate(new_examples)
+                       if next(fb["kind"] for fb in new if fb["id"] == fb_id) == "correction"]
         learned = st.store.feedback(row["id"], learned=True)
         train_anchors, probe = anchor_examples(tokenizer, row["anchors"] or [], settings["anchor_weight"], context)
         driver = self._driver(row)
@@ -128,16 +131,23 @@ class OnlineLearner:
         rng = random.Random(settings["seed"] * 1_000_003 + update)
         references: dict[tuple[str, str], float] = {}
         metrics: dict = {}
-        for _ in range(settings["steps"]):
+        steps = 0
+        for steps in range(1, settings["steps"] + 1):
             replayed = [(fb["id"], e) for fb in rng.sample(learned, min(settings["replay"], len(learned)))
                         for e in examples(fb)]
             anchor_batch = rng.sample(train_anchors, min(settings["anchors_per_step"], len(train_anchors)))
             batch = await self._weighted(driver, new_examples + replayed, references, settings["dpo_beta"])
-            metrics = await driver.train_step(batch + [a.datum for a in anchor_batch], settings["learning_rate"])
+            out = await driver.train_step(batch + [a.datum for a in anchor_batch], settings["learning_rate"])
+            metrics = out["metrics"]
+            if corrections and settings["stop_nll"] > 0:  # the new corrections, as the step found them
+                nll = reply_nll([new_examples[i][1] for i in corrections],
+                                [out["loss_fn_outputs"][i]["logprobs"]["data"] for i in corrections])
+                if nll < settings["stop_nll"]:
+                    break
         await driver.publish()
         seconds = time.perf_counter() - started  # the chat sees the update from here on
         point = {"update": update, "time": time.time(), "seconds": round(seconds, 3), "feedback": len(new),
-                 "learned_total": len(learned) + len(new), "loss": metrics.get("loss:sum"),
+                 "steps": steps, "learned_total": len(learned) + len(new), "loss": metrics.get("loss:sum"),
                  **await retention(driver, train_anchors, probe)}
         if st.store.online_model(row["id"]) is None:  # deleted while it learned
             return point

@@ -20,7 +20,8 @@ NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 SETTINGS = {
     "rank": (16, int, 1, 128),
     "learning_rate": (1e-3, float, 1e-7, 1e-1),
-    "steps": (6, int, 1, 64),  # optimizer steps per update
+    "steps": (6, int, 1, 64),  # optimizer steps per update, at most
+    "stop_nll": (0.3, float, 0.0, 10.0),  # an update stops once its new corrections' reply NLL is below this; 0: off
     "max_new": (8, int, 1, 64),  # new pieces of feedback one update takes (the rest wait for the next)
     "replay": (4, int, 0, 64),  # earlier pieces of feedback replayed in every step
     "anchors": (12, int, 0, 64),  # general prompts whose base answers are sampled at creation (a quarter: the probe)
