@@ -4,9 +4,9 @@
 (unless --url), creates an online model, and for each fact of `bench.online_facts`: sends the correction through
 `POST /api/v1/online/NAME/feedback`, chats with the model (through `/v1/chat/completions`) until the update that
 learns it is published (latency *while learning*), then asks the fact's two paraphrased questions (never taught)
-and reads the retention probe from `GET /api/v1/online/NAME`. At the end every fact's paraphrases are asked again
-(final recall) and the idle chat latency is measured. Prints one JSON line (the summary) and writes the summary
-plus one row per fact to --out (default bench/online-results.json), which docs/online.md reports.
+and reads the retention probe from `GET /api/v1/online/NAME`. At the end every fact's paraphrases
+are asked again (final recall) and the idle chat latency is measured. `--report FILE` prints a results file's table. Prints one JSON line (the summary) and writes the summary
+plus one row per fact and the probe prompts' answers before and after to --out (default bench/online-results.json), which docs/online.md reports.
 """
 
 from __future__ import annotations
@@ -22,10 +22,12 @@ from pathlib import Path
 import httpx
 
 from bench.online_facts import FACTS
+from tinkerd.control.online.examples import ANCHOR_PROMPTS
 
 KEY = "tml-bench"
 CHAT_MAX_TOKENS = 32
 IDLE_CHATS = 20
+GENERAL = ANCHOR_PROMPTS[9:12]  # the default model's held-out probe prompts, answered before and after the session
 
 
 def recalled(text: str, keyword: str) -> bool:
@@ -74,6 +76,7 @@ def run(url: str, n_facts: int, settings: dict) -> dict:
     made = s.create(settings)
     create_seconds = time.perf_counter() - started
     base = made["retention"][0]
+    general_before = {q: s.ask(q)[0] for q in GENERAL}
     rows, busy_latency = [], []
     for i, (question, correction, keyword, paraphrases) in enumerate(FACTS[:n_facts]):
         s.teach(question, correction)
@@ -86,6 +89,7 @@ def run(url: str, n_facts: int, settings: dict) -> dict:
         point = row["retention"][-1]
         answers = [s.ask(p)[0] for p in paraphrases]
         rows.append({"fact": i + 1, "keyword": keyword, "update_seconds": point.get("seconds"),
+                     "steps": point.get("steps"),
                      "paraphrase_recall": sum(recalled(a, keyword) for a in answers) / len(answers),
                      "answers": answers, "anchor_nll": point["anchor_nll"], "probe_nll": point["probe_nll"]})
         print(json.dumps({"progress": rows[-1]}), flush=True)
@@ -95,6 +99,7 @@ def run(url: str, n_facts: int, settings: dict) -> dict:
         finals.append({"keyword": keyword, "recalled": sum(recalled(a, keyword) for a in answers) / len(answers),
                        "answers": answers})
     idle_latency = [s.ask(FACTS[k % n_facts][3][0])[1] for k in range(IDLE_CHATS)]
+    general_after = {q: s.ask(q)[0] for q in GENERAL}
     last = s.read()
     end = last["retention"][-1]
     update_seconds = [r["update_seconds"] for r in rows if r["update_seconds"] is not None]
@@ -113,7 +118,18 @@ def run(url: str, n_facts: int, settings: dict) -> dict:
                               "p99": percentile(idle_latency, 0.99)},
         "chat_max_tokens": CHAT_MAX_TOKENS, "cpu_threads": os.cpu_count(),
     }
-    return {"summary": summary, "per_fact": rows, "final": finals}
+    general = [{"question": q, "before": general_before[q], "after": general_after[q]} for q in GENERAL]
+    return {"summary": summary, "per_fact": rows, "final": finals, "general": general}
+
+
+def markdown(result: dict) -> str:
+    """The per-fact table docs/online.md shows, from a results file."""
+    lines = ["| fact | update s | steps | paraphrase recall (this fact, right after) | anchor NLL | probe NLL |",
+             "|---|---|---|---|---|---|"]
+    for row in result["per_fact"]:
+        lines.append(f"| {row['fact']} {row['keyword']} | {row['update_seconds']:.1f} | {row.get('steps', '')} | "
+                     f"{row['paraphrase_recall']:.1f} | {row['anchor_nll']:.3f} | {row['probe_nll']:.3f} |")
+    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -123,7 +139,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--settings", default="{}", help="the online model's learning settings, as JSON")
     parser.add_argument("--out", type=Path, default=Path(__file__).with_name("online-results.json"))
     parser.add_argument("--model-cache", help="tinkerd serve --model-cache")
+    parser.add_argument("--report", type=Path, help="print the markdown table of a results file and exit")
     args = parser.parse_args(argv)
+    if args.report:
+        print(markdown(json.loads(args.report.read_text())))
+        return
     settings = json.loads(args.settings)
     if args.url:
         result = run(args.url, args.facts, settings)

@@ -26,7 +26,8 @@ from tinkerd.store.db import DEFAULT_FILE
 
 KEY = {"X-API-Key": "tml-owner"}
 OTHER = {"X-API-Key": "tml-other"}
-FAST = {"steps": 3, "stop_nll": 0.0, "anchors": 4, "anchors_per_step": 2, "anchor_max_tokens": 6, "learning_rate": 0.02, "rank": 4}
+FAST = {"steps": 3, "stop_nll": 0.0, "anchors": 4, "anchors_per_step": 2, "anchor_max_tokens": 6,
+        "learning_rate": 0.02, "rank": 4}
 ASK = [{"role": "user", "content": "hi"}]
 WAIT_SECONDS = 120  # a hang guard only; nothing asserts on time
 
@@ -96,7 +97,8 @@ def test_create_read_list_chat_delete(api):
     r = chat(api)
     assert r.status_code == 200, r.text
     assert r.json()["model"] == "helper"
-    assert "helper" in [m["id"] for m in api.get("/v1/models", headers={"Authorization": "Bearer tml-owner"}).json()["data"]]
+    listed = api.get("/v1/models", headers={"Authorization": "Bearer tml-owner"}).json()["data"]
+    assert "helper" in [m["id"] for m in listed]
     # the SDK's way in: the inflight sampling session, owned by the same key
     sample = api.post("/api/v1/asample", headers=KEY, json={
         "sampling_session_id": made["sampling_session_id"], "num_samples": 1,

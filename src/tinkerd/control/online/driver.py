@@ -45,11 +45,13 @@ class RunDriver:
         seq, self.next_seq = self.next_seq, self.next_seq + 1
         return seq
 
-    async def create(self, session: dict, base_model: str, rank: int, seed: int, source: dict | None) -> None:
+    async def create(self, session: dict, base_model: str, rank: int, seed: int, source: dict | None,
+                     train_unembed: bool = True) -> None:
         """The run at seq_id 0: a fresh LoRA on `base_model`, or the weights of checkpoint row `source`."""
         if source is None:
             args = {"session_id": session["id"], "model_seq_id": 0, "base_model": base_model,
-                    "lora_config": {"rank": rank, "seed": seed}, "user_metadata": {"online": True}}
+                    "lora_config": {"rank": rank, "seed": seed, "train_unembed": train_unembed},
+                    "user_metadata": {"online": True}}
             kind = "create_model"
         else:
             args = {"path": source["path"], "optimizer": False, "directory": source["directory"],

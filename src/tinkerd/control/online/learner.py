@@ -4,11 +4,12 @@ One asyncio task on the server's event loop (`run_forever`, started with the app
 arrives (or every `TICK_SECONDS`), and for each ready online model with unlearned feedback runs one *update*:
 
 1. the new feedback (at most `max_new` pieces, oldest first) becomes examples (`examples`);
-2. up to `steps` optimizer steps (fewer once the new corrections' reply NLL, as a step measures it before its
-   update, is below `stop_nll`: a fact already learned is not trained further, which is what drifts), each on the new examples plus `replay` earlier pieces of feedback and
+2. up to `steps` optimizer steps, each on the new examples plus `replay` earlier pieces of feedback and
    `anchors_per_step` answers of the anchor set (the base model's own replies to general prompts), drawn afresh
    each step from (seed, update, step); a preference pair is weighted by the DPO rule against the model as it was
-   when the update began (length-normalised log-ratios; `dpo_beta`), a rating weights its reply by the rating;
+   when the update began (length-normalised log-ratios; `dpo_beta`), a rating weights its reply by the rating.
+   The update stops early once the new corrections' reply NLL, as a step measures it before its update, is below
+   `stop_nll` (a fact already learned is not trained further);
 3. an inflight save (the next chat samples the new weights, no new client), then the retention probe: the mean
    reply NLL of the anchors trained on (`anchor_nll`) and of the held-out quarter never trained on
    (`probe_nll`);

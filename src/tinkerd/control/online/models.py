@@ -7,7 +7,8 @@ online models: any other name is "not found" (404), for reading, chatting and fe
 
 After a restart, a run the journal rebuilt (`recovery`) or a graceful stop parked (`lifecycle`) carries on; a run
 that could not be rebuilt (no journal) is created again from the base (or the source checkpoint) and all of the
-model's feedback, which the Store keeps, is learned again. Knows the Store, `ops` (through `driver`) and the checkpoint rules; not HTTP, not torch.
+model's feedback, which the Store keeps, is learned again. Knows the Store, `ops` (through `driver`) and the
+checkpoint rules; not HTTP, not torch.
 """
 
 from __future__ import annotations
@@ -98,7 +99,7 @@ async def start_run(st: ControlPlane, row: dict) -> dict:
         raise NotFound(f"base_model: checkpoint {row['source']!r} no longer exists")
     driver = RunDriver(st, row["owner"], model_id)
     await driver.create(st.store.session(session_id), row["base_model"], row["settings"]["rank"],
-                        row["settings"]["seed"], source)
+                        row["settings"]["seed"], source, row["settings"].get("train_unembed", True))
     sampler = await driver.publish()
     st.store.update_online_model(row["id"], session_id=session_id, model_id=model_id, sampling_session_id=sampler)
     return st.store.online_model(row["id"])

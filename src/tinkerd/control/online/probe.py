@@ -1,9 +1,9 @@
 """The retention probe: how well the model still gives the base model's own answers to the anchor prompts.
 
 The anchor set is split: the first three quarters are trained on in every update (replay of what the base model
-knew), the last quarter is never trained on (the held-out probe). An answer cut off at `anchor_max_tokens` is not taught to end there. `retention` measures the mean reply NLL per
-token of both under the run's current weights, with one forward pass. Knows examples and the driver; not when it
-is called.
+knew), the last quarter is never trained on (the held-out probe). An answer cut off at `anchor_max_tokens` is not
+taught to end there. `retention` measures the mean reply NLL per token of both under the run's current weights,
+with one forward pass. Knows examples and the driver; not when it is called.
 """
 
 from __future__ import annotations

@@ -19,6 +19,7 @@ NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 # within the bound the doc states. Values: (default, type, low, high).
 SETTINGS = {
     "rank": (16, int, 1, 128),
+    "train_unembed": (True, bool, False, True),  # a LoRA on the output embedding too (see docs/online.md)
     "learning_rate": (1e-3, float, 1e-7, 1e-1),
     "steps": (6, int, 1, 64),  # optimizer steps per update, at most
     "stop_nll": (0.3, float, 0.0, 10.0),  # an update stops once its new corrections' reply NLL is below this; 0: off
@@ -47,6 +48,11 @@ def parse_settings(values) -> dict:
         if name not in SETTINGS:
             raise BadRequest(f"settings.{name}: unknown; settable are {', '.join(SETTINGS)}")
         _, kind, low, high = SETTINGS[name]
+        if kind is bool:
+            if not isinstance(value, bool):
+                raise BadRequest(f"settings.{name}: expected true or false, got {value!r}")
+            out[name] = value
+            continue
         if isinstance(value, bool) or not isinstance(value, (int, float)) or (kind is int and value != int(value)):
             raise BadRequest(f"settings.{name}: expected {kind.__name__}, got {value!r}")
         if not low <= value <= high:
