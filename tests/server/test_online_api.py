@@ -258,3 +258,14 @@ def test_the_console_page_shows_feedback_updates_and_the_retention_curve(api):
     api.cookies.clear()
     api.post("/signin", data={"api_key": "tml-other", "next": "/"}, follow_redirects=False)
     assert api.get("/online/helper").status_code == 404
+
+
+def test_an_online_model_can_start_from_a_checkpoint(api):
+    create(api)
+    path = api.post("/api/v1/online/helper/snapshot", headers=KEY, json={"name": "start"}).json()["path"]
+    r = api.post("/api/v1/online", headers=KEY, json={"name": "second", "base_model": path, "settings": FAST})
+    assert r.status_code == 200, r.text
+    assert r.json()["source"] == path and r.json()["base_model"] == "tiny" and r.json()["status"] == "ready"
+    assert chat(api, "second").status_code == 200
+    other = api.post("/api/v1/online", headers=OTHER, json={"name": "theirs", "base_model": path})
+    assert other.status_code == 404 and other.json()["detail"].startswith("base_model"), other.text
