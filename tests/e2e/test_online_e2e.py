@@ -1,6 +1,6 @@
 """Online models on the real embedded model, through a real `tinkerd serve`: facts taught one correction at a time
 through the feedback route are recalled on paraphrased questions (never taught) through the chat route, while the
-held-out anchors' NLL moves by less than a measured bound; and feedback acknowledged but not yet learned when the
+held-out anchors' NLL rises by less than a measured bound; and feedback acknowledged but not yet learned when the
 server is killed (SIGKILL) is learned after the restart. The SDK samples the same weights through the model's
 inflight sampling session.
 
@@ -23,8 +23,9 @@ from tinkerd.store.db import DEFAULT_FILE
 
 pytestmark = pytest.mark.slow
 N_FACTS = int(os.environ.get("TINKERD_ONLINE_FACTS", "3"))
-# The held-out probe's mean reply NLL (nats per token, 0.59 for the base model) may rise by at most this much over
-# the session. Measured with the default settings (docs/online.md): +0.38 to +0.50 after 3 facts, +1.XX after 10.
+# The held-out probe's mean reply NLL (nats per token; 0.59 for the base model) may rise by at most this much over
+# the session. Measured with the default settings (docs/online.md): +0.38 to +0.52 after 3 facts; +1.0 to +1.1
+# after 4 to 30 facts (it rises over the first four, then stays).
 PROBE_NLL_BOUND = {3: 0.75, 10: 2.0}.get(N_FACTS, 0.2 * N_FACTS + 0.2)
 WAIT_SECONDS = 900  # a hang guard only; nothing asserts on time
 
@@ -52,7 +53,7 @@ def sdk_sample(url: str, row: dict, question: str) -> str:
         return tokenizer.decode(out.sequences[0].tokens)
 
 
-def test_facts_taught_one_at_a_time_are_recalled_on_paraphrases_and_the_probe_barely_moves(tmp_path):
+def test_facts_taught_one_at_a_time_are_recalled_on_paraphrases_and_the_probe_stays_in_its_bound(tmp_path):
     with ServerProcess(tmp_path) as server:
         session = Session(server.url)
         start = session.create({})["retention"][0]
