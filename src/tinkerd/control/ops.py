@@ -133,7 +133,7 @@ def hold_refused_place(st: ControlPlane, owner: str, model_id: str, seq_id: int 
     future_id = st.board.create(owner, REFUSED, model_id, seq_id)
     st.board.fail(future_id, error, "user")
     log.info("refused %s seq_id %d of %s; its place in the order is held: %s", kind, seq_id, model_id, error)
-    st.scheduler.submit_ordered(model_id, seq_id, Job(None, "refused", _held_place))
+    st.scheduler.submit_ordered(model_id, seq_id, Job(None, "refused", hold_place))
 
 
 @contextlib.contextmanager
@@ -147,7 +147,8 @@ def refusal_holds_its_place(st: ControlPlane, owner: str, model_id: str, seq_id:
         raise
 
 
-def _held_place() -> Outcome:
+def hold_place() -> Outcome:
+    """The run of a job that only holds a seq_id's place in a run's order (a refused request, a replay's skip)."""
     return Outcome()
 
 

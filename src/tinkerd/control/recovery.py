@@ -91,7 +91,7 @@ def _recover_run(st: ControlPlane, model_id: str, answered: set[str]) -> bool:
         args, body = journal.unpack(entry["request"]) if entry["request"] is not None else (None, b"")
         # a request that failed runs again too: it may have changed the run (a NaN step clears the gradients)
         if args is None or not (pending or ops.KINDS[entry["kind"]].changes_state(args)):
-            job = Job(None, "skip", _nothing)  # holds its seq_id's place, as the request did
+            job = Job(None, "skip", ops.hold_place)  # holds its seq_id's place, as the request did
         else:
             op = ops.Op(st, entry["owner"], model_id, entry["seq_id"] or None, args, body)
             job = ops.job_for(entry["kind"], op, entry["id"] if pending else None)
@@ -108,10 +108,6 @@ def _recover_run(st: ControlPlane, model_id: str, answered: set[str]) -> bool:
              f"restore point after seq_id {after}" if restore_point else "from its creation", replayed,
              len(answered) - awaited)
     return True
-
-
-def _nothing() -> Outcome:
-    return Outcome()
 
 
 MAX_REBUILDS = 3  # per run and process: an engine that keeps dying on a run's replay fails it instead

@@ -20,6 +20,15 @@ def _range(lo, hi) -> str:
     return f"[{lo if lo is not None else '-inf'}, {hi if hi is not None else 'inf'}]"
 
 
+def bounded_setting(value, kind: type, low: float, high: float, field: str, error: type = BadRequest):
+    """A user-set number (an int or float `kind` in [low, high]) as that kind; else `error` naming `field`."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or (kind is int and value != int(value)):
+        raise error(f"{field}: expected {kind.__name__}, got {value!r}")
+    if not low <= value <= high:
+        raise error(f"{field}: {value} is outside [{low:g}, {high:g}]")
+    return kind(value)
+
+
 def as_int(value, field: str, lo: int | None = INT64_MIN, hi: int | None = INT64_MAX) -> int:
     """`value` as an int in [lo, hi] (None: unbounded on that side, still within int64)."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):

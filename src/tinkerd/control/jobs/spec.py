@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import re
 
+from tinkerd.protocol.numbers import bounded_setting
 from tinkerd.protocol.types import BadRequest
 
 KINDS = ("sft", "dpo", "rl")
@@ -110,11 +111,7 @@ def parse_hyperparameters(values) -> dict:
         if name not in HYPERPARAMETERS:
             raise JobInputError(f"hyperparameters.{name}: unknown; settable are {', '.join(HYPERPARAMETERS)}")
         kind, low, high = HYPERPARAMETERS[name]
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or (kind is int and value != int(value)):
-            raise JobInputError(f"hyperparameters.{name}: expected {kind.__name__}, got {value!r}")
-        if not low <= value <= high:
-            raise JobInputError(f"hyperparameters.{name}: {value} is outside [{low:g}, {high:g}]")
-        out[name] = kind(value)
+        out[name] = bounded_setting(value, kind, low, high, f"hyperparameters.{name}", JobInputError)
     return out
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import re
 
+from tinkerd.protocol.numbers import bounded_setting
 from tinkerd.protocol.paths import PREFIX
 from tinkerd.protocol.types import BadRequest
 
@@ -53,11 +54,7 @@ def parse_settings(values) -> dict:
                 raise BadRequest(f"settings.{name}: expected true or false, got {value!r}")
             out[name] = value
             continue
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or (kind is int and value != int(value)):
-            raise BadRequest(f"settings.{name}: expected {kind.__name__}, got {value!r}")
-        if not low <= value <= high:
-            raise BadRequest(f"settings.{name}: {value} is outside [{low:g}, {high:g}]")
-        out[name] = kind(value)
+        out[name] = bounded_setting(value, kind, low, high, f"settings.{name}")
     return out
 
 
