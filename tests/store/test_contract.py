@@ -239,6 +239,21 @@ def test_jobs(store):
     assert _ids(rows) == ["j2", "j1"] and total == 2  # newest first
 
 
+def test_uploaded_files(store):
+    with frozen_clock(100.0):
+        store.add_file("file-a", "alice", "chats.jsonl", "fine-tune", 2**40)  # beyond int32: BIGINT on PostgreSQL
+        store.add_file("file-b", "alice", "more.jsonl", "user_data", 5)
+        store.add_file("file-c", "bob", "his.jsonl", "fine-tune", 7)
+    row = store.file("file-a")
+    assert (row["owner"], row["filename"], row["purpose"], row["size"], row["created"]) == (
+        "alice", "chats.jsonl", "fine-tune", 2**40, 100.0) and "rowid" not in row
+    assert _ids(store.list_files("alice")) == ["file-b", "file-a"]  # newest first, ties by insertion
+    assert store.file_bytes("alice") == 2**40 + 5 and store.file_bytes("carol") == 0
+    assert store.delete_file("file-a") is True and store.delete_file("file-a") is False
+    assert store.file("file-a") is None and _ids(store.list_files("alice")) == ["file-b"]
+    assert store.file_bytes("alice") == 5 and _ids(store.list_files("bob")) == ["file-c"]
+
+
 def test_custom_losses_keep_their_first_definition(store):
     definition = {"name": "nll", "inputs": [{"name": "logprobs", "rank": 1}], "graph": {"format": 1, "nodes": []}}
     assert store.add_custom_loss("s1:loss:0", "s1", "alice", "nll", definition) is True

@@ -11,6 +11,7 @@ DATA_DIR/
                              older name so data dirs of earlier versions still recover)
   adapters/<run>/v<N>.<gen>/ adapter versions written for an out-of-process sampler (vLLM, FSDP groups)
   jobs/<job>/                a task-level job's data.jsonl, its checked rows.json and runner.log
+  files/<file-id>            an uploaded file's bytes (POST /api/v1/files; a row each in the Store)
 ```
 Run ids hold ':' (`<session>:train:<n>`), which becomes '_' in folder names. Knows the layout, not
 what is written inside.
@@ -60,6 +61,10 @@ class DataDir:
     @property
     def jobs(self) -> Path:
         return self.root / "jobs"
+
+    @property
+    def files(self) -> Path:
+        return self.root / "files"
 
     @property
     def versions(self) -> Path:

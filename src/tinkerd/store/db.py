@@ -1,5 +1,5 @@
-"""The `Store`: sessions, training models, sampling sessions, futures, checkpoints, custom losses and the
-audit log.
+"""The `Store`: sessions, training models, sampling sessions, futures, checkpoints, custom losses, jobs and
+their uploaded files, online models, and the audit log.
 
 SQLite by default (one file in WAL mode under the data dir), or PostgreSQL with the same schema
 (`open_store`, `tinkerd serve --store URL`); `dialects` holds the little that differs. Every write
@@ -55,6 +55,10 @@ CREATE TABLE IF NOT EXISTS jobs (
     started REAL, finished REAL, job_spec TEXT NOT NULL, job_progress TEXT, job_result TEXT, job_resume TEXT,
     token_hash TEXT, model_id TEXT, error TEXT
 );
+CREATE TABLE IF NOT EXISTS files (
+    id TEXT PRIMARY KEY, owner TEXT NOT NULL, filename TEXT NOT NULL, purpose TEXT NOT NULL, size INTEGER NOT NULL,
+    created REAL NOT NULL
+);
 CREATE TABLE IF NOT EXISTS audit_events (
     id TEXT PRIMARY KEY, owner TEXT NOT NULL, event TEXT NOT NULL, model_id TEXT, tinker_path TEXT,
     details TEXT, created REAL NOT NULL
@@ -98,6 +102,7 @@ CREATE INDEX IF NOT EXISTS checkpoints_model ON checkpoints(model_id, created);
 CREATE INDEX IF NOT EXISTS checkpoints_owner ON checkpoints(owner, created);
 CREATE INDEX IF NOT EXISTS jobs_owner ON jobs(owner, created);
 CREATE INDEX IF NOT EXISTS jobs_status ON jobs(status, created);
+CREATE INDEX IF NOT EXISTS files_owner ON files(owner, created);
 CREATE INDEX IF NOT EXISTS audit_events_time ON audit_events(created);
 CREATE INDEX IF NOT EXISTS checkpoints_expiry ON checkpoints(expires_at) WHERE expires_at IS NOT NULL;
 CREATE UNIQUE INDEX IF NOT EXISTS steps_model_seq ON steps(model_id, seq_id)
@@ -354,6 +359,24 @@ class Store:
         """Sets the given columns (JSON columns take dicts)."""
         values = tuple(json.dumps(v) if k in _JSON_COLUMNS and v is not None else v for k, v in fields.items())
         self._execute(f"UPDATE jobs SET {', '.join(f'{k} = ?' for k in fields)} WHERE id = ?", (*values, job_id))
+
+    # uploaded files (`tinkerd.control.jobs.uploads`): a row per file; its bytes are a file in the data dir
+    def add_file(self, file_id: str, owner: str, filename: str, purpose: str, size: int) -> None:
+        self._insert("files", dict(id=file_id, owner=owner, filename=filename, purpose=purpose, size=size,
+                                   created=time.time()))
+
+    def file(self, file_id: str) -> dict | None:
+        return self._one("SELECT * FROM files WHERE id = ?", (file_id,))
+
+    def list_files(self, owner: str) -> list[dict]:
+        """All the owner's files, newest first (the caller pages: a key's files are few, bounded by its quota)."""
+        return self._all("SELECT * FROM files WHERE owner = ? ORDER BY created DESC, rowid DESC", (owner,))
+
+    def file_bytes(self, owner: str) -> int:
+        return int(self._one("SELECT COALESCE(SUM(size), 0) AS n FROM files WHERE owner = ?", (owner,))["n"])
+
+    def delete_file(self, file_id: str) -> bool:
+        return self._execute("DELETE FROM files WHERE id = ?", (file_id,)) > 0
 
     # online models (`tinkerd.control.online`): a row per model, a row per piece of feedback (learned: NULL until
     # an update has trained on it)
