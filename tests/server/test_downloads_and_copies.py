@@ -98,8 +98,8 @@ def test_download_links_refuse_traversal_and_unknown_or_dead_tokens(api, exporte
                  "%2Fetc%2Fpasswd"):
         r = _fetch(api, base + evil)  # the route sees the decoded "../.." and refuses it
         assert r.status_code == 404 and "is not a file of this download" in r.json()["detail"], evil
-    token = one.split("/api/v1/files/")[1].split("/")[0]
-    r = api.get(f"/api/v1/files/{'x' * len(token)}/adapter_config.json")
+    token = one.split("/api/v1/downloads/")[1].split("/")[0]
+    r = api.get(f"/api/v1/downloads/{'x' * len(token)}/adapter_config.json")
     assert r.status_code == 404 and "expired" in r.json()["detail"]
 
     grants = api.app.state.download_grants._grants  # expire the link

@@ -4,8 +4,9 @@
   of a readable checkpoint (the SDK only asks for `external_weights/...`; other kinds work too).
 - `GET .../archive` (SDKs before 0.36) answers `{url, expires}` for a .tar.gz of the checkpoint's files
   (at the archive's root).
-- `GET /files/{token}/{relative_path}` needs no API key (the cookbook fetches with plain urllib): the
-  unguessable token is the credential, and serves only the files it was granted for. HEAD works too.
+- `GET /downloads/{token}/{relative_path}` needs no API key (the cookbook fetches with plain urllib): the
+  unguessable token is the credential, and serves only the files it was granted for. HEAD works too. (Tokens
+  live in memory, so no link outlives its process; `/files` is the uploaded files', `routes.files`.)
 
 Plain `def` routes: SQLite and disk work run in FastAPI's thread pool.
 """
@@ -34,7 +35,7 @@ def _iso(t: float) -> str:
 
 
 def _url(request: Request, token: str, relative_path: str) -> str:
-    return f"{str(request.base_url).rstrip('/')}/api/v1/files/{token}/{quote(relative_path)}"
+    return f"{str(request.base_url).rstrip('/')}/api/v1/downloads/{token}/{quote(relative_path)}"
 
 
 @router.get(CHECKPOINT + "/external_weights_urls")
@@ -60,8 +61,8 @@ def checkpoint_archive(run_id: str, kind: str, name: str, request: Request, owne
     return {"url": _url(request, token, archive.name), "expires": _iso(grant.expires_at)}
 
 
-@router.get("/files/{token}/{relative_path:path}")
-@router.head("/files/{token}/{relative_path:path}", include_in_schema=False)
+@router.get("/downloads/{token}/{relative_path:path}")
+@router.head("/downloads/{token}/{relative_path:path}", include_in_schema=False)
 def download(token: str, relative_path: str, st: ControlPlane = Depends(plane),
              grants: DownloadGrants = Depends(download_grants)):
     """Serve one file of a download grant; no API key (the unguessable token is the credential). HEAD answers
