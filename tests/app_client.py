@@ -19,9 +19,10 @@ def future_result(client, request_id, headers=OWNER_KEY):
             return body
 
 
-def app_client(tmp_path):
+def app_client(tmp_path, **config):
+    """`config`: more `ServerConfig` fields (limits, ...)."""
     runtimes = {"tiny": make_tiny_runtime()}
-    app = create_app(ServerConfig(data_dir=tmp_path, long_poll_seconds=5), LocalTrainer(runtimes),
+    app = create_app(ServerConfig(data_dir=tmp_path, long_poll_seconds=5, **config), LocalTrainer(runtimes),
                      LocalSampler(runtimes))
     with TestClient(app) as client:
         client.st = app.state.tinkerd

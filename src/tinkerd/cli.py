@@ -124,7 +124,10 @@ def _parser() -> argparse.ArgumentParser:
                        help="task-level jobs (POST /api/v1/jobs, docs/jobs.md) running at once per API key; the rest "
                             "queue (default 1; 0: no limit)")
     serve.add_argument("--job-max-file-mb", type=float, default=32.0, metavar="MB",
-                       help="largest data file a job may bring (default 32)")
+                       help="largest data file a job may bring, inline or uploaded (default 32)")
+    serve.add_argument("--file-quota-mb", type=float, default=1024.0, metavar="MB",
+                       help="the bytes of all the files one API key may keep uploaded (POST /api/v1/files; default "
+                            "1024; 0: no limit)")
     serve.add_argument("--log-level", default="info")
 
     from tinkerd.jobs.tune import add_arguments as tune_arguments
@@ -201,7 +204,8 @@ def serve(args: argparse.Namespace) -> None:
                           max_topk_logprobs=args.max_topk_logprobs,
                           jobs_url=f"http://{'127.0.0.1' if args.host in ('0.0.0.0', '::', '') else args.host}"
                                    f":{args.port}",
-                          jobs_per_key=args.jobs_per_key, job_max_file_bytes=int(args.job_max_file_mb * 2**20))
+                          jobs_per_key=args.jobs_per_key, job_max_file_bytes=int(args.job_max_file_mb * 2**20),
+                          file_quota_bytes=int(args.file_quota_mb * 2**20))
     app = create_app(config, engine.trainer, engine.sampler, store)
     logging.getLogger("tinkerd").info("serving %s on http://%s:%d (store: %s; %s)", ", ".join(engine.names),
                                       args.host, args.port, store.description, engine.where)

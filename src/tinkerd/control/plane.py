@@ -52,7 +52,8 @@ class ServerConfig:
     shutdown_park_seconds: float = 0.0  # how long a stopping server waits for its runs' state to reach the disk; 0: park none (`serve`: 300)
     jobs_url: str | None = None  # where job runners reach this server; None: jobs are accepted but stay queued
     jobs_per_key: int = 1  # running jobs per API key (the rest queue); 0: no limit
-    job_max_file_bytes: int = 32 << 20
+    job_max_file_bytes: int = 32 << 20  # a job's data, inline or uploaded (POST /api/v1/files)
+    file_quota_bytes: int = 1 << 30  # the bytes of all of a key's uploaded files; 0: no limit
     restore_point_every_steps: int = 0  # a restore point of each run every N optim_steps, so a crash loses nothing (`journal`); 0: no journal
 
     @property

@@ -7,9 +7,10 @@ clear error instead of hanging their pollers (sample requests: 410, resend). At 
 runs are parked.
 Background tasks: expired checkpoints are purged, training runs of finished or lapsed
 sessions are unloaded (`lifecycle`), the job queue starts job runners, resuming the jobs a previous
-process left running (`control.jobs.manager`), and the online learner trains online models on their stored
-feedback, first resuming those a previous process left (`control.online.learner`). Knows how the pieces of
-`control` fit the app's life; the work itself is theirs (no torch, no engine internals).
+process left running (`control.jobs.manager`; uploaded files, `control.jobs.uploads`, lose a crash's leftovers),
+and the online learner trains online models on their stored feedback, first resuming those a previous process
+left (`control.online.learner`). Knows how the pieces of `control` fit the app's life; the work itself is theirs
+(no torch, no engine internals).
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from tinkerd.control.checkpoints import RememberedCopies, purge_expired
 from tinkerd.control.downloads import DownloadGrants
 from tinkerd.control.futures import FutureBoard
 from tinkerd.control.jobs.manager import JobManager
+from tinkerd.control.jobs.uploads import Uploads
 from tinkerd.control.lifecycle import adopt_parked, park_all, sweep_forever
 from tinkerd.control.metrics import ServerMetrics
 from tinkerd.control.online.learner import OnlineLearner
@@ -38,8 +40,8 @@ from tinkerd.server.console import pages, signin
 from tinkerd.server.errors import install_error_handlers
 from tinkerd.server.request_log import RequestLog
 from tinkerd.server.responses import FiniteJSONResponse
-from tinkerd.server.routes import (checkpoints, curves, custom_losses, downloads, futures, identity, jobs, online,
-                                   openai, rest, sampling, service, training)
+from tinkerd.server.routes import (checkpoints, curves, custom_losses, downloads, files, futures, identity, jobs,
+                                   online, openai, rest, sampling, service, training)
 from tinkerd.store.db import Store, open_store
 
 log = logging.getLogger("tinkerd.http")
@@ -90,9 +92,10 @@ def create_app(config: ServerConfig, trainer: Trainer, sampler: Sampler, store: 
         if lost or stale:
             log.warning("%d sample requests (answered 410: resend) and %d other requests were left in flight by the "
                         "previous server process", lost, stale)
+        app.state.uploads = Uploads(store, config.paths.files, config.job_max_file_bytes, config.file_quota_bytes)
         app.state.jobs = JobManager(store, config.paths.jobs, config.jobs_url,
                                     {m.name: (m.tokenizer_id, m.max_context_length) for m in trainer.base_models()},
-                                    config.jobs_per_key, config.job_max_file_bytes)
+                                    config.jobs_per_key, config.job_max_file_bytes, app.state.uploads)
         if app.state.jobs.resume_all():
             log.info("jobs left running by the previous process resume from their last state checkpoint")
         job_loop = asyncio.get_running_loop().create_task(_run_jobs(app.state.jobs))
@@ -119,7 +122,7 @@ def create_app(config: ServerConfig, trainer: Trainer, sampler: Sampler, store: 
     app.state.csrf_secret = secrets.token_bytes(32)  # the console's CSRF tokens (`server.auth`)
     install_error_handlers(app)
     for module in (service, identity, training, custom_losses, checkpoints, sampling, futures, curves, rest,
-                   downloads, jobs, online, signin, pages):
+                   downloads, files, jobs, online, signin, pages):
         app.include_router(module.router)
     for prefix in openai.PREFIXES:
         app.include_router(openai.router, prefix=prefix)

@@ -2,7 +2,7 @@
 keys, or any `tml-` key when none are set.
 
 The caller's identity is a hash of the key, so keys are never stored, and both headers name the same
-caller. The OpenAI routes answer a refused key in OpenAI's error shape (`bearer_caller`).
+caller (the files and jobs routes take either: `key_or_bearer_caller`). The OpenAI routes answer a refused key in OpenAI's error shape (`bearer_caller`).
 
 With token auth on (`client/config`), the SDK sends a token this server minted for its key instead
 (`server.identity`); a forged, expired or no-longer-accepted one is a 401 `invalid_token`, which makes
@@ -102,6 +102,17 @@ async def caller(request: Request, x_api_key: str | None = Header(default=None),
     if x_api_key and x_api_key.startswith("eyJ"):
         return token_claims(request, x_api_key, st)["owner"]
     return check_key(key_of(request, x_api_key), st)
+
+
+async def key_or_bearer_caller(request: Request, x_api_key: str | None = Header(default=None),
+                               authorization: str | None = Header(default=None),
+                               st: ControlPlane = Depends(plane)) -> str:
+    """`caller`, also taking the key as `Authorization: Bearer <key>` (OpenAI clients and curl users of the files
+    and jobs routes), refused in this API's shape (`{"detail"}`)."""
+    scheme, _, token = (authorization or "").partition(" ")
+    if not x_api_key and scheme.lower() == "bearer" and token.strip():
+        x_api_key = token.strip()
+    return await caller(request, x_api_key, st)
 
 
 async def bearer_caller(request: Request, authorization: str | None = Header(default=None),

@@ -1,4 +1,5 @@
-"""What a route asks FastAPI for: the control plane of this app, and its in-memory download and copy records.
+"""What a route asks FastAPI for: the control plane of this app, its job queue, uploaded files and online learner,
+and its in-memory download and copy records.
 
 The one way routes reach the server's state (`Depends(plane)`); `create_app` puts them on `app.state`.
 Async on purpose: FastAPI would run a plain `def` dependency in its thread pool, a hop per request.
@@ -11,6 +12,7 @@ from fastapi import Request
 from tinkerd.control.checkpoints import RememberedCopies
 from tinkerd.control.downloads import DownloadGrants
 from tinkerd.control.jobs.manager import JobManager
+from tinkerd.control.jobs.uploads import Uploads
 from tinkerd.control.online.learner import OnlineLearner
 from tinkerd.control.plane import ControlPlane
 
@@ -21,6 +23,10 @@ async def plane(request: Request) -> ControlPlane:
 
 async def jobs(request: Request) -> JobManager:
     return request.app.state.jobs
+
+
+async def uploads(request: Request) -> Uploads:
+    return request.app.state.uploads
 
 
 async def online_learner(request: Request) -> OnlineLearner:

@@ -1,5 +1,6 @@
 """Every error leaves as JSON `{"detail": ...}`: the SDK retries 4xx replies with an empty body. The OpenAI-compatible
-routes answer in OpenAI's shape instead (`OpenAIError`: `{"error": {"message", "type", "param", "code"}}`)."""
+routes answer in OpenAI's shape instead (`OpenAIError`: `{"error": {"message", "type", "param", "code"}}`); the
+uploaded files' routes, read by OpenAI clients and curl alike, carry both (`detail` and `error`)."""
 
 from __future__ import annotations
 
@@ -17,15 +18,27 @@ from tinkerd.server.refused_order import hold_place_of_invalid_body
 
 log = logging.getLogger(__name__)
 OPENAI_PREFIXES = ("/oai/api/v1/", "/v1/")  # routes/openai.py
+BOTH_SHAPES = ("/api/v1/files",)  # routes/files.py
+
+
+def _detail(request: Request, detail, status: int, headers: dict | None = None, **extra) -> JSONResponse:
+    """`{"detail": ...}`; on `BOTH_SHAPES` also OpenAI's `error` object, whose message the openai client shows."""
+    body = {"detail": detail, **extra}
+    if request.url.path.startswith(BOTH_SHAPES) and isinstance(detail, str):
+        field = detail.split(":", 1)[0]
+        body["error"] = {"message": detail, "type": "invalid_request_error",
+                         "param": field if field.isidentifier() else None, "code": None}
+    return JSONResponse(body, status_code=status, headers=headers)
 
 
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(BadRequest)
     async def bad_request(request: Request, exc: BadRequest) -> JSONResponse:
+        status = getattr(exc, "status_code", 400)  # 400; a subclass may say otherwise (413: a file too large)
         if request.url.path.startswith(OPENAI_PREFIXES):
             field = str(exc).split(":", 1)[0]
-            return await openai_error(request, OpenAIError(400, str(exc), param=field if field.isidentifier() else None))
-        return JSONResponse({"detail": str(exc)}, status_code=400)
+            return await openai_error(request, OpenAIError(status, str(exc), param=field if field.isidentifier() else None))
+        return _detail(request, str(exc), status)
 
     @app.exception_handler(OpenAIError)
     async def openai_error(request: Request, exc: OpenAIError) -> JSONResponse:
@@ -45,13 +58,13 @@ def install_error_handlers(app: FastAPI) -> None:
 
         summary = "; ".join(f"{where(e, raw.get('type', ''))}: {e['msg']}" for e, raw in zip(errors, exc.errors()))
         await hold_place_of_invalid_body(request, exc.body, summary or "invalid request")
-        return JSONResponse({"detail": summary or "invalid request", "errors": errors}, status_code=422)
+        return _detail(request, summary or "invalid request", 422, errors=errors)
 
     @app.exception_handler(NotFound)
     async def not_found(request: Request, exc: NotFound) -> JSONResponse:
         if request.url.path.startswith(OPENAI_PREFIXES):
             return await openai_error(request, OpenAIError(404, str(exc), code="not_found"))
-        return JSONResponse({"detail": str(exc)}, status_code=404)
+        return _detail(request, str(exc), 404)
 
     @app.exception_handler(Gone)
     async def gone(request: Request, exc: Gone) -> JSONResponse:
@@ -66,7 +79,7 @@ def install_error_handlers(app: FastAPI) -> None:
             detail = f"method {request.method} is not allowed on path {request.url.path!r}"
         else:
             detail = exc.detail
-        return JSONResponse({"detail": detail}, status_code=exc.status_code, headers=getattr(exc, "headers", None))
+        return _detail(request, detail, exc.status_code, getattr(exc, "headers", None))
 
     @app.exception_handler(Exception)
     async def unexpected(request: Request, exc: Exception) -> JSONResponse:

@@ -37,6 +37,7 @@ from pathlib import Path
 
 from tinkerd.control.jobs.files import cached_tokenizer, read_rows
 from tinkerd.control.jobs.spec import JobInputError, parse_spec
+from tinkerd.control.jobs.uploads import Uploads
 from tinkerd.store.db import Store
 
 log = logging.getLogger("tinkerd.jobs")
@@ -58,10 +59,10 @@ def _die_with_parent() -> None:  # runs in the child between fork and exec
 
 class JobManager:
     def __init__(self, store: Store, jobs_root: Path, url: str | None, base_models: dict, jobs_per_key: int = 1,
-                 max_file_bytes: int = 32 << 20) -> None:
+                 max_file_bytes: int = 32 << 20, uploads: Uploads | None = None) -> None:
         """`url`: where runners reach this server (None: jobs are accepted and stay queued). `base_models`: name ->
-        (tokenizer_id, max_context_length), for the length check."""
-        self.store, self.root, self.url = store, jobs_root, url
+        (tokenizer_id, max_context_length), for the length check. `uploads`: the files a job's `data_file` names."""
+        self.store, self.root, self.url, self.uploads = store, jobs_root, url, uploads
         self.base_models, self.jobs_per_key, self.max_file_bytes = base_models, jobs_per_key, max_file_bytes
         self.procs: dict[str, subprocess.Popen] = {}
         self._lock = threading.Lock()
@@ -71,13 +72,23 @@ class JobManager:
         return self.root / job_id
 
     # ------------------------------------------------------------------------------------------ requests
-    def submit(self, owner: str, kind, base_model: str, data: str, grader=None, budget=None,
-               hyperparameters=None) -> dict:
-        """Checks everything (raising `JobInputError`), stores the file and the row; the job starts at the next
-        `tick`. Nothing is computed here."""
+    def submit(self, owner: str, kind, base_model: str, data=None, grader=None, budget=None,
+               hyperparameters=None, data_file=None, data_file_field: str = "data_file") -> dict:
+        """Checks everything (raising `JobInputError`, or `NotFound` for a `data_file` the owner has not), stores a
+        copy of the data and the row; the job starts at the next `tick`. The data is `data` (the JSONL text) or
+        `data_file` (an uploaded file's id, which the request called `data_file_field`), exactly one. Nothing is
+        computed here."""
         if base_model not in self.base_models:
             raise JobInputError(f"base_model: {base_model!r} is not served here; served: {sorted(self.base_models)}")
         spec = parse_spec(kind, base_model, grader, budget, hyperparameters)
+        if (data is None) == (data_file is None):
+            raise JobInputError(f"data, {data_file_field}: {'both' if data is not None else 'neither'} given; give "
+                                f"data (the JSONL text) or {data_file_field} (an uploaded file's id, POST /api/v1/files)")
+        if data_file is not None:
+            if self.uploads is None:
+                raise JobInputError(f"{data_file_field}: this server takes no uploaded files; send the text as data")
+            data = self.uploads.text(owner, data_file, data_file_field)
+            spec["data_file"] = data_file
         if not isinstance(data, str):
             raise JobInputError("data: expected the JSONL file's text")
         size = len(data.encode())
@@ -196,7 +207,8 @@ def job_json(job: dict, for_runner: bool = False) -> dict:
     out = {"id": job["id"], "kind": job["kind"], "status": job["status"], "created": job["created"],
            "started": job["started"], "finished": job["finished"], "base_model": spec["base_model"],
            "rows": spec.get("rows"), "budget": spec["budget"], "grader": spec["grader"],
-           "hyperparameters": spec["hyperparameters"], "training_run_id": job["model_id"],
+           "hyperparameters": spec["hyperparameters"], "data_file": spec.get("data_file"),
+           "training_run_id": job["model_id"],
            "plan": progress.get("plan"),
            "progress": {k: progress.get(k) for k in ("phase", "step", "steps", "elapsed_s")},
            "metrics": progress.get("metrics", []), "evals": progress.get("evals", {}),
