@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from tinkerd.control.jobs.files import cached_tokenizer, read_rows
@@ -102,15 +104,16 @@ def test_rule_graders():
 
 def test_tune_builds_the_request_and_reports_the_result(tmp_path):
     from tinkerd.cli import _parser
-    from tinkerd.jobs.tune import report, request_body
+    from tinkerd.jobs.tune import report, request_fields
 
     data = tmp_path / "p.jsonl"
     data.write_text(jsonl(rl_rows()))
     args = _parser().parse_args(["tune", str(data), "--kind", "rl", "--grader", "regex", "--pattern", "^ok$",
                                  "--budget", "40 steps", "--set", "learning_rate=1e-4", "--set", "group_size=8"])
-    body = request_body(args)
-    assert body["grader"] == {"type": "regex", "pattern": "^ok$"} and body["budget"] == "40 steps"
-    assert body["hyperparameters"] == {"learning_rate": 1e-4, "group_size": 8} and body["data"] == data.read_text()
+    fields = request_fields(args)  # a form's fields (the file goes as its part `file`: tests/jobs/test_uploads.py)
+    assert json.loads(fields["grader"]) == {"type": "regex", "pattern": "^ok$"} and fields["budget"] == "40 steps"
+    assert json.loads(fields["hyperparameters"]) == {"learning_rate": 1e-4, "group_size": 8}
+    assert fields["kind"] == "rl" and "base_model" not in fields
     job = {"id": "job-1", "status": "succeeded", "error": None, "started": 0.0, "finished": 90.0,
            "evals": {"before": {"held_out_nll": 2.5}, "best": {"step": 6, "metrics": {"held_out_nll": 1.25}}},
            "result": {"stopped": "steps", "sampler_path": "tinker://r/sampler_weights/a",

@@ -3,7 +3,8 @@
 Submits the file to a running tinkerd (`--url` or $TINKER_BASE_URL) or, without one, to a local `tinkerd serve`
 it starts for the duration (data in `--data-dir`, so the result checkpoint stays loadable by a later `tinkerd
 serve` on that folder), then follows the job with a progress bar and prints the final report. Ctrl-C cancels the
-job, which keeps its best checkpoint so far. It is a thin client of the job routes; the work is the server's.
+job, which keeps its best checkpoint so far. It is a thin client of the job routes (the file goes up as a multipart
+form, `curl -F file=@FILE` style); the work is the server's.
 """
 
 from __future__ import annotations
@@ -39,7 +40,8 @@ def add_arguments(tune: argparse.ArgumentParser) -> None:
     tune.add_argument("--model-cache", type=Path, default=None, help="for the local server: converted models")
 
 
-def request_body(args: argparse.Namespace) -> dict:
+def request_fields(args: argparse.Namespace) -> dict:
+    """The job's fields besides its data, as `POST /api/v1/jobs` takes them in a form (JSON where not plain text)."""
     grader = args.grader
     if grader and grader.lstrip().startswith("{"):
         grader = json.loads(grader)
@@ -54,8 +56,15 @@ def request_body(args: argparse.Namespace) -> dict:
     for item in args.set:
         name, _, value = item.partition("=")
         hyper[name] = float(value) if any(c in value for c in ".e") else int(value)
-    return {"kind": args.kind, "data": args.file.read_text(), "budget": args.budget, "grader": grader,
-            "base_model": args.base_model, "hyperparameters": hyper}
+    fields = {"kind": args.kind, "budget": args.budget, "base_model": args.base_model,
+              "grader": json.dumps(grader) if grader else None, "hyperparameters": json.dumps(hyper) if hyper else None}
+    return {k: v for k, v in fields.items() if v is not None}
+
+
+def submit(http: httpx.Client, args: argparse.Namespace) -> httpx.Response:
+    """The file streams as a multipart upload (no JSON escaping of a large file; the server bounds it)."""
+    with open(args.file, "rb") as data:
+        return http.post("/api/v1/jobs", data=request_fields(args), files={"file": (args.file.name, data)})
 
 
 @contextmanager
@@ -70,10 +79,10 @@ def _local_server(args: argparse.Namespace):
 
 
 def tune(args: argparse.Namespace) -> int:
-    body = request_body(args)
+    request_fields(args)  # a bad --grader or --set fails before a local server starts
     with (nullcontext(args.url) if args.url else _local_server(args)) as url:
         http = httpx.Client(base_url=url, headers={"X-API-Key": args.api_key}, timeout=120)
-        reply = http.post("/api/v1/jobs", json=body)
+        reply = submit(http, args)
         if reply.status_code != 200:
             print(f"tinkerd refused the job ({reply.status_code}): {reply.json().get('detail')}")
             return 2
