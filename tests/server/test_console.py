@@ -1,8 +1,10 @@
 """The console in-process on a tiny random model: curves recorded by the server, sign-in, CSRF, what each
-key sees, the hosted console's paths, and every page rendering with 200 runs and 10,000 steps."""
+key sees, the hosted console's paths, every page rendering with 200 runs and 10,000 steps, and the jobs pages."""
 
 from __future__ import annotations
 
+import html
+import json
 import re
 from pathlib import Path
 
@@ -13,9 +15,11 @@ from tinker.lib import console_urls
 from tinker.proto.request_conv import forward_backward_request_to_proto
 
 from bench.console_pages import fill_store
+from tinkerd.control.jobs.manager import token_hash
 from tinkerd.server.auth import KEY_COOKIE, identity
 from tinkerd.store.db import open_store
 from tests.app_client import future_result
+from tests.jobs.files import jsonl, sft_rows
 from tests.openai_tokenizer import write_char_tokenizer
 
 KEY = {"X-API-Key": "tml-owner"}
@@ -230,3 +234,56 @@ def test_a_lapsed_session_and_a_parked_or_unloaded_run_say_so(api, trained):
     assert status() == "lapsed"
     api.st.config.session_timeout_seconds = 0.0
     assert trained["session"] in api.get("/sessions?status=lapsed").text
+
+
+def test_the_jobs_pages_show_a_keys_own_jobs_with_plan_curves_result_and_cancel(api, trained):
+    data = jsonl(sft_rows(45))
+    upload = api.post("/api/v1/files", files={"file": ("chats.jsonl", data)}, headers=KEY).json()
+    queued = api.post("/api/v1/jobs", headers=KEY, json={"kind": "sft", "data_file": upload["id"], "budget": "3 steps"})
+    running = api.post("/api/v1/jobs", headers=KEY, json={"kind": "sft", "data": data, "budget": "3 steps"}).json()
+    queued = queued.json()
+    token = "tml-job-console"  # report as the job's runner does, through its route
+    api.st.store.update_job(running["id"], status="running", token_hash=token_hash(token))
+    plan = {"learning_rate": 0.00132, "batch_size": 4, "steps": 3,
+            "reasons": {"learning_rate": "5e-5 x 10 x (2000/64)^0.781 (Tinker's LoRA rule)"}}
+    metrics = [{"step": 0, "held_out_nll": 2.5, "elapsed_s": 1.0}, {"step": 1, "train_nll": 2.25, "lr": 0.00132},
+               {"step": 2, "train_nll": 1.75, "lr": 0.00088, "held_out_nll": 1.25}]
+    best = {"step": 2, "value": 1.25, "metrics": {"held_out_nll": 1.25}, "sampler_path": trained["path"]}
+    progress = {"plan": plan, "phase": "training", "step": 2, "steps": 3, "elapsed_s": 30.0, "metrics": metrics,
+                "evals": {"before": {"held_out_nll": 2.5}, "best": best, "last": {"step": 2, "held_out_nll": 1.25}}}
+    result = {"sampler_path": trained["path"], "state_path": None, "best_step": 2, "metric": "held_out_nll",
+              "better": "lower", "value": 1.25, "stopped": "running"}
+    assert api.post(f"/api/v1/jobs/{running['id']}/report", headers={"X-API-Key": token}, json={
+        "model_id": trained["model_id"], "job_progress": progress, "job_result": result}).status_code == 200
+
+    _sign_in(api)
+    listing = api.get("/jobs").text
+    assert '<a href="/jobs" class="on">Jobs</a>' in listing and "2 jobs" in listing
+    assert listing.index(running["id"]) < listing.index(queued["id"])  # newest first
+    row = listing[listing.index(f'<tr data-job="{running["id"]}"'):]
+    row = row[:row.index("</tr>")]
+    assert "step 2 of 3" in row and "held_out_nll</span> 2.5 → 1.25 (step 2)" in row and trained["model_id"] in row
+    page = api.get(f"/jobs/{running['id']}").text
+    assert 'id="job-status">running<' in page and "held_out_nll</span> 2.5 before → 1.25 best (step 2) · lower is better" in page
+    assert "Tinker&#39;s LoRA rule" in page and 'id="cancel"' in page and "sent with the job" in page
+    points = re.search(r'id="chart-held_out_nll" data-title="held_out_nll" data-points="([^"]+)"', page)[1]
+    assert json.loads(html.unescape(points)) == [[0, 2.5], [2, 1.25]]
+    assert page.index('id="chart-held_out_nll"') < page.index('id="chart-train_nll"')  # the job's metric first
+    link = re.search(r'<a class="mono" href="(/checkpoints/[^"]+)">' + re.escape(trained["path"]), page)[1]
+    assert api.get(link).status_code == 200
+    playground = html.unescape(re.search(r'href="(/playground\?mode=checkpoint[^"]+)" id="open-playground"', page)[1])
+    assert f'<option value="{trained["path"]}" selected' in api.get(playground).text
+    assert "chats.jsonl" in api.get(f"/jobs/{queued['id']}").text  # made from the uploaded file
+    assert "waiting for its turn" in api.get(f"/jobs/{queued['id']}").text
+
+    cancel = f"/api/v1/jobs/{running['id']}/cancel"
+    assert api.post(cancel).status_code == 403  # the cookie alone writes nothing
+    # (no runner process in this app, so the cancel ends the job at once, keeping its result)
+    assert api.post(cancel, headers={"X-CSRF-Token": _csrf(page)}).json()["status"] == "cancelled"
+    after = api.get(f"/jobs/{running['id']}").text
+    assert 'id="job-status">cancelled<' in after and 'id="cancel"' not in after and trained["path"] in after
+
+    _sign_in(api, "tml-someone-else")
+    assert "No jobs yet" in api.get("/jobs").text
+    missing = api.get(f"/jobs/{running['id']}")
+    assert missing.status_code == 404 and f"job &#39;{running['id']}&#39; not found" in missing.text

@@ -1,7 +1,8 @@
 """The console's pages, at the hosted console's paths (the SDK's `get_console_url` links work with the host
 swapped): `/` and `/training_runs`, `/training_runs/{id}`, `/sessions`, `/sessions/{id}`, `/checkpoints`,
 `/checkpoints/{run_id}/{checkpoint_id}`, `/playground?mode=checkpoint&checkpoint=<tinker path>`; and tinkerd's
-own `/online` and `/online/{name}` (online models: feedback, updates, the retention probe's curve).
+own `/online` and `/online/{name}` (online models: feedback, updates, the retention probe's curve) and `/jobs`,
+`/jobs/{id}` (task-level jobs: plan, progress, held-out curves, result checkpoints, cancel).
 
 Plain `def` routes: they read the Store, so FastAPI runs them in its thread pool.
 """
@@ -86,3 +87,13 @@ def online_list_page(request: Request, who: Viewer = Depends(viewer), st: Contro
 @router.get("/online/{name}")
 def online_page(name: str, request: Request, who: Viewer = Depends(viewer), st: ControlPlane = Depends(plane)):
     return _page(request, who, "online.html", lambda: views.online_model(st, who.owner, name), nav="online")
+
+
+@router.get("/jobs")
+def jobs_page(request: Request, page: int = 1, who: Viewer = Depends(viewer), st: ControlPlane = Depends(plane)):
+    return _page(request, who, "jobs.html", lambda: views.jobs(st, who.owner, page), nav="jobs")
+
+
+@router.get("/jobs/{job_id}")
+def job_page(job_id: str, request: Request, who: Viewer = Depends(viewer), st: ControlPlane = Depends(plane)):
+    return _page(request, who, "job.html", lambda: views.job(st, who.owner, job_id), nav="jobs")

@@ -34,7 +34,14 @@ def _size(n) -> str:
         n /= 1024
 
 
-templates.env.filters.update(when=_when, short=_short, size=_size)
+def _num(value) -> str:
+    """A metric for a table: four significant digits; '–' for none."""
+    if value is None:
+        return "–"
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+templates.env.filters.update(when=_when, short=_short, size=_size, num=_num)
 
 
 def render(request: Request, name: str, who, status_code: int = 200, **context):

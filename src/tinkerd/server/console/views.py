@@ -1,5 +1,6 @@
 """What each console page shows, from the functions the SDK's REST routes run (so the same visibility rules)
-plus the run and session states (`control.status`). Search, status filters and paging happen here.
+plus the run and session states (`control.status`), and task-level jobs as `GET /api/v1/jobs/ID` shows them
+(`control.jobs.manager.job_json`). Search, status filters and paging happen here.
 
 Knows the REST JSON shapes; not HTML (the templates), not how the rows are stored.
 """
@@ -9,9 +10,10 @@ from __future__ import annotations
 import json
 
 from tinkerd.control import status
+from tinkerd.control.jobs.manager import job_json
 from tinkerd.control.online import models as online
 from tinkerd.control.plane import ControlPlane, NotFound
-from tinkerd.protocol.paths import owner_urn, session_of_run
+from tinkerd.protocol.paths import owner_urn, parse_tinker_path, session_of_run
 from tinkerd.server.routes import rest
 
 PAGE = 100
@@ -117,3 +119,55 @@ def online_model(st: ControlPlane, owner: str, name: str) -> dict:
     data["curves"] = {key: [[p["update"], p[key]] for p in curve if p.get(key) is not None]
                       for key in ("probe_nll", "anchor_nll", "seconds")}
     return data
+
+
+def jobs(st: ControlPlane, owner: str, page: int = 1) -> dict:
+    """The caller's jobs, newest first, a page at a time, each with its held-out headline."""
+    total = st.store.list_jobs(owner, 1, 0)[1]
+    pages = max(1, -(-total // PAGE))
+    page = min(max(page, 1), pages)
+    rows, _ = st.store.list_jobs(owner, PAGE, (page - 1) * PAGE)
+    return {"rows": [dict(j, headline=_headline(j)) for j in map(job_json, rows)], "total": total, "page": page,
+            "pages": pages}
+
+
+def job(st: ControlPlane, owner: str, job_id: str) -> dict:
+    """A job with its headline, a curve per recorded metric, its evaluations side by side, and its result's
+    checkpoints as links."""
+    data = job_json(st.owned(st.store.job(job_id), owner, "job", job_id))
+    data["headline"] = _headline(data)
+    series: dict[str, list] = {}
+    for row in data["metrics"]:
+        for key, value in row.items():
+            if key not in ("step", "elapsed_s") and isinstance(value, (int, float)) and not isinstance(value, bool):
+                series.setdefault(key, []).append([row["step"], value])
+    first = (data["headline"] or {}).get("metric")
+    data["curves"] = sorted(series.items(), key=lambda kv: (kv[0] != first, not kv[0].startswith("held_out"),
+                                                            kv[0] == "lr", kv[0]))
+    evals = data["evals"] or {}
+    names = [k for k in {**(evals.get("before") or {}), **(evals.get("last") or {})} if k != "step"]
+    data["eval_rows"] = [{"name": k, "before": (evals.get("before") or {}).get(k),
+                          "best": ((evals.get("best") or {}).get("metrics") or {}).get(k),
+                          "after": (evals.get("after") or {}).get(k)} for k in names]
+    result = data["result"] or {}
+    data["checkpoints"] = [_checkpoint_link(result[key], label) for key, label in
+                           (("sampler_path", "sampler"), ("state_path", "state")) if result.get(key)]
+    upload = st.store.file(data["data_file"]) if data["data_file"] else None
+    data["upload"] = upload if upload is not None and upload["owner"] == owner else None
+    return data
+
+
+def _headline(job: dict) -> dict | None:
+    """The held-out metric the job optimises: before training, best so far (and at which step), which way is
+    better; None before the first evaluation."""
+    result = job["result"] or {}
+    if not result.get("metric"):
+        return None
+    before = ((job["evals"] or {}).get("before") or {}).get(result["metric"])
+    return {"metric": result["metric"], "before": before, "best": result.get("value"),
+            "best_step": result.get("best_step"), "better": result.get("better")}
+
+
+def _checkpoint_link(path: str, label: str) -> dict:
+    run_id, kind, name = parse_tinker_path(path)
+    return {"label": label, "tinker_path": path, "url": f"/checkpoints/{run_id}/{kind}/{name}"}
