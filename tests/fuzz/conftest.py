@@ -19,7 +19,8 @@ FIELD_NAMES = {name for obj in _requests_module.values() if isinstance(obj, type
     "checkpoint", "sampler", "sampling_session_id", "ttl_seconds", "base_model", "adam_params", "loss_fn",
     "API key", "download", "kind", "name", "num_samples", "forward_backward_input", "target_tokens", "session_id",
     "training run", "public", "user_metadata", "lora_config", "method", "path", "parameter",
-    "messages", "model", "prompt", "max_tokens", "n", "stop", "temperature", "logprobs", "stream", "content", "role"}
+    "messages", "model", "prompt", "max_tokens", "n", "stop", "temperature", "logprobs", "stream", "content", "role",
+    "file", "file_id", "purpose", "after", "order", "data_file", "training_file", "grader", "budget", "hyperparameters"}
 
 
 def check_reply(response) -> None:

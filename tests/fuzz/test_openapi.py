@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import json
+
 import schemathesis
 from fastapi.testclient import TestClient
 from hypothesis import HealthCheck, settings
@@ -23,4 +25,13 @@ def test_no_operation_answers_5xx(case):
     if "data" in kwargs and isinstance(kwargs["data"], (bytes, str)):
         kwargs["content"] = kwargs.pop("data")
     kwargs.pop("cookies", None)
+    if kwargs.get("files"):
+        kwargs["files"] = sendable(kwargs["files"])
     check_reply(client.request(**kwargs))
+
+
+def sendable(files: list) -> list:
+    """Multipart parts as a wire carries them, text or bytes: schemathesis may make a number of an extra form field,
+    which httpx refuses to encode only while the app already reads the body (a 500 of the test client, not the app)."""
+    return [(name, (part[0], part[1] if isinstance(part[1], (str, bytes)) else json.dumps(part[1]), *part[2:]))
+            for name, part in files]
