@@ -182,7 +182,9 @@ def test_multipart_jobs_refuse_bad_fields_by_name(client, tmp_path):
              (form_job(client, kind="ppo"), 400, "kind: unknown kind 'ppo'"),
              (form_job(client, "x" * (LIMIT + 1)), 413, "file: more than this server's limit"),
              (form_job(client, b"\xc3("), 400, "file: not UTF-8 text (byte 0)"),
-             (form_job(client, data_file="file-abc"), 400, "data, data_file: both given")]
+             (form_job(client, data_file="file-abc"), 400, "file, data_file: both given"),
+             (client.post("/api/v1/jobs", files={"kind": (None, "sft")}, headers=ALICE), 400,
+              "file, data_file: neither given")]
     for reply, status, detail in cases:
         assert reply.status_code == status and reply.json()["detail"].startswith(detail), reply.text
     assert client.get("/api/v1/jobs", headers=ALICE).json()["total"] == 0

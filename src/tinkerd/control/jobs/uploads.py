@@ -125,6 +125,8 @@ class Uploads:
             raise TooLarge(f"{field}: {row['size']} bytes is over this server's limit of {self.max_bytes} bytes")
         try:
             return self.path(row).read_bytes().decode("utf-8")
+        except FileNotFoundError:  # deleted meanwhile
+            raise NotFound(f"{field}: file {file_id!r} not found") from None
         except UnicodeDecodeError as e:
             raise BadRequest(f"{field}: file {file_id!r} is not UTF-8 text (byte {e.start})") from None
 
