@@ -20,7 +20,7 @@ from fastapi.exceptions import RequestValidationError
 from pydantic import ValidationError
 
 from tinkerd.control.jobs.spec import JobInputError
-from tinkerd.control.jobs.uploads import TooLarge
+from tinkerd.control.jobs.uploads import too_large
 from tinkerd.protocol.requests import Body
 from tinkerd.server.multipart import is_multipart, read_form
 
@@ -72,9 +72,7 @@ def _alias(args: dict, training_file) -> dict:
 
 
 async def _from_form(request: Request, max_file_bytes: int) -> dict:
-    too_large = lambda: TooLarge(f"file: more than this server's limit of {max_file_bytes} bytes per file "  # noqa: E731
-                                 "(tinkerd serve --job-max-file-mb)")
-    fields, upload, form = await read_form(request, max_file_bytes, too_large)
+    fields, upload, form = await read_form(request, max_file_bytes, lambda: too_large(max_file_bytes))
     try:
         unknown = sorted(set(fields) - {"file", *TEXT_FIELDS, *JSON_FIELDS})
         if unknown:

@@ -33,6 +33,11 @@ class TooLarge(BadRequest):
     status_code = 413
 
 
+def too_large(max_bytes: int, field: str = "file") -> TooLarge:
+    return TooLarge(f"{field}: more than this server's limit of {max_bytes} bytes per file "
+                    "(tinkerd serve --job-max-file-mb)")
+
+
 def file_json(row: dict) -> dict:
     """A file as OpenAI's API shows it (`openai.types.FileObject`)."""
     return {"id": row["id"], "object": "file", "bytes": row["size"], "created_at": int(row["created"]),
@@ -49,9 +54,8 @@ class Uploads:
                 if path.suffix == ".part" or self.store.file(path.name) is None:
                     path.unlink(missing_ok=True)
 
-    def too_large(self, size_hint: str = "more") -> TooLarge:
-        return TooLarge(f"file: {size_hint} than this server's limit of {self.max_bytes} bytes per file "
-                        "(tinkerd serve --job-max-file-mb)")
+    def too_large(self) -> TooLarge:
+        return too_large(self.max_bytes)
 
     def save(self, owner: str, filename: str | None, purpose: str | None, stream: BinaryIO) -> dict:
         """Stores the stream's bytes as a new file of `owner`; its row. Raises `BadRequest` / `TooLarge`."""
