@@ -1,7 +1,8 @@
-"""Jobs on the embedded model through a real `tinkerd serve`: one per kind (the job ends within its step budget,
-its trained checkpoint beats the start on the held-out rows, the result samples through the SDK (and, for sft,
-the OpenAI-compatible route) and the run is an ordinary run of the caller), cancel of a running job, and kill -9 of the server mid-job (the restarted server
-resumes the job from its last state checkpoint and ends no worse than an uninterrupted run with the same seed).
+"""Jobs on the embedded model through a real `tinkerd serve`: one per kind (the sft one from an uploaded file; each
+ends within its step budget, its trained checkpoint beats the start on the held-out rows, the result samples
+through the SDK (and, for sft, the OpenAI-compatible route) and the run is an ordinary run of the caller), cancel
+of a running job, and kill -9 of the server mid-job (the restarted server resumes the job from its last state
+checkpoint and ends no worse than an uninterrupted run with the same seed).
 
 Small files and explicit small batches keep each job to a few steps; the planner's own choices are measured in
 docs/jobs.md."""
@@ -75,9 +76,13 @@ def samples(url: str, sampler_path: str, prompt: str) -> str:
 
 
 def test_sft_job_learns_within_budget_and_its_result_samples(server):
-    job = wait(server.url, submit(server.url, "sft", sft_rows(44), "4 steps",
-                                  hyperparameters={"batch_size": 4, "eval_every": 4})["id"])
+    uploaded = http(server.url).post("/api/v1/files", files={"file": ("chats.jsonl", jsonl(sft_rows(44)))}).json()
+    made = http(server.url).post("/api/v1/jobs", json={"kind": "sft", "data_file": uploaded["id"], "budget": "4 steps",
+                                                       "hyperparameters": {"batch_size": 4, "eval_every": 4}})
+    assert made.status_code == 200, made.text  # from an uploaded file (the other jobs send their data inline)
+    job = wait(server.url, made.json()["id"])
     trained_better(job)
+    assert job["data_file"] == uploaded["id"]
     assert job["progress"]["step"] <= 4 and job["plan"]["steps"] == 4
     assert job["plan"]["held_out_rows"] == 20 and job["plan"]["train_rows"] == 24
     assert samples(server.url, job["result"]["sampler_path"], "What is the capital of Quillmark?").strip()
