@@ -264,7 +264,8 @@ def test_the_jobs_pages_show_a_keys_own_jobs_with_plan_curves_result_and_cancel(
     row = row[:row.index("</tr>")]
     assert "step 2 of 3" in row and "held_out_nll</span> 2.5 → 1.25 (step 2)" in row and trained["model_id"] in row
     page = api.get(f"/jobs/{running['id']}").text
-    assert 'id="job-status">running<' in page and "held_out_nll</span> 2.5 before → 1.25 best (step 2) · lower is better" in page
+    assert 'id="job-status">running<' in page
+    assert "held_out_nll</span> 2.5 before → 1.25 best (step 2) · lower is better" in page
     assert "Tinker&#39;s LoRA rule" in page and 'id="cancel"' in page and "sent with the job" in page
     points = re.search(r'id="chart-held_out_nll" data-title="held_out_nll" data-points="([^"]+)"', page)[1]
     assert json.loads(html.unescape(points)) == [[0, 2.5], [2, 1.25]]

@@ -37,7 +37,8 @@ def install_error_handlers(app: FastAPI) -> None:
         status = getattr(exc, "status_code", 400)  # 400; a subclass may say otherwise (413: a file too large)
         if request.url.path.startswith(OPENAI_PREFIXES):
             field = str(exc).split(":", 1)[0]
-            return await openai_error(request, OpenAIError(status, str(exc), param=field if field.isidentifier() else None))
+            param = field if field.isidentifier() else None
+            return await openai_error(request, OpenAIError(status, str(exc), param=param))
         return _detail(request, str(exc), status)
 
     @app.exception_handler(OpenAIError)

@@ -82,8 +82,9 @@ class JobManager:
             raise JobInputError(f"base_model: {base_model!r} is not served here; served: {sorted(self.base_models)}")
         spec = parse_spec(kind, base_model, grader, budget, hyperparameters)
         if (data is None) == (data_file is None):
-            raise JobInputError(f"data, {data_file_field}: {'both' if data is not None else 'neither'} given; give "
-                                f"data (the JSONL text) or {data_file_field} (an uploaded file's id, POST /api/v1/files)")
+            which = "both" if data is not None else "neither"
+            raise JobInputError(f"data, {data_file_field}: {which} given; give data (the JSONL text) or "
+                                f"{data_file_field} (an uploaded file's id, POST /api/v1/files)")
         if data_file is not None:
             if self.uploads is None:
                 raise JobInputError(f"{data_file_field}: this server takes no uploaded files; send the text as data")

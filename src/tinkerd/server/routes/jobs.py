@@ -9,11 +9,12 @@ else is `JobManager`'s.
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Depends, Header, HTTPException, Request
+from fastapi import APIRouter, Depends, Header, HTTPException, Query, Request
 from fastapi.concurrency import run_in_threadpool
 
 from tinkerd.control.jobs.manager import JobManager, job_json, token_hash
 from tinkerd.control.plane import ControlPlane
+from tinkerd.protocol.numbers import INT64_MAX
 from tinkerd.server import job_request
 from tinkerd.server.auth import key_or_bearer_caller
 from tinkerd.server.deps import jobs, plane
@@ -35,9 +36,9 @@ async def create_job(request: Request, owner: str = Depends(key_or_bearer_caller
 
 
 @router.get("/jobs")
-def list_jobs(limit: int = 100, offset: int = 0, owner: str = Depends(key_or_bearer_caller),
-              st: ControlPlane = Depends(plane)) -> dict:
-    rows, total = st.store.list_jobs(owner, max(1, min(limit, 1000)), max(0, offset))
+def list_jobs(limit: int = 100, offset: int = Query(0, ge=0, le=INT64_MAX),
+              owner: str = Depends(key_or_bearer_caller), st: ControlPlane = Depends(plane)) -> dict:
+    rows, total = st.store.list_jobs(owner, max(1, min(limit, 1000)), offset)  # the database's integers: int64
     return {"jobs": [job_json(r) for r in rows], "total": total}
 
 
