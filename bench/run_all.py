@@ -13,7 +13,8 @@ import sys
 import time
 from pathlib import Path
 
-BENCHES = ["train", "overhead", "multitenant", "weights_to_sampler", "sample", "console_pages", "openai_vs_sdk"]
+BENCHES = ["train", "overhead", "multitenant", "weights_to_sampler", "sample", "console_pages", "openai_vs_sdk",
+           "submit_latency"]
 OUT = Path(__file__).resolve().parent / "RESULTS.md"
 # (bench, figure, ">=" or "<=", target, what it measures): the targets of the performance issue
 TARGETS = [
@@ -23,6 +24,8 @@ TARGETS = [
     ("weights_to_sampler", "tinkerd_ms", "<=", 200, "optim_step done -> first token from the new weights (ms)"),
     ("sample", "ratio_b16", ">=", 8, "sampled tokens/s at batch 16 vs HF generate"),
     ("openai_vs_sdk", "openai_vs_sdk_paired_median", ">=", 0.9, "16 streaming OpenAI chats vs the same 16 SDK samples (tok/s)"),
+    ("submit_latency", "probe_submit_p99_ms", "<=", 100, "p99 submit (heartbeat, sample, forward) with 512 in flight (ms)"),
+    ("submit_latency", "probe_retrieve_p99_ms", "<=", 2000, "p99 retrieve of a finished future with 512 in flight (ms)"),
     ("console_pages", "slowest_median_ms", "<=", 200, "slowest console page or curves fetch, 200 runs / 10,000 steps (ms)"),
 ]
 

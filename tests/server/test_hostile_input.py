@@ -272,9 +272,10 @@ def test_a_zstd_body_expanding_past_the_cap_is_a_400_before_decoding(capped):
     _assert_400(r, "decompressed")
 
 
-def _while_blocked(api, monkeypatch, target, name, expensive):
-    """Run `expensive()` in a thread while `target.name` is held up inside it; returns what healthz and another
-    tenant's submit answered meanwhile (the expensive call must still be in progress then)."""
+def _while_blocked(api, monkeypatch, target, name, expensive, meanwhile=None):
+    """Run `expensive()` in a thread while `target.name` is held up inside it; returns what `meanwhile()` returned
+    then (by default what healthz and another tenant's submit answered); the expensive call must still be in
+    progress after it."""
     entered, release = threading.Event(), threading.Event()
     original = getattr(target, name)
 
@@ -288,14 +289,14 @@ def _while_blocked(api, monkeypatch, target, name, expensive):
     worker.start()
     try:
         assert entered.wait(30), "the expensive request never reached the step it is held at"
-        health = api.get("/api/v1/healthz")
-        other = api.post("/api/v1/create_session", json={"tags": []}, headers=OTHER)
+        answered = meanwhile() if meanwhile else (api.get("/api/v1/healthz"),
+                                                  api.post("/api/v1/create_session", json={"tags": []}, headers=OTHER))
         still_running = worker.is_alive()
     finally:
         release.set()
         worker.join(60)
     assert still_running
-    return health, other
+    return answered
 
 
 def test_healthz_and_other_tenants_answer_while_a_body_is_being_decompressed(api, monkeypatch):
@@ -313,6 +314,38 @@ def test_healthz_and_other_tenants_answer_while_the_engine_is_busy_on_a_sample(a
     health, other = _while_blocked(api, monkeypatch, sampler, "step", lambda: future_result(api, api.post(
         "/api/v1/asample", headers=KEY, json=_sample_body(topk_prompt_logprobs=0)).json()["request_id"]))
     assert health.json() == {"status": "ok"} and other.status_code == 200
+
+
+# 6. Submits do not queue behind the engine
+
+
+def test_every_submit_and_a_finished_retrieve_answer_while_the_engine_is_held_inside_a_sample_step(api, monkeypatch):
+    """Heartbeats, sample and forward submits and the retrieve of a finished future never wait for the engine:
+    with its thread held inside a decode step they all answer (the work they queue stays pending)."""
+    session, model_id = _model(api, OTHER)
+    finished = api.post("/api/v1/create_model", headers=OTHER, json={
+        "session_id": session, "model_seq_id": 1, "base_model": "tiny", "lora_config": {"rank": 4}}).json()
+    future_result(api, finished["request_id"], OTHER)
+
+    def meanwhile():
+        heartbeat = api.post("/api/v1/session_heartbeat", headers=OTHER, json={"session_id": session})
+        sample = api.post("/api/v1/asample", headers=OTHER, json=_sample_body())
+        body = _fb_request(model_id, 1)
+        body.forward_only = True
+        forward = api.post("/api/v1/forward_backward", headers={**OTHER, **PROTOBUF}, content=body.SerializeToString())
+        retrieved = api.post("/api/v1/retrieve_future", headers=OTHER, json={"request_id": finished["request_id"]})
+        return heartbeat, sample, forward, retrieved
+
+    sampler = api.st.scheduler.sampler
+    heartbeat, sample, forward, retrieved = _while_blocked(api, monkeypatch, sampler, "step", lambda: future_result(
+        api, api.post("/api/v1/asample", headers=KEY, json=_sample_body(max_tokens=64)).json()["request_id"]), meanwhile)
+    assert heartbeat.status_code == 200, heartbeat.text
+    assert sample.status_code == 200 and sample.json()["request_id"], sample.text
+    assert forward.status_code == 200 and forward.json()["request_id"], forward.text
+    assert retrieved.status_code == 200 and retrieved.json()["model_id"], retrieved.text
+    # what they queued behind the held step is answered once it is released
+    assert len(future_result(api, sample.json()["request_id"], OTHER)["sequences"]) == 1
+    assert len(future_result(api, forward.json()["request_id"], OTHER)["loss_fn_outputs"]) == 1
 
 
 # 8. HEAD on download URLs
