@@ -53,6 +53,7 @@ bench-online: setup
 	$(PY) -m bench.online --facts 30
 
 # Benchmarks against the peers in one run (minutes; not part of make test). Writes bench/RESULTS.md.
+# The first run installs the bench extra, whose llama-cpp-python builds llama.cpp from source (~10 min on 2 cores).
 bench: setup
 	$(PY) -m pip install --quiet --disable-pip-version-check -e ".[bench]"
 	$(PY) -m bench.run_all

@@ -13,8 +13,8 @@ import sys
 import time
 from pathlib import Path
 
-BENCHES = ["train", "overhead", "multitenant", "weights_to_sampler", "sample", "console_pages", "openai_vs_sdk",
-           "submit_latency"]
+BENCHES = ["train", "overhead", "multitenant", "weights_to_sampler", "sample", "llama_cpp", "console_pages",
+           "openai_vs_sdk", "submit_latency"]
 OUT = Path(__file__).resolve().parent / "RESULTS.md"
 # (bench, figure, ">=" or "<=", target, what it measures): the targets of the performance issue
 TARGETS = [
@@ -23,6 +23,10 @@ TARGETS = [
     ("overhead", "overhead_fraction", "<=", 0.10, "SDK + HTTP step time over in-process"),
     ("weights_to_sampler", "tinkerd_ms", "<=", 200, "optim_step done -> first token from the new weights (ms)"),
     ("sample", "ratio_b16", ">=", 8, "sampled tokens/s at batch 16 vs HF generate"),
+    ("llama_cpp", "tinkerd_vs_llama_f32_b1", ">=", 1, "fp32 batch-1 decode tok/s vs llama.cpp F32, same weights"),
+    ("llama_cpp", "tinkerd_vs_roofline_b1", ">=", 0.8, "fp32 batch-1 decode vs the bandwidth roofline"),
+    ("llama_cpp", "tinkerd_vs_llama_f32_prefill", ">=", 1, "256-token prefill tok/s vs llama.cpp F32"),
+    ("llama_cpp", "tinkerd_reduced_vs_llama_q8_0_b1", ">=", 1, "opt-in reduced precision batch-1 decode vs llama.cpp Q8_0"),
     ("openai_vs_sdk", "openai_vs_sdk_paired_median", ">=", 0.9, "16 streaming OpenAI chats vs the same 16 SDK samples (tok/s)"),
     ("submit_latency", "probe_submit_p99_ms", "<=", 100, "p99 submit (heartbeat, sample, forward) with 512 in flight (ms)"),
     ("submit_latency", "probe_retrieve_p99_ms", "<=", 2000, "p99 retrieve of a finished future with 512 in flight (ms)"),

@@ -12,3 +12,11 @@ def test_targets_table_says_met_missed_and_not_measured():
     assert rows["weights_to_sampler.tinkerd_ms"].endswith("| <= 200 | 150 | yes |\n")
     assert rows["sample.ratio_b16"].endswith("| - | not measured |\n")
     assert rows["multitenant.tenants8_vs_ideal"].endswith("| - | not measured |\n")
+
+
+def test_llama_cpp_targets_say_not_measured_for_a_null_figure():
+    results = [{"bench": "llama_cpp", "tinkerd_vs_llama_f32_b1": 0.5, "tinkerd_reduced_vs_llama_q8_0_b1": None}]
+    rows = {row.split(" | ")[1]: row for row in run_all.target_rows(results)[2:]}
+    assert rows["llama_cpp.tinkerd_vs_llama_f32_b1"].endswith("| >= 1 | 0.5 | no |\n")
+    assert rows["llama_cpp.tinkerd_reduced_vs_llama_q8_0_b1"].endswith("| - | not measured |\n")
+    assert rows["llama_cpp.tinkerd_vs_llama_f32_prefill"].endswith("| - | not measured |\n")
