@@ -56,11 +56,23 @@ def alternating_medians(steps: dict[str, Callable[[], object]], repeats: int = 3
 
 
 def memory_read_gb_s(gib: float = 1.0) -> float:
-    """This machine's memory read bandwidth as torch sees it: a sum over a tensor far bigger than any cache."""
+    """This machine's memory read bandwidth as torch sees it, over data far bigger than any cache: the faster of
+    a sum over a 1 GiB tensor and a one-row GEMM against a 1 GiB prepacked weight (oneDNN's GEMV streams the
+    weight ~10 % faster than the sum here). llama.cpp's F32 decode still reads its weights faster than either
+    (bench/llama_cpp.py), so the figures `vs_roofline` divide by are a floor of what the memory allows."""
     import torch
 
+    from tinkerd.engine.kernels.packed_gemm import pack_weight, packed_linear
+
     x = torch.ones(int(gib * 2**28))  # fp32
-    return x.numel() * 4 / median_seconds(x.sum, repeats=5) / 1e9
+    summed = x.numel() * 4 / median_seconds(x.sum, repeats=5) / 1e9
+    side = int((gib * 2**28) ** 0.5)
+    weight = pack_weight(torch.ones(side, side)) if torch.backends.mkldnn.is_available() else None
+    del x
+    if weight is None:
+        return summed
+    row = torch.ones(1, side)
+    return max(summed, side * side * 4 / median_seconds(lambda: packed_linear(row, weight, None), repeats=5) / 1e9)
 
 
 def machine() -> dict:
