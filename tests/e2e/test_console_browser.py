@@ -11,6 +11,7 @@ import shutil
 import time
 from pathlib import Path
 
+import httpx
 import pytest
 import tinker
 from tinker import types
@@ -149,3 +150,62 @@ def test_the_console_shows_a_run_its_curves_checkpoint_and_playground_to_its_key
     stranger.close()
     page.close()
     print(f"console screenshots: {shots}")
+
+
+def test_the_jobs_pages_show_a_running_job_its_plan_and_evaluation_and_cancel_it(server, browser, tmp_path):
+    """A job handed over the API shows on /jobs and its own page (plan with reasons, held-out metric before
+    training); the page's Cancel button stops it with the viewer's key; another key sees neither."""
+    from cookbook.jobs_data import jsonl, sft_rows
+
+    owner = {"X-API-Key": OWNER}
+    job = httpx.post(f"{server.url}/api/v1/jobs", headers=owner, timeout=60, json={
+        "kind": "sft", "data": jsonl(sft_rows(60)), "base_model": EMBEDDED, "budget": "15m"}).json()
+    job_id = job["id"]
+    deadline = time.monotonic() + 240
+    while True:  # running, with its evaluation before training recorded
+        job = httpx.get(f"{server.url}/api/v1/jobs/{job_id}", headers=owner, timeout=60).json()
+        if job["status"] == "running" and job.get("evals", {}).get("before"):
+            break
+        assert job["status"] in ("queued", "running") and time.monotonic() < deadline, job
+        time.sleep(1)
+    shots = tmp_path / "screenshots"
+    shots.mkdir()
+
+    page = browser.new_page(viewport={"width": 1280, "height": 900})
+    page.goto(f"{server.url}/jobs")
+    _sign_in(page, server.url, OWNER)
+    page.goto(f"{server.url}/jobs")
+    row = page.locator("tr", has_text=job_id)
+    assert row.count() == 1 and "sft" in row.inner_text() and "running" in row.inner_text()
+    page.screenshot(path=str(shots / "jobs.png"), full_page=True)
+    row.locator("a", has_text=job_id).click()
+    page.wait_for_load_state()
+    assert page.url == f"{server.url}/jobs/{job_id}"
+    assert page.inner_text("#job-status") == "running"
+    plan = page.inner_text("#plan")
+    assert "learning_rate" in plan and "LoRA" in plan  # each choice with its reason
+    assert "before" in page.inner_text("#headline")
+    page.screenshot(path=str(shots / "job.png"), full_page=True)
+
+    dialogs = []
+    page.on("dialog", lambda dialog: (dialogs.append(dialog.message), dialog.accept()))
+    page.click("#cancel")
+    deadline = time.monotonic() + 240
+    while (status := httpx.get(f"{server.url}/api/v1/jobs/{job_id}", headers=owner, timeout=60).json()["status"]) \
+            != "cancelled":
+        assert status in ("running", "cancelling") and time.monotonic() < deadline, status
+        time.sleep(1)
+    assert job_id in dialogs[0]
+    page.reload()
+    assert page.inner_text("#job-status") == "cancelled" and page.locator("#cancel").count() == 0
+    page.screenshot(path=str(shots / "job-cancelled.png"), full_page=True)
+
+    stranger = browser.new_page(viewport={"width": 1280, "height": 860})
+    stranger.goto(f"{server.url}/jobs")
+    _sign_in(stranger, server.url, STRANGER)
+    stranger.goto(f"{server.url}/jobs")
+    assert stranger.locator("tr", has_text=job_id).count() == 0
+    response = stranger.goto(f"{server.url}/jobs/{job_id}")
+    assert response.status == 404 and "not found" in stranger.inner_text("#missing")
+    stranger.close()
+    page.close()
