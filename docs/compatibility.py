@@ -118,7 +118,8 @@ OPENAI_RESPONSES = ("`GET /models` lists the base models and the caller's readab
                     "tokens). Errors are `{\"error\": {\"message\", \"type\", \"param\", \"code\"}}` with 400 "
                     "(the field in `param`), 401 (`Authorization: Bearer <key>`, the SDK's keys), 404 (unknown or "
                     "unreadable model), 429 with `Retry-After` (the sampler's queue is full). Not served: "
-                    "`/embeddings`, `/responses`, audio, images, files, fine-tuning jobs.")
+                    "`/embeddings`, `/responses`, audio, images, files, fine-tuning jobs (OpenAI-shaped uploaded "
+                    "files live at `/api/v1/files` instead, for task-level jobs: [jobs.md](jobs.md#uploaded-files)).")
 
 
 def render_openai() -> str:
