@@ -23,6 +23,7 @@ TARGETS = [
     ("overhead", "overhead_fraction", "<=", 0.10, "SDK + HTTP step time over in-process"),
     ("weights_to_sampler", "tinkerd_ms", "<=", 200, "optim_step done -> first token from the new weights (ms)"),
     ("sample", "ratio_b16", ">=", 8, "sampled tokens/s at batch 16 vs HF generate"),
+    ("sample", "mixed_adapters_vs_one", ">=", 0.9, "16 rows of 16 different adapters vs 16 rows of one (tok/s)"),
     ("llama_cpp", "tinkerd_vs_llama_f32_b1", ">=", 1, "fp32 batch-1 decode tok/s vs llama.cpp F32, same weights"),
     ("llama_cpp", "tinkerd_vs_roofline_b1", ">=", 0.8, "fp32 batch-1 decode vs the bandwidth roofline"),
     ("llama_cpp", "tinkerd_vs_llama_f32_prefill", ">=", 1, "256-token prefill tok/s vs llama.cpp F32"),

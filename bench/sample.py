@@ -9,6 +9,10 @@ The roofline says what this machine allows: a decode step reads every weight onc
 batch (N x read GB/s / weight bytes caps small batches) and multiplies 2 x params FLOPs per token
 (peak / (2 x params) caps big ones); `roofline_tok_s_bN` is the lower of the two, both measured
 in the same run, and `tinkerd_vs_roofline_bN` how close ours comes to it.
+
+`mixed_adapters_vs_one` (`--mixed-rows`, 16 by default): that many rows decoding together, each through a
+different LoRA adapter (rank 32 on every projection, as the SDK's default), against as many samples of one
+adapter, the two timed in turns: the cost of serving many tenants' adapters in one batch.
 """
 
 from __future__ import annotations
@@ -26,11 +30,12 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp32"])
     parser.add_argument("--batches", default="1,16,64")
+    parser.add_argument("--mixed-rows", type=int, default=16)
     args = parser.parse_args()
 
     from transformers import AutoModelForCausalLM
 
-    from tinkerd.engine.interface import AdapterRef
+    from tinkerd.engine.interface import AdapterRef, AdapterSpec, SampleTask
     from tinkerd.engine.runtime import DTYPES, ModelRuntime
     from tinkerd.engine.sampler import LocalSampler
     from tinkerd.protocol.types import SamplingParams
@@ -70,7 +75,42 @@ def main() -> None:
         roofline = min(batch * bandwidth / weight_bytes, compute_bound)
         figures[f"roofline_tok_s_b{batch}"] = roofline
         figures[f"tinkerd_vs_roofline_b{batch}"] = batch * n_new / ours / roofline
+    figures.update(mixed_adapters(sampler, runtime, prompt, n_new, args.mixed_rows, AdapterRef, AdapterSpec,
+                                  SampleTask, SamplingParams, alternating_medians))
     emit("sample", **figures)
+
+
+def mixed_adapters(sampler, runtime, prompt: list[int], n_new: int, rows: int, AdapterRef, AdapterSpec, SampleTask,
+                   SamplingParams, alternating_medians) -> dict[str, float]:
+    """`rows` requests of one sample, each through its own adapter, vs one request of `rows` samples of one."""
+    import torch
+
+    keys = [f"bench-mixed@{i}" for i in range(rows)]
+    for i, key in enumerate(keys):
+        runtime.lora.add(key, AdapterSpec(rank=32, seed=i), trainable=False)
+        with torch.no_grad():  # B = 0 would be the base model's output; make each adapter a real delta
+            for module in runtime.lora.modules.values():
+                if key in module.adapters:
+                    module.adapters[key].B.normal_(0, 1e-3, generator=torch.Generator().manual_seed(i))
+    params = SamplingParams(max_tokens=n_new, seed=0, stop_at_eos=False)
+
+    def mixed() -> None:
+        pending = {f"mixed-{key}": key for key in keys}
+        for request_id, key in pending.items():
+            sampler.submit(SampleTask(request_id, AdapterRef.in_memory(key, runtime.name), list(prompt), 1, params))
+        while pending:
+            for done_id, outcome in sampler.step():
+                if isinstance(outcome, Exception):
+                    raise outcome
+                pending.pop(done_id, None)
+
+    def one() -> None:
+        sampler.sample(AdapterRef.in_memory(keys[0], runtime.name), prompt, rows, params)
+
+    seconds = alternating_medians({"mixed": mixed, "one": one})
+    return {f"tok_s_{rows}_rows_{rows}_adapters": rows * n_new / seconds["mixed"],
+            f"tok_s_{rows}_rows_one_adapter": rows * n_new / seconds["one"],
+            "mixed_adapters_vs_one": seconds["one"] / seconds["mixed"]}
 
 
 if __name__ == "__main__":
