@@ -65,3 +65,33 @@ def test_interleaved_adapters_match_each_alone_with_gradients():
     for k in "ab":
         for got, want in zip(grads[k], [m.adapters[k].B.grad for m in rt.lora.modules.values()]):
             assert torch.allclose(got, want, atol=1e-5)
+
+
+def test_without_autograd_the_cached_scaled_A_follows_every_change_of_A():
+    """add_to reuses scale * A between passes without gradients; an in-place step, a copy into A or a new A must
+    each show in the next pass (compared with delta(), which computes it afresh)."""
+    from tinkerd.engine.lora import LoRAWeights
+
+    gen = torch.Generator().manual_seed(0)
+    w = LoRAWeights(torch.randn(8, 4, generator=gen), torch.randn(4, 6, generator=gen), 0.5)
+    x = torch.randn(3, 8, generator=gen)
+
+    def both() -> tuple[torch.Tensor, torch.Tensor]:
+        with torch.no_grad():
+            return w.add_to(torch.zeros(3, 6), x), w.delta(x)
+
+    got, want = both()
+    torch.testing.assert_close(got, want)
+    with torch.no_grad():
+        w.A.add_(1.0)  # what an optimizer step does
+    got, want = both()
+    torch.testing.assert_close(got, want)
+    w.A.copy_(torch.randn(8, 4, generator=gen))  # what publishing into a kept key does
+    got, want = both()
+    torch.testing.assert_close(got, want)
+    w.A = torch.randn(8, 4, generator=gen)
+    got, want = both()
+    torch.testing.assert_close(got, want)
+    y = torch.ones(3, 6)
+    with torch.no_grad():
+        torch.testing.assert_close(w.add_to(y, x), 1 + w.delta(x))  # accumulates onto what the base gave
