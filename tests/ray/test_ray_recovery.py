@@ -34,7 +34,7 @@ from tests.control.test_journal import _sample  # noqa: E402
 from tests.control.test_lifecycle import DATUM, Run  # noqa: E402
 
 ADAM = {"adam_params": {"learning_rate": 0.01}}
-BIG = {"forward_backward_input": {"data": [DATUM] * 3000, "loss_fn": "cross_entropy"}}  # long enough to kill in flight
+BIG = {"forward_backward_input": {"data": [DATUM] * 20000, "loss_fn": "cross_entropy"}}  # seconds: long enough to kill in flight
 
 
 @pytest.fixture
