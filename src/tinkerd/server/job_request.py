@@ -87,13 +87,8 @@ async def _from_form(request: Request, max_file_bytes: int) -> dict:
                 raise JobInputError(f"file: not UTF-8 text (byte {e.start}); a job's data is JSONL") from None
     finally:
         await form.close()
-    reference = next((name for name in ("data_file", "training_file") if fields.get(name)), None)
-    if (data is None) == (reference is None):
-        raise JobInputError(f"file, {reference or 'data_file'}: {'both' if data is not None else 'neither'} given; "
-                            "send the JSONL as the file part file (curl -F file=@chats.jsonl) or name an uploaded "
-                            "file with data_file")
     args = {name: fields.get(name) or None for name in TEXT_FIELDS if name != "training_file"}
-    args.update({name: _json_field(name, fields.get(name)) for name in JSON_FIELDS}, data=data)
+    args.update({name: _json_field(name, fields.get(name)) for name in JSON_FIELDS}, data=data, data_field="file")
     return _alias(args, fields.get("training_file") or None)
 
 

@@ -73,18 +73,20 @@ class JobManager:
 
     # ------------------------------------------------------------------------------------------ requests
     def submit(self, owner: str, kind, base_model: str, data=None, grader=None, budget=None,
-               hyperparameters=None, data_file=None, data_file_field: str = "data_file") -> dict:
+               hyperparameters=None, data_file=None, data_file_field: str = "data_file",
+               data_field: str = "data") -> dict:
         """Checks everything (raising `JobInputError`, or `NotFound` for a `data_file` the owner has not), stores a
         copy of the data and the row; the job starts at the next `tick`. The data is `data` (the JSONL text) or
-        `data_file` (an uploaded file's id, which the request called `data_file_field`), exactly one. Nothing is
+        `data_file` (an uploaded file's id), exactly one; errors call them what the request did (`data_field`,
+        `data_file_field`: a form's file part is `file`, OpenAI's name for data_file `training_file`). Nothing is
         computed here."""
         if base_model not in self.base_models:
             raise JobInputError(f"base_model: {base_model!r} is not served here; served: {sorted(self.base_models)}")
         spec = parse_spec(kind, base_model, grader, budget, hyperparameters)
         if (data is None) == (data_file is None):
             which = "both" if data is not None else "neither"
-            raise JobInputError(f"data, {data_file_field}: {which} given; give data (the JSONL text) or "
-                                f"{data_file_field} (an uploaded file's id, POST /api/v1/files)")
+            raise JobInputError(f"{data_field}, {data_file_field}: {which} given; give {data_field} (the JSONL "
+                                f"text) or {data_file_field} (an uploaded file's id, POST /api/v1/files)")
         if data_file is not None:
             if self.uploads is None:
                 raise JobInputError(f"{data_file_field}: this server takes no uploaded files; send the text as data")
