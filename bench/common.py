@@ -66,11 +66,11 @@ def memory_read_gb_s(gib: float = 1.0) -> float:
 
     x = torch.ones(int(gib * 2**28))  # fp32
     summed = x.numel() * 4 / median_seconds(x.sum, repeats=5) / 1e9
-    side = int((gib * 2**28) ** 0.5)
-    weight = pack_weight(torch.ones(side, side)) if torch.backends.mkldnn.is_available() else None
     del x
-    if weight is None:
+    if not torch.backends.mkldnn.is_available():
         return summed
+    side = int((gib * 2**28) ** 0.5)
+    weight = pack_weight(torch.ones(side, side))
     row = torch.ones(1, side)
     return max(summed, side * side * 4 / median_seconds(lambda: packed_linear(row, weight, None), repeats=5) / 1e9)
 

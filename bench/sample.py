@@ -35,7 +35,7 @@ def main() -> None:
 
     from transformers import AutoModelForCausalLM
 
-    from tinkerd.engine.interface import AdapterRef, AdapterSpec, SampleTask
+    from tinkerd.engine.interface import AdapterRef
     from tinkerd.engine.runtime import DTYPES, ModelRuntime
     from tinkerd.engine.sampler import LocalSampler
     from tinkerd.protocol.types import SamplingParams
@@ -75,15 +75,14 @@ def main() -> None:
         roofline = min(batch * bandwidth / weight_bytes, compute_bound)
         figures[f"roofline_tok_s_b{batch}"] = roofline
         figures[f"tinkerd_vs_roofline_b{batch}"] = batch * n_new / ours / roofline
-    figures.update(mixed_adapters(sampler, runtime, prompt, n_new, args.mixed_rows, AdapterRef, AdapterSpec,
-                                  SampleTask, SamplingParams, alternating_medians))
+    figures.update(mixed_adapters(sampler, runtime, prompt, n_new, args.mixed_rows))
     emit("sample", **figures)
 
 
-def mixed_adapters(sampler, runtime, prompt: list[int], n_new: int, rows: int, AdapterRef, AdapterSpec, SampleTask,
-                   SamplingParams, alternating_medians) -> dict[str, float]:
+def mixed_adapters(sampler, runtime, prompt: list[int], n_new: int, rows: int) -> dict[str, float]:
     """`rows` requests of one sample, each through its own adapter, vs one request of `rows` samples of one."""
-    import torch
+    from tinkerd.engine.interface import AdapterRef, AdapterSpec, SampleTask
+    from tinkerd.protocol.types import SamplingParams
 
     keys = [f"bench-mixed@{i}" for i in range(rows)]
     for i, key in enumerate(keys):
