@@ -67,8 +67,8 @@ def test_interleaved_adapters_match_each_alone_with_gradients():
             assert torch.allclose(got, want, atol=1e-5)
 
 
-def test_without_autograd_the_cached_scaled_A_follows_every_change_of_A():
-    """add_to reuses scale * A between passes without gradients; an in-place step, a copy into A or a new A must
+def test_without_autograd_the_cached_compute_pair_follows_every_change_of_A_and_B():
+    """add_to reuses scale * A and B between passes without gradients; an in-place step, a copy into A or B or a new A must
     each show in the next pass (compared with delta(), which computes it afresh)."""
     from tinkerd.engine.lora import LoRAWeights
 
@@ -92,6 +92,49 @@ def test_without_autograd_the_cached_scaled_A_follows_every_change_of_A():
     w.A = torch.randn(8, 4, generator=gen)
     got, want = both()
     torch.testing.assert_close(got, want)
+    with torch.no_grad():
+        w.B.mul_(-2.0)
+    got, want = both()
+    torch.testing.assert_close(got, want)
     y = torch.ones(3, 6)
     with torch.no_grad():
         torch.testing.assert_close(w.add_to(y, x), 1 + w.delta(x))  # accumulates onto what the base gave
+
+
+def test_without_autograd_many_adapters_run_as_one_stacked_bmm_that_matches_each_alone():
+    """Rows [a, b, c, a, None] through adapters of ranks 4, 2 and 3 (no autograd: the stacked path, ranks
+    zero-padded) equal each row through its adapter alone; the stack follows an in-place change of an adapter,
+    is kept when a pass uses fewer of its adapters, and is dropped with an adapter it holds."""
+    rt = make_tiny_runtime()
+    gen = torch.Generator().manual_seed(3)
+    for key, rank in (("a", 4), ("b", 2), ("c", 3)):
+        rt.lora.add(key, AdapterSpec(rank=rank, seed=rank), trainable=False)
+        for module in rt.lora.modules.values():
+            module.adapters[key].B.normal_(0, 0.1, generator=gen)
+    tokens = torch.tensor([[5, 9, 3, 7, 2], [4, 4, 8, 1, 0], [6, 2, 2, 9, 1], [3, 1, 4, 1, 5], [9, 2, 6, 5, 3]])
+    mask = torch.ones_like(tokens)
+    routes = ["a", "b", "c", "a", None]
+
+    def each_alone() -> torch.Tensor:
+        with torch.no_grad():
+            return torch.cat([rt.logits(tokens[[i]], mask[[i]], [key]) for i, key in enumerate(routes)])
+
+    with torch.no_grad():
+        mixed = rt.logits(tokens, mask, routes)
+    q_proj = next(m for name, m in rt.lora.modules.items() if name.endswith("q_proj"))
+    assert q_proj.stacked is not None and q_proj.stacked.keys == ("a", "b", "c")
+    torch.testing.assert_close(mixed, each_alone(), atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(mixed[0], mixed[4])  # the adapters are real deltas
+
+    with torch.no_grad():  # an optimizer step on b, then a pass without c: the same stack, b's slot refreshed
+        for module in rt.lora.modules.values():
+            module.adapters["b"].A.mul_(-1.5)
+    stack = q_proj.stacked
+    routes = ["a", "b", "b", None, "a"]
+    with torch.no_grad():
+        mixed = rt.logits(tokens, mask, routes)
+    assert q_proj.stacked is stack
+    torch.testing.assert_close(mixed, each_alone(), atol=1e-5, rtol=1e-5)
+
+    rt.lora.remove("c")
+    assert q_proj.stacked is None

@@ -59,6 +59,21 @@ def test_sft_steps_lower_the_loss(trainer):
     assert losses[-1] < 0.5 * losses[0]
 
 
+def test_a_forward_pass_after_an_optimizer_step_sees_the_new_weights(trainer):
+    """Passes without autograd reuse the adapter's compute-dtype copies until its weights change; the fused AdamW
+    step writes them in place, so each forward-only pass must equal the next forward_backward's logprobs (which
+    computes from the fp32 masters)."""
+    data = [_datum([3, 5, 7, 9, 11, 13, 15], [1.0] * 6)]
+    before = trainer.forward_backward(_call(data, forward_only=True)).outputs[0]["logprobs"]
+    for _ in range(3):
+        with_grad = trainer.forward_backward(_call(data)).outputs[0]["logprobs"]
+        np.testing.assert_allclose(trainer.forward_backward(_call(data, forward_only=True)).outputs[0]["logprobs"],
+                                   with_grad, atol=1e-5)
+        trainer.optim_step("m", AdamParams(learning_rate=5e-2))
+    after = trainer.forward_backward(_call(data, forward_only=True)).outputs[0]["logprobs"]
+    assert np.abs(after - before).max() > 1e-2  # the steps moved the weights
+
+
 def test_forward_only_leaves_no_gradient(trainer):
     trainer.forward_backward(_call([_datum([3, 5, 7], [1.0, 1.0])], forward_only=True))
     assert all(p.grad is None for p in trainer.runtimes["tiny"].lora.parameters("m"))

@@ -34,6 +34,8 @@ ATTN, MLP, UNEMBED = "attn", "mlp", "unembed"
 CACHE_MAX_ADAPTERS = 16  # read-only adapters loaded from files kept in memory (least recently used go first)
 CACHE_MAX_BYTES = 1 << 30  # ... and at most this many bytes of them
 CACHE_GRACE_SECONDS = 60.0  # a freshly loaded adapter nobody pinned yet is safe from eviction this long
+STACK_MIN_ADAPTERS = 2  # passes without autograd through at least this many adapters run them as one stacked bmm
+STACK_IDLE_FACTOR = 2  # a stack is rebuilt once it holds more than this many slots per adapter a pass uses
 
 
 class AdapterRouter:
@@ -42,6 +44,7 @@ class AdapterRouter:
 
     def __init__(self) -> None:
         self.groups: list[tuple[str, torch.Tensor | slice | None]] = []
+        self._gathers: dict[tuple[str, ...], RowGather] = {}  # this route's, per order of stacked adapters
 
     @contextlib.contextmanager
     def route(self, keys_per_row: list[str | None]):
@@ -51,11 +54,43 @@ class AdapterRouter:
             groups = [] if distinct[0] is None else [(distinct[0], None)]
         else:
             groups = [(key, _rows_of(keys_per_row, key)) for key in distinct if key is not None]
-        previous, self.groups = self.groups, groups
+        previous, self.groups = (self.groups, self._gathers), groups
+        self._gathers = {}
         try:
             yield
         finally:
-            self.groups = previous
+            self.groups, self._gathers = previous
+
+    def gather(self, slots: tuple[str, ...], device: torch.device) -> "RowGather":
+        """This route's rows laid out for adapters stacked in the order `slots`, computed once per route and
+        order (the wrappers of one model mostly stack the same adapters in the same order)."""
+        gather = self._gathers.get(slots)
+        if gather is None:
+            gather = self._gathers[slots] = RowGather.of(self.groups, slots, device)
+        return gather
+
+
+@dataclass
+class RowGather:
+    """Batch rows grouped by stacked adapter: `index` (slots, m) holds each slot's rows, padded with row 0;
+    `real` the flat positions of `index` that are real rows (None: no padding), `rows` their row numbers."""
+
+    index: torch.Tensor
+    real: torch.Tensor | None
+    rows: torch.Tensor
+
+    @classmethod
+    def of(cls, groups: list[tuple[str, torch.Tensor | slice | None]], slots: tuple[str, ...],
+           device: torch.device) -> "RowGather":
+        rows_of = {key: (list(range(r.start, r.stop)) if isinstance(r, slice) else r.tolist()) for key, r in groups}
+        per_slot = [rows_of.get(key, []) for key in slots]
+        m = max(len(rows) for rows in per_slot)
+        index = torch.tensor([rows + [0] * (m - len(rows)) for rows in per_slot], dtype=torch.long, device=device)
+        if all(len(rows) == m for rows in per_slot):
+            return cls(index, None, index.flatten())
+        real = torch.tensor([slot * m + i for slot, rows in enumerate(per_slot) for i in range(len(rows))],
+                            device=device)
+        return cls(index, real, index.flatten()[real])
 
 
 def _rows_of(keys_per_row: list[str | None], key: str) -> torch.Tensor | slice:
@@ -65,24 +100,33 @@ def _rows_of(keys_per_row: list[str | None], key: str) -> torch.Tensor | slice:
     return torch.tensor(rows)
 
 
+def same_version(a: tuple | None, b: tuple) -> bool:
+    """Whether two `LoRAWeights.version()`s name the same values (the tensors by identity, never by value)."""
+    return a is not None and a[0] is b[0] and a[1] == b[1] and a[2] is b[2] and a[3] == b[3]
+
+
 @dataclass
 class LoRAWeights:
     A: torch.Tensor  # (in, r) fp32
     B: torch.Tensor  # (r, out) fp32
     scale: float
-    # scale * A in a compute dtype, for passes without autograd: (A, A's version counter, dtype, the product);
-    # any in-place change of A (an optimizer step, a copy into it) bumps the counter, a new A is another object.
-    # The read-only cache's byte bound counts A and B, not this copy (about A's size again).
-    _scaled: tuple | None = field(default=None, init=False, repr=False, compare=False)
+    # (scale * A, B) in a compute dtype, for passes without autograd, keyed by (A, B, their version counters,
+    # dtype): any in-place change (an optimizer step, a copy into them) bumps a counter, a new tensor is another
+    # object. The read-only cache's byte bound counts A and B, not this copy (about their size again).
+    _compute: tuple | None = field(default=None, init=False, repr=False, compare=False)
 
-    def scaled_A(self, dtype: torch.dtype) -> torch.Tensor:
-        """scale * A in `dtype`, computed once per version of A (no autograd: only for passes without gradients)."""
-        cached = self._scaled
-        if cached is None or cached[0] is not self.A or cached[1] != self.A._version or cached[2] != dtype:
+    def version(self) -> tuple:
+        """What identifies these values: the tensors and their version counters (compare with `same_version`)."""
+        return (self.A, self.A._version, self.B, self.B._version)
+
+    def compute_pair(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """(scale * A, B) in `dtype`, computed once per version (no autograd: only for passes without gradients)."""
+        cached = self._compute
+        if cached is None or cached[0] != dtype or not same_version(cached[1], self.version()):
             with torch.no_grad():
-                product = (self.A * self.scale).to(dtype)
-            self._scaled = cached = (self.A, self.A._version, dtype, product)
-        return cached[3]
+                pair = ((self.A * self.scale).to(dtype), self.B.to(dtype))
+            self._compute = cached = (dtype, self.version(), pair)
+        return cached[2]
 
     def delta(self, x: torch.Tensor) -> torch.Tensor:
         """scale * (x A) B in x's dtype; the gradient reaches the fp32 masters through the casts."""
@@ -95,8 +139,10 @@ class LoRAWeights:
         if torch.is_grad_enabled():
             xa = rows_x @ (self.A * self.scale).to(x.dtype)
             return torch.addmm(rows_y, xa, self.B.to(x.dtype)).view(*lead, y.shape[-1])
-        # no autograd (sampling, forward-only passes): the scaled A is reused and the product accumulates into y
-        return rows_y.addmm_(rows_x @ self.scaled_A(x.dtype), self.B.to(x.dtype)).view(*lead, y.shape[-1])
+        # no autograd (sampling, forward-only passes): scale * A and B in x's dtype are reused, the product
+        # accumulates into y
+        A, B = self.compute_pair(x.dtype)
+        return rows_y.addmm_(rows_x @ A, B).view(*lead, y.shape[-1])
 
 
 class LoRALinear(nn.Module):
@@ -108,6 +154,7 @@ class LoRALinear(nn.Module):
         self.router = router
         self.kind = kind
         self.adapters: dict[str, LoRAWeights] = {}  # not registered: never part of the base's parameters
+        self.stacked: AdapterStack | None = None  # the adapters of passes without autograd, stacked for one bmm
 
     @property
     def in_features(self) -> int:
@@ -124,6 +171,8 @@ class LoRALinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base(x)
         groups = [(self.adapters[key], rows) for key, rows in self.router.groups if key in self.adapters]
+        if len(groups) >= STACK_MIN_ADAPTERS and not torch.is_grad_enabled():
+            return self._stacked_deltas(y, x, [key for key, _ in self.router.groups if key in self.adapters])
         if groups and all(isinstance(rows, slice) for _, rows in groups):
             return self._sliced_deltas(y, x, groups)
         for w, rows in groups:
@@ -134,6 +183,21 @@ class LoRALinear(nn.Module):
                 index = torch.arange(rows.start, rows.stop) if isinstance(rows, slice) else rows
                 y.index_add_(0, index, w.delta(x.index_select(0, index)).to(y.dtype))
         return y
+
+    def _stacked_deltas(self, y: torch.Tensor, x: torch.Tensor, keys: list[str]) -> torch.Tensor:
+        """Every adapter's rows at once, without autograd: the rows grouped by adapter (padded to the biggest
+        group) go through two batched GEMMs over the stacked adapters and are added back into their rows of y."""
+        stack = self.stacked
+        if stack is None or not stack.serves(self.adapters, keys, x.dtype):
+            stack = self.stacked = AdapterStack.of(self.adapters, keys, x.dtype)
+        gather = self.router.gather(stack.keys, x.device)
+        slots, m = gather.index.shape
+        lead = x.shape[1:-1]
+        xg = x.index_select(0, gather.index.flatten()).reshape(slots, -1, x.shape[-1])
+        delta = torch.bmm(torch.bmm(xg, stack.A), stack.B).view(slots * m, *lead, y.shape[-1])
+        if gather.real is not None:
+            delta = delta.index_select(0, gather.real)
+        return y.index_add_(0, gather.rows, delta)
 
     def _sliced_deltas(self, y: torch.Tensor, x: torch.Tensor, groups: list[tuple["LoRAWeights", slice]]) -> torch.Tensor:
         """Each adapter on its own contiguous rows, rows of no adapter unchanged. One split and one
@@ -152,6 +216,54 @@ class LoRALinear(nn.Module):
             owners.append(None)
         return torch.cat([ys if w is None else w.add_to(ys, xs)
                           for w, xs, ys in zip(owners, x.split(sizes), y.split(sizes))])
+
+
+@dataclass
+class AdapterStack:
+    """Some adapters of one wrapper, stacked in a compute dtype: `A` (slots, in, r) holding scale * A, `B`
+    (slots, r, out), smaller ranks zero-padded to the biggest. Kept while the adapters a pass routes to are a
+    subset of its slots (rows that finish leave their slot idle) and none of them changed; a changed adapter is
+    copied into its slot again."""
+
+    keys: tuple[str, ...]
+    dtype: torch.dtype
+    A: torch.Tensor
+    B: torch.Tensor
+    versions: list[tuple]
+
+    @classmethod
+    def of(cls, adapters: dict[str, LoRAWeights], keys: list[str], dtype: torch.dtype) -> "AdapterStack":
+        keys = tuple(sorted(keys))
+        ws = [adapters[k] for k in keys]
+        rank = max(w.A.shape[1] for w in ws)
+        device = ws[0].A.device
+        A = torch.zeros(len(ws), ws[0].A.shape[0], rank, dtype=dtype, device=device)
+        B = torch.zeros(len(ws), rank, ws[0].B.shape[1], dtype=dtype, device=device)
+        stack = cls(keys, dtype, A, B, [None] * len(ws))
+        for slot, w in enumerate(ws):
+            stack.refresh(slot, w)
+        return stack
+
+    def refresh(self, slot: int, w: LoRAWeights) -> None:
+        r = w.A.shape[1]
+        with torch.no_grad():
+            self.A[slot, :, :r].copy_(w.A * w.scale)
+            self.B[slot, :r].copy_(w.B)
+            self.A[slot, :, r:].zero_()  # a slot whose adapter came back with a smaller rank
+            self.B[slot, r:].zero_()
+        self.versions[slot] = w.version()
+
+    def serves(self, adapters: dict[str, LoRAWeights], keys: list[str], dtype: torch.dtype) -> bool:
+        """Whether this stack can serve a pass routed to `keys` (refreshing the slots of changed adapters)."""
+        if dtype != self.dtype or len(self.keys) > STACK_IDLE_FACTOR * len(keys) or not set(keys) <= set(self.keys):
+            return False
+        for slot, key in enumerate(self.keys):
+            w = adapters.get(key)
+            if w is not None and not same_version(self.versions[slot], w.version()):
+                if w.A.shape[1] > self.A.shape[2]:
+                    return False
+                self.refresh(slot, w)
+        return True
 
 
 def classify_linear(name: str) -> str | None:
@@ -244,6 +356,8 @@ class LoRAAdapters:
     def _delete(self, key: str) -> None:
         for module in self.modules.values():
             module.adapters.pop(key, None)
+            if module.stacked is not None and key in module.stacked.keys:
+                module.stacked = None  # holds a copy of the removed adapter
         self.specs.pop(key, None)
         self._cached.pop(key, None)
 

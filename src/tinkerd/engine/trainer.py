@@ -237,6 +237,9 @@ class LocalTrainer:
                          weight_decay=params.weight_decay)
         with _undone_if_non_finite(adapter.optimizer, weights):
             adapter.optimizer.step()
+            # the fused step writes the weights without bumping their version counters, which say to the
+            # adapters' caches for passes without autograd (lora.LoRAWeights.compute_pair) that they changed
+            torch.autograd.graph.increment_version(weights)
         adapter.optimizer.zero_grad(set_to_none=True)
         adapter.version += 1
         return {"grad_norm:mean": grad_norm, "learning_rate:mean": params.learning_rate}
