@@ -22,12 +22,12 @@ from pathlib import Path
 import httpx
 
 from bench.online_facts import FACTS
-from tinkerd.control.online.examples import ANCHOR_PROMPTS
+from tinkerd.control.online.examples import PROBE_PROMPTS
 
 KEY = "tml-bench"
 CHAT_MAX_TOKENS = 32
 IDLE_CHATS = 20
-GENERAL = ANCHOR_PROMPTS[9:12]  # the default model's held-out probe prompts, answered before and after the session
+GENERAL = PROBE_PROMPTS[:3]  # held-out probe prompts, answered before and after the session
 
 
 def recalled(text: str, keyword: str) -> bool:

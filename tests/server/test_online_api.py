@@ -26,7 +26,7 @@ from tinkerd.store.db import DEFAULT_FILE
 
 KEY = {"X-API-Key": "tml-owner"}
 OTHER = {"X-API-Key": "tml-other"}
-FAST = {"steps": 3, "stop_nll": 0.0, "anchors": 4, "anchors_per_step": 2, "anchor_max_tokens": 6,
+FAST = {"steps": 3, "stop_nll": 0.0, "anchors": 4, "probe_prompts": 2, "anchors_per_step": 2, "anchor_max_tokens": 6,
         "learning_rate": 0.02, "rank": 4}
 ASK = [{"role": "user", "content": "hi"}]
 WAIT_SECONDS = 120  # a hang guard only; nothing asserts on time
@@ -90,7 +90,8 @@ def optim_steps(api, model_id) -> int:
 
 def test_create_read_list_chat_delete(api):
     made = create(api)
-    assert made["status"] == "ready" and made["anchors"] == 4 and made["settings"]["steps"] == 3
+    assert made["status"] == "ready" and made["anchors"] == 4 and made["probe_prompts"] == 2
+    assert made["settings"]["steps"] == 3
     assert made["feedback"] == {"stored": 0, "learned": 0, "pending": 0} and made["updates"] == 0
     assert made["sampling_session_id"].endswith(":sample:0")
     assert api.get("/api/v1/online", headers=KEY).json()["total"] == 1

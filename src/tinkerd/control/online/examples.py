@@ -5,7 +5,7 @@ samples from), appends a reply and its end-of-turn, and weights the reply's toke
 example counts the same, whatever its length). `feedback_examples` turns one stored piece of feedback into its
 `Example`s (a correction: one; a preference: the preferred and the rejected reply, weighted later by the DPO
 rule; a rating: the reply weighted by the rating). `ANCHOR_PROMPTS` are the general prompts whose base answers
-the anchor set holds. Knows tokenizers and the wire `Datum`; not the Store, the engine nor the schedule.
+the anchor set holds, `PROBE_PROMPTS` the held-out ones of the retention probe. Knows tokenizers and the wire `Datum`; not the Store, the engine nor the schedule.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import numpy as np
 from tinkerd.control.chat_tokenizer import ChatTokenizer
 from tinkerd.protocol.types import Datum
 
-# General prompts, answered by the base model at creation: the anchor set (the last quarter: the held-out probe).
+# General prompts whose base answers are the anchor set, replayed in every update (the first `anchors` of them).
 ANCHOR_PROMPTS = [
     "What is the capital of France?",
     "Give me three tips for staying healthy.",
@@ -28,13 +28,72 @@ ANCHOR_PROMPTS = [
     "Name a primary colour.",
     "Why is the sky blue?",
     "Translate 'thank you' into Spanish.",
-    "What does a thermometer measure?",
-    "Suggest a name for a pet cat.",
-    "What is the boiling point of water in Celsius?",
     "Describe a rainy day in two sentences.",
     "What is the largest planet in our solar system?",
     "List three fruits.",
     "How do you make a cup of tea?",
+    "What is the difference between weather and climate?",
+    "Write a haiku about autumn leaves.",
+    "What causes the seasons on Earth?",
+    "How does a bicycle stay upright?",
+    "Give me a recipe for a simple salad.",
+    "What is the square root of 81?",
+    "Who wrote Romeo and Juliet?",
+    "Explain gravity to a ten-year-old.",
+    "What are the three states of matter?",
+    "Write a friendly email inviting a colleague to lunch.",
+    "What is a noun? Give two examples.",
+    "How can I improve my sleep?",
+    "Why do cats purr?",
+    "What is the speed of light?",
+    "Summarise the water cycle.",
+    "Tell me a fun fact about octopuses.",
+    "What should I pack for a weekend camping trip?",
+    "How do vaccines work?",
+    "What is the opposite of 'generous'?",
+    "Convert 5 kilometres to miles.",
+    "Write two sentences about a dragon who loves books.",
+    "What is the main job of the heart?",
+    "How do I start learning to play the guitar?",
+    "What is the chemical symbol for gold?",
+    "Describe the taste of a lemon.",
+    "Why is exercise good for you?",
+    "What is a prime number?",
+    "Give me a motivational quote and explain it.",
+    "How do plants get water?",
+    "What is the tallest mountain in the world?",
+    "Explain what a computer program is.",
+    "What are some ways to save money on groceries?",
+    "Write a short story opening set in a lighthouse.",
+    "Why do we have leap years?",
+    "What does a librarian do?",
+    "How many continents are there, and what are they?",
+    "What is the difference between a frog and a toad?",
+    "Suggest three hobbies for someone who likes the outdoors.",
+    "What is inflation?",
+    "How do bees make honey?",
+    "Explain the rules of tic-tac-toe.",
+    "What is the freezing point of water in Fahrenheit?",
+    "Give me advice for a job interview.",
+    "What is the moon made of?",
+    "Write a limerick about a cat.",
+    "Why do leaves change colour in autumn?",
+    "What is a verb?",
+    "How does a rainbow form?",
+    "What are the benefits of reading books?",
+    "Describe a busy city street in the morning.",
+    "What is 15 percent of 200?",
+]
+# Held-out general prompts: their base answers are the retention probe, measured after every update, never trained.
+PROBE_PROMPTS = [
+    "What does a thermometer measure?",
+    "Suggest a name for a pet cat.",
+    "What is the boiling point of water in Celsius?",
+    "Explain how a refrigerator keeps food cold.",
+    "Write a short thank-you note to a teacher.",
+    "What are clouds made of?",
+    "Give me two tips for learning a new language.",
+    "Why do birds migrate?",
 ]
 
 

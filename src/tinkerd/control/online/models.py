@@ -21,8 +21,8 @@ import uuid
 from tinkerd.control import lifecycle
 from tinkerd.control.checkpoints import readable_checkpoint
 from tinkerd.control.online.driver import RunDriver
-from tinkerd.control.online.examples import ANCHOR_PROMPTS
-from tinkerd.control.online.probe import anchor_examples, retention
+from tinkerd.control.online.examples import ANCHOR_PROMPTS, PROBE_PROMPTS
+from tinkerd.control.online.probe import anchor_examples, retention, split_anchors
 from tinkerd.control.online.spec import parse_create, parse_feedback
 from tinkerd.control.plane import ControlPlane, NotFound
 from tinkerd.engine.interface import AdapterRef
@@ -43,11 +43,12 @@ def owned(st: ControlPlane, owner: str, name: str) -> dict:
 def describe(st: ControlPlane, row: dict) -> dict:
     """An online model as its owner reads it (`GET /api/v1/online/NAME`)."""
     history = row["history"] or []
+    anchors, probe = split_anchors(row["anchors"] or [])
     return {"name": row["name"], "status": row["status"], "base_model": row["base_model"], "source": row["source"],
             "settings": row["settings"], "training_run_id": row["model_id"],
             "sampling_session_id": row["sampling_session_id"], "chat_model": row["name"],
             "feedback": st.store.feedback_counts(row["id"]), "updates": row["updates"],
-            "last_update": row["last_update"], "anchors": len(row["anchors"] or []),
+            "last_update": row["last_update"], "anchors": len(anchors), "probe_prompts": len(probe),
             "retention": history, "error": row["error"], "created": row["created"]}
 
 
@@ -106,24 +107,26 @@ async def start_run(st: ControlPlane, row: dict) -> dict:
 
 
 async def sample_anchors(st: ControlPlane, owner: str, model: str, settings: dict) -> list[dict]:
-    """The base model's (or source checkpoint's) own greedy answers to the first `anchors` general prompts."""
+    """The base model's (or source checkpoint's) own greedy answers to the first `anchors` general prompts (the
+    anchor set) and to the first `probe_prompts` held-out ones (the probe, marked `probe`)."""
     from tinkerd.control.openai_service import chat_completion  # the chat route's own path to the sampler
 
     async def never_gone() -> None:
         await asyncio.Event().wait()
 
-    prompts = [ANCHOR_PROMPTS[i % len(ANCHOR_PROMPTS)] for i in range(settings["anchors"])]
+    prompts = ([(p, False) for p in ANCHOR_PROMPTS[:settings["anchors"]]]
+               + [(p, True) for p in PROBE_PROMPTS[:settings["probe_prompts"]]])
 
-    async def answer(prompt: str) -> dict:
+    async def answer(prompt: str, probe: bool) -> dict:
         messages = [{"role": "user", "content": prompt}]
         body = {"model": model, "messages": messages, "max_tokens": settings["anchor_max_tokens"],
                 "temperature": 0.0}
         reply = await chat_completion(st, owner, body, never_gone)
         choice = reply["choices"][0]
         return {"messages": messages, "reply": choice["message"]["content"],
-                "complete": choice["finish_reason"] == "stop"}
+                "complete": choice["finish_reason"] == "stop", "probe": probe}
 
-    return list(await asyncio.gather(*(answer(p) for p in prompts)))
+    return list(await asyncio.gather(*(answer(p, probe) for p, probe in prompts)))
 
 
 def add_feedback(st: ControlPlane, owner: str, name: str, body: dict) -> dict:

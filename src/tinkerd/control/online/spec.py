@@ -26,7 +26,8 @@ SETTINGS = {
     "stop_nll": (0.3, float, 0.0, 10.0),  # an update stops once its new corrections' reply NLL is below this; 0: off
     "max_new": (8, int, 1, 64),  # new pieces of feedback one update takes (the rest wait for the next)
     "replay": (4, int, 0, 64),  # earlier pieces of feedback replayed in every step
-    "anchors": (12, int, 0, 64),  # general prompts whose base answers are sampled at creation (a quarter: the probe)
+    "anchors": (12, int, 0, 64),  # general prompts whose base answers, sampled at creation, are replayed
+    "probe_prompts": (8, int, 0, 8),  # held-out general prompts whose base answers are the retention probe
     "anchors_per_step": (4, int, 0, 64),
     "anchor_weight": (1.0, float, 0.0, 100.0),
     "anchor_max_tokens": (48, int, 1, 512),
