@@ -196,3 +196,31 @@ def test_prompt_scoring_requests_prefilled_together_equal_each_alone(engine):
         np.testing.assert_allclose(got.prompt_logprobs[1:], want.prompt_logprobs[1:], atol=1e-5)
         np.testing.assert_allclose(got.topk_prompt_logprobs[1], want.topk_prompt_logprobs[1], atol=1e-5)
         assert [s.tokens for s in got.sequences] == [s.tokens for s in want.sequences]
+
+
+def test_the_two_level_cdf_inversion_draws_what_the_full_float64_cdf_draws():
+    """invert_cdf against the one-level reference (searchsorted in the float64 cumulative sum over the whole
+    vocabulary): the same token for every u, for a vocabulary that is not a multiple of the block, rows with
+    masked (zero-probability) tokens, and u at the extremes; never a zero-probability token."""
+    from tinkerd.engine.sampler import CDF_BLOCK, invert_cdf
+
+    gen = torch.Generator().manual_seed(0)
+    vocab = 3 * CDF_BLOCK + 17
+    logits = torch.randn(6, vocab, generator=gen) * 4
+    logits[1, CDF_BLOCK:] = float("-inf")  # one block of mass, then nothing (the padded tail too)
+    logits[2, ::2] = float("-inf")  # every other token masked
+    logits[3, :-1] = float("-inf")  # all mass on the last token, in the padded block
+    logits[4, 5] = 40.0  # nearly one-hot
+    probs = logits.softmax(-1)
+    cdf = probs.double().cumsum(-1)
+    for u in [torch.rand(6, generator=gen, dtype=torch.float64) for _ in range(200)] + [
+            torch.zeros(6, dtype=torch.float64), torch.full((6,), 1 - 2 ** -53, dtype=torch.float64)]:
+        got = invert_cdf(probs, u)
+        want = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None], right=True)[:, 0].clamp(max=vocab - 1)
+        assert (probs.gather(1, got[:, None]) > 0).all(), (u, got)
+        same = got == want
+        # rounding may move a draw that lands within float64 epsilon of a boundary by one token, no further
+        assert same.all() or ((got - want).abs()[~same] <= 1).all(), (u, got, want)
+    counts = torch.bincount(torch.cat([invert_cdf(probs[4:5], torch.rand(1, generator=gen, dtype=torch.float64))
+                                       for _ in range(300)]), minlength=vocab)
+    assert counts[5] >= 290  # the nearly one-hot row draws its token
