@@ -23,13 +23,13 @@ SETTINGS = {
     "train_unembed": (True, bool, False, True),  # a LoRA on the output embedding too (see docs/online.md)
     "learning_rate": (1e-3, float, 1e-7, 1e-1),
     "steps": (6, int, 1, 64),  # optimizer steps per update, at most
-    "stop_nll": (0.3, float, 0.0, 10.0),  # an update stops once its new corrections' reply NLL is below this; 0: off
+    "stop_nll": (0.1, float, 0.0, 10.0),  # an update stops once its new corrections' reply NLL is below this; 0: off
     "max_new": (8, int, 1, 64),  # new pieces of feedback one update takes (the rest wait for the next)
-    "replay": (4, int, 0, 64),  # earlier pieces of feedback replayed in every step
-    "anchors": (12, int, 0, 64),  # general prompts whose base answers, sampled at creation, are replayed
+    "replay": (8, int, 0, 64),  # earlier pieces of feedback replayed in every step
+    "anchors": (48, int, 0, 64),  # general prompts whose base answers, sampled at creation, are replayed
     "probe_prompts": (8, int, 0, 8),  # held-out general prompts whose base answers are the retention probe
     "anchors_per_step": (4, int, 0, 64),
-    "anchor_weight": (1.0, float, 0.0, 100.0),
+    "anchor_weight": (0.5, float, 0.0, 100.0),
     "anchor_max_tokens": (48, int, 1, 512),
     "dpo_beta": (0.5, float, 1e-3, 100.0),
     "seed": (0, int, 0, 2**31 - 1),
