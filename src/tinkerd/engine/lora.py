@@ -5,6 +5,9 @@ with its own rank. An `AdapterRouter`, shared by all wrappers of one model, says
 each batch row uses for the current pass, so one forward can serve several tenants (rows with
 no adapter see the plain base model). Adapter weights are fp32 masters; they are cast to the
 activation dtype (bf16 on CPU) inside the forward, and gradients flow back to the fp32 copies.
+Passes without autograd (sampling, forward-only) reuse compute-dtype copies until the weights'
+version counters change, and run a pass through several adapters as two batched GEMMs over the
+adapters stacked per wrapper (`AdapterStack`, about the stacked adapters' size again in memory).
 
 `LoRAAdapters` creates, seeds, exports, loads and removes adapters. Removal respects pins: an
 adapter in use by running samples is removed when its last pin is released. Read-only adapters
