@@ -3,6 +3,7 @@ probe and never trained; a model stored before the probe had prompts of its own 
 
 from tinkerd.control.online.examples import ANCHOR_PROMPTS, PROBE_PROMPTS
 from tinkerd.control.online.probe import split_anchors
+from tinkerd.control.online.spec import SETTINGS
 
 
 def answer(prompt: str, probe: bool | None = None) -> dict:
@@ -25,6 +26,8 @@ def test_a_model_stored_without_marks_keeps_its_last_quarter_as_the_probe():
     assert len(trained) == 9 and [a["messages"][0]["content"] for a in probe] == ["q9", "q10", "q11"]
 
 
-def test_the_probe_prompts_are_never_anchor_prompts():
+def test_the_probe_prompts_are_never_anchor_prompts_and_the_settings_reach_every_prompt():
     assert not set(ANCHOR_PROMPTS) & set(PROBE_PROMPTS)
     assert len(set(ANCHOR_PROMPTS)) == len(ANCHOR_PROMPTS) == 64
+    assert len(set(PROBE_PROMPTS)) == len(PROBE_PROMPTS)
+    assert SETTINGS["anchors"][3] == len(ANCHOR_PROMPTS) and SETTINGS["probe_prompts"][3] == len(PROBE_PROMPTS)

@@ -173,9 +173,10 @@ class LoRALinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base(x)
-        groups = [(self.adapters[key], rows) for key, rows in self.router.groups if key in self.adapters]
-        if len(groups) >= STACK_MIN_ADAPTERS and not torch.is_grad_enabled():
-            return self._stacked_deltas(y, x, [key for key, _ in self.router.groups if key in self.adapters])
+        routed = [(key, rows) for key, rows in self.router.groups if key in self.adapters]
+        if len(routed) >= STACK_MIN_ADAPTERS and not torch.is_grad_enabled():
+            return self._stacked_deltas(y, x, [key for key, _ in routed])
+        groups = [(self.adapters[key], rows) for key, rows in routed]
         if groups and all(isinstance(rows, slice) for _, rows in groups):
             return self._sliced_deltas(y, x, groups)
         for w, rows in groups:

@@ -5,7 +5,8 @@ samples from), appends a reply and its end-of-turn, and weights the reply's toke
 example counts the same, whatever its length). `feedback_examples` turns one stored piece of feedback into its
 `Example`s (a correction: one; a preference: the preferred and the rejected reply, weighted later by the DPO
 rule; a rating: the reply weighted by the rating). `ANCHOR_PROMPTS` are the general prompts whose base answers
-the anchor set holds, `PROBE_PROMPTS` the held-out ones of the retention probe. Knows tokenizers and the wire `Datum`; not the Store, the engine nor the schedule.
+the anchor set holds, `PROBE_PROMPTS` the held-out ones of the retention probe. Knows tokenizers and the wire
+`Datum`; not the Store, the engine nor the schedule.
 """
 
 from __future__ import annotations

@@ -3,8 +3,8 @@
 The base answers sampled at creation are of two kinds: the anchor set, trained on in every update (replay of what
 the base model knew), and the held-out probe (marked `probe`), never trained on. A model created before the probe
 had prompts of its own holds no marks: the last quarter of its answers is its probe. An answer cut off at
-`anchor_max_tokens` is not taught to end there. `retention` measures the mean reply NLL per token of both under the run's current weights,
-with one forward pass. Knows examples and the driver; not when it is called.
+`anchor_max_tokens` is not taught to end there. `retention` measures the mean reply NLL per token of both under the
+run's current weights, with one forward pass. Knows examples and the driver; not when it is called.
 """
 
 from __future__ import annotations
